@@ -1,0 +1,27 @@
+"""Plain torch implementations: the CPU platform, and the torch attention and sampler, which also
+run on every other platform as the portable reference."""
+from backends.cpu.platform import CpuPlatform
+from hal.collectives import SingleProcessCollectives
+from hal.platform import register_platform
+from hal.registry import register
+
+ALL_PLATFORMS = ("cpu", "cuda", "hip", "xpu")
+
+register_platform(CpuPlatform)
+
+
+def _attention(**kw):
+    from backends.cpu.torch_attention import TorchAttentionBackend
+
+    return TorchAttentionBackend(**kw)
+
+
+def _sampler(**kw):
+    from backends.cpu.torch_sampler import TorchSampler
+
+    return TorchSampler(**kw)
+
+
+register("attention", "torch", _attention, platforms=ALL_PLATFORMS)
+register("sampling", "torch", _sampler, platforms=ALL_PLATFORMS)
+register("collectives", "single", lambda **kw: SingleProcessCollectives(), platforms=ALL_PLATFORMS)

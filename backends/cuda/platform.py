@@ -1,0 +1,61 @@
+"""The CUDA platform (NVIDIA): detected when torch has CUDA and is not a ROCm build."""
+from __future__ import annotations
+
+import torch
+
+from hal.platform import Platform
+
+
+class CudaLikePlatform(Platform):
+    """What CUDA and ROCm builds of torch share: the torch.cuda API and stream graphs."""
+
+    torch_device_type = "cuda"
+    dist_backend = "nccl"
+    supports_graphs = True
+    attention_preference = ("triton", "torch")
+    sampling_preference = ("torch",)
+    default_dtype = torch.bfloat16
+
+    def device_count(self) -> int:
+        return torch.cuda.device_count()
+
+    def set_device(self, index: int) -> None:
+        torch.cuda.set_device(index)
+
+    def description(self) -> str:
+        return f"{self.name} ({torch.cuda.get_device_name()}, {self.device_count()} visible)"
+
+    def supported_dtypes(self) -> tuple[torch.dtype, ...]:
+        if torch.cuda.is_bf16_supported():
+            return (torch.float32, torch.bfloat16, torch.float16)
+        return (torch.float32, torch.float16)
+
+    def memory_info(self) -> tuple[int, int]:
+        return torch.cuda.mem_get_info()
+
+    def synchronize(self) -> None:
+        torch.cuda.synchronize()
+
+    def empty_cache(self) -> None:
+        torch.cuda.empty_cache()
+
+    def manual_seed(self, seed: int) -> None:
+        torch.manual_seed(seed)
+        torch.cuda.manual_seed_all(seed)
+
+
+class CudaPlatform(CudaLikePlatform):
+    name = "cuda"
+    fp8_dtype = torch.float8_e4m3fn
+    attention_preference = ("flashinfer", "triton", "torch")
+    sampling_preference = ("torch",)
+
+    @classmethod
+    def is_available(cls) -> bool:
+        return torch.version.cuda is not None and torch.cuda.is_available()
+
+    @classmethod
+    def unavailable_reason(cls) -> str:
+        if torch.version.cuda is None:
+            return "--device cuda: this torch build has no CUDA support"
+        return "--device cuda: torch has CUDA support but sees no NVIDIA GPU"

@@ -1,0 +1,5 @@
+"""Intel: the XPU platform. Kernels come from backends/triton."""
+from backends.xpu.platform import XpuPlatform
+from hal.platform import register_platform
+
+register_platform(XpuPlatform)

@@ -1,0 +1,49 @@
+"""ForwardBatch: everything one model step needs, already on the device."""
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Optional
+
+import torch
+
+if TYPE_CHECKING:
+    from hal.attention import AttentionBackend
+
+
+class ForwardMode(enum.Enum):
+    EXTEND = enum.auto()   # new prompt tokens (a whole prompt or a chunk) after a cached prefix
+    DECODE = enum.auto()   # one new token per request
+
+    @property
+    def is_extend(self) -> bool:
+        return self is ForwardMode.EXTEND
+
+    @property
+    def is_decode(self) -> bool:
+        return self is ForwardMode.DECODE
+
+
+@dataclass
+class ForwardBatch:
+    mode: ForwardMode
+    batch_size: int
+    input_ids: torch.Tensor          # [num_tokens] int64
+    positions: torch.Tensor          # [num_tokens] int64
+    req_pool_indices: torch.Tensor   # [B] int64 rows of req_to_token
+    seq_lens: torch.Tensor           # [B] int64 tokens in KV after this step (prefix + new)
+    out_cache_loc: torch.Tensor      # [num_tokens] int64 KV slots of the new tokens
+    seq_lens_cpu: list[int]
+    # extend only: tokens already cached, and new tokens, per request
+    extend_prefix_lens: Optional[torch.Tensor] = None   # [B] int64
+    extend_seq_lens: Optional[torch.Tensor] = None      # [B] int64
+    extend_prefix_lens_cpu: list[int] = field(default_factory=list)
+    extend_seq_lens_cpu: list[int] = field(default_factory=list)
+    # rows of the final hidden states to turn into logits: [num_logits] int64
+    # (the last token of each request in extend; every token in decode)
+    logits_indices: Optional[torch.Tensor] = None
+    attn_backend: Optional["AttentionBackend"] = None
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.input_ids.shape[0])

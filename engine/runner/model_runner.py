@@ -1,0 +1,129 @@
+"""ModelRunner: loads the model, sizes the KV cache, builds the HAL's attention and sampler,
+and runs one step (forward + sample)."""
+from __future__ import annotations
+
+import logging
+import time
+from typing import Optional
+
+import torch
+
+import hal
+from engine.mem_cache.allocator import PagedAllocator, ReqToTokenPool
+from engine.mem_cache.kv_pool import KVPool
+from engine.models.config import ModelConfig
+from engine.runner.forward_batch import ForwardBatch
+from engine.runner.model_loader import load_model
+from engine.sampling.sampling_batch_info import SamplingBatchInfo
+from engine.server_args import ServerArgs
+from hal.sampling import SampleOutput
+
+logger = logging.getLogger(__name__)
+
+GiB = 1 << 30
+# Without --mem-fraction-static or --max-total-tokens, a host-memory KV cache takes at most
+# this much, and at most this many contexts' worth of tokens.
+_HOST_KV_CAP_BYTES = 2 * GiB
+_HOST_KV_CAP_CONTEXTS = 64
+_DEFAULT_MEM_FRACTION = 0.88
+
+
+class ModelRunner:
+    def __init__(self, server_args: ServerArgs, platform: Optional[hal.Platform] = None) -> None:
+        self.server_args = server_args
+        self.platform = platform or hal.get_platform(server_args.device)
+        self.device = self.platform.device(0)
+        self.platform.manual_seed(server_args.random_seed)
+
+        self.model_config = ModelConfig.from_pretrained(
+            server_args.model_path, context_length=server_args.context_length, dtype=server_args.dtype,
+            platform_dtypes=self.platform.supported_dtypes(), platform_default=self.platform.default_dtype)
+        self.dtype = self.model_config.dtype
+        self.context_len = self.model_config.context_len
+        self.vocab_size = self.model_config.vocab_size
+
+        free_before, _ = self.platform.memory_info()
+        t0 = time.perf_counter()
+        self.model = load_model(self.model_config, server_args.load_format, self.device, self.dtype)
+        self.load_seconds = time.perf_counter() - t0
+        self.weight_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
+
+        self._init_memory(free_before)
+        self._init_backends()
+
+    # -- memory ------------------------------------------------------------------------------
+    def _kv_budget_tokens(self, free_before: int) -> int:
+        args, cfg = self.server_args, self.model_config
+        per_token = KVPool.bytes_per_token(cfg.num_hidden_layers, cfg.num_key_value_heads,
+                                           cfg.head_dim, self.dtype)
+        self.kv_bytes_per_token = per_token
+        if args.max_total_tokens is not None:
+            return args.max_total_tokens
+        free_now, total = self.platform.memory_info()
+        if self.platform.uses_host_memory:
+            fraction = args.mem_fraction_static or 0.3
+            budget = min(free_now * fraction, _HOST_KV_CAP_BYTES if args.mem_fraction_static is None
+                         else free_now * fraction)
+            tokens = int(budget // per_token)
+            return min(tokens, _HOST_KV_CAP_CONTEXTS * self.context_len)
+        fraction = args.mem_fraction_static or _DEFAULT_MEM_FRACTION
+        # weights + KV together may take `fraction` of the device; activations get the rest.
+        budget = total * fraction - (total - free_now)
+        if budget <= 0:
+            raise RuntimeError(
+                f"no memory left for the KV cache: weights use {self.weight_bytes / GiB:.2f} GiB and "
+                f"--mem-fraction-static {fraction} of {total / GiB:.1f} GiB is already taken; raise it")
+        return int(budget // per_token)
+
+    def _init_memory(self, free_before: int) -> None:
+        args, cfg = self.server_args, self.model_config
+        page = args.page_size
+        tokens = self._kv_budget_tokens(free_before)
+        num_pages = tokens // page
+        if num_pages < 1:
+            raise RuntimeError(f"KV cache would hold {tokens} tokens, less than one page of {page}")
+        self.max_total_tokens = num_pages * page
+        self.max_running_requests = args.max_running_requests or max(
+            1, min(256, self.max_total_tokens // 16))
+        self.kv_pool = KVPool(num_layers=cfg.num_hidden_layers, num_kv_heads=cfg.num_key_value_heads,
+                              head_dim=cfg.head_dim, dtype=self.dtype, device=self.device,
+                              num_pages=num_pages, page_size=page)
+        self.allocator = PagedAllocator(num_pages, page, self.device)
+        # +1 row: a chunked-prefill request that is not yet running
+        self.req_to_token_pool = ReqToTokenPool(self.max_running_requests + 1, self.context_len + 1,
+                                                self.device)
+
+    def _init_backends(self) -> None:
+        args, cfg = self.server_args, self.model_config
+        entry, why = hal.select("attention", self.platform, args.attention_backend)
+        self.attention_backend_name = entry.name
+        self.attn_backend = entry.factory(
+            num_q_heads=cfg.num_attention_heads, num_kv_heads=cfg.num_key_value_heads,
+            head_dim=cfg.head_dim, kv_pool=self.kv_pool, req_to_token=self.req_to_token_pool.req_to_token,
+            page_size=args.page_size, dtype=self.dtype, device=self.device)
+        self.attention_reason = why
+        entry, why = hal.select("sampling", self.platform, args.sampling_backend)
+        self.sampling_backend_name = entry.name
+        self.sampling_reason = why
+        self.sampler = entry.factory(vocab_size=self.vocab_size, device=self.device)
+
+    # -- one step ----------------------------------------------------------------------------
+    @torch.inference_mode()
+    def forward(self, batch: ForwardBatch) -> torch.Tensor:
+        """Logits [num_logits, vocab] fp32."""
+        batch.attn_backend = self.attn_backend
+        self.attn_backend.init_forward_metadata(batch)
+        return self.model.forward(batch.input_ids, batch.positions, batch)
+
+    @torch.inference_mode()
+    def sample(self, logits: torch.Tensor, info: SamplingBatchInfo) -> SampleOutput:
+        return self.sampler.sample(logits, info)
+
+    def describe(self) -> str:
+        return (f"device={self.platform.description()} dtype={str(self.dtype).replace('torch.', '')} "
+                f"attention={self.attention_backend_name} ({self.attention_reason}) "
+                f"sampling={self.sampling_backend_name} ({self.sampling_reason}) "
+                f"kv_capacity={self.max_total_tokens} tokens "
+                f"({self.max_total_tokens * self.kv_bytes_per_token / GiB:.2f} GiB, page_size="
+                f"{self.server_args.page_size}) max_running_requests={self.max_running_requests} "
+                f"context_len={self.context_len}")

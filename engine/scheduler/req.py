@@ -1,0 +1,74 @@
+"""Req: one request's state inside the scheduler."""
+from __future__ import annotations
+
+import time
+from typing import Any, Optional
+
+import torch
+
+from engine.sampling.sampling_params import SamplingParams
+
+
+class Req:
+    def __init__(self, rid: str, input_ids: list[int], params: SamplingParams, seed: int, *,
+                 return_logprob: bool = False, top_logprobs_num: int = 0, stream: bool = False,
+                 eos_token_ids: frozenset[int] = frozenset(), arrival_time: float = 0.0) -> None:
+        self.rid = rid
+        self.origin_input_ids = input_ids
+        self.params = params
+        self.seed = seed
+        self.return_logprob = return_logprob
+        self.top_logprobs_num = top_logprobs_num
+        self.stream = stream
+        self.eos_token_ids = eos_token_ids
+        self.arrival_time = arrival_time or time.monotonic()
+        self.stop_token_ids = frozenset(params.stop_token_ids) | (
+            frozenset() if params.ignore_eos else eos_token_ids)
+
+        self.output_ids: list[int] = []
+        self.finished_reason: Optional[dict[str, Any]] = None
+
+        # KV state. Positions [0, kv_len) of this request have KV in row req_pool_idx;
+        # the first len(prefix_indices) of them belong to the radix tree (locked at last_node).
+        self.req_pool_idx: Optional[int] = None
+        self.prefix_indices: torch.Tensor = torch.empty(0, dtype=torch.int64)
+        self.last_node: Any = None
+        self.kv_len = 0
+        self.extend_len = 0          # new tokens in the current extend step
+        self.cached_tokens = 0       # prompt tokens served from the cache (first prefill)
+        self.counted_cache = False
+        self.num_retractions = 0
+
+        # output bookkeeping: what has been sent to the front end
+        self.sent_len = 0
+        self.output_logprobs: list[float] = []
+        self.output_top_logprobs: list[list[tuple[float, int]]] = []
+        self.sent_logprob_len = 0
+
+    # tokens the request needs KV for: prompt plus generated (the newest one is fed next)
+    @property
+    def fill_ids(self) -> list[int]:
+        return self.origin_input_ids + self.output_ids
+
+    @property
+    def seq_len(self) -> int:
+        return len(self.origin_input_ids) + len(self.output_ids)
+
+    @property
+    def finished(self) -> bool:
+        return self.finished_reason is not None
+
+    @property
+    def is_prefilling(self) -> bool:
+        """Still has prompt (or resumed) tokens without KV, beyond the last one to feed."""
+        return self.kv_len < self.seq_len - 1 or not self.output_ids
+
+    def reset_kv(self) -> None:
+        self.req_pool_idx = None
+        self.prefix_indices = torch.empty(0, dtype=torch.int64)
+        self.last_node = None
+        self.kv_len = 0
+
+    def __repr__(self) -> str:
+        return (f"Req(rid={self.rid}, prompt={len(self.origin_input_ids)}, "
+                f"out={len(self.output_ids)}, kv={self.kv_len})")

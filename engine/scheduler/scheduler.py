@@ -1,0 +1,370 @@
+"""The Scheduler: receive -> pick the next batch -> run it -> process the results.
+
+Prefill (extend) has priority: new requests are admitted by policy within a token budget,
+long prompts are chunked; otherwise every running request decodes one token. When the KV
+pool cannot hold the next decode step, unlocked cache is evicted, then the newest running
+requests are retracted to the waiting queue (their computed KV goes to the radix cache).
+"""
+from __future__ import annotations
+
+import logging
+import random
+import time
+from typing import Any, Callable, Optional
+
+import torch
+
+from engine.io_struct import (AbortReq, BatchTokenOutput, FlushCacheOutput, FlushCacheReq, GetStatsReq,
+                              SchedulerInfo, SchedulerStats, TokenizedGenerateReq)
+from engine.mem_cache.radix_cache import ChunkCache, RadixCache
+from engine.runner.model_runner import ModelRunner
+from engine.sampling.stop import find_stop_in_tail, stop_tail_tokens
+from engine.scheduler.batch import build_decode_batch, build_extend_batch, build_sampling_info
+from engine.scheduler.policy import SchedulePolicy
+from engine.scheduler.prefill import PrefillAdder
+from engine.scheduler.req import Req
+from engine.server_args import ServerArgs
+from engine.tokenizer import load_tokenizer
+
+logger = logging.getLogger(__name__)
+
+_INIT_NEW_TOKEN_RATIO = 0.7
+_MIN_NEW_TOKEN_RATIO = 0.1
+_NEW_TOKEN_RATIO_DECAY = 0.001
+
+
+class Scheduler:
+    def __init__(self, server_args: ServerArgs, runner: Optional[ModelRunner] = None) -> None:
+        self.args = server_args
+        self.runner = runner or ModelRunner(server_args)
+        r = self.runner
+        self.device = r.device
+        self.page_size = server_args.page_size
+        self.allocator = r.allocator
+        self.req_to_token_pool = r.req_to_token_pool
+        cache_cls = ChunkCache if server_args.disable_radix_cache else RadixCache
+        self.tree_cache = cache_cls(self.allocator, self.page_size, self.device)
+        self.policy = SchedulePolicy(server_args.schedule_policy, self.tree_cache, server_args.random_seed)
+        self.tokenizer = load_tokenizer(server_args.tokenizer_path or server_args.model_path,
+                                        trust_remote_code=server_args.trust_remote_code)
+        self.eos_token_ids = frozenset(r.model_config.eos_token_ids)
+        self.seed_rng = random.Random(server_args.random_seed)
+        # Fraction of a running request's remaining max_new_tokens kept free for it when
+        # admitting new prompts; decays while decoding goes well, jumps after a retraction.
+        self.new_token_ratio = _INIT_NEW_TOKEN_RATIO
+
+        self.waiting: list[Req] = []
+        self.running: list[Req] = []
+        self.chunked_req: Optional[Req] = None
+        self.reqs_by_rid: dict[str, Req] = {}
+        self.outputs: list[Req] = []        # requests with something to send after this step
+
+        # statistics
+        self.num_retractions = 0
+        self.prompt_tokens_total = 0
+        self.cached_tokens_total = 0
+        self.forward_ct = 0
+        self.last_step_time = time.monotonic()
+        logger.info("scheduler ready: %s", r.describe())
+
+    @property
+    def info(self) -> SchedulerInfo:
+        r = self.runner
+        return SchedulerInfo(max_total_tokens=r.max_total_tokens, max_running_requests=r.max_running_requests,
+                             context_length=r.context_len, vocab_size=r.vocab_size,
+                             device=r.platform.name, dtype=str(r.dtype).replace("torch.", ""),
+                             attention_backend=r.attention_backend_name,
+                             sampling_backend=r.sampling_backend_name)
+
+    # -- messages ------------------------------------------------------------------------------
+    def handle(self, msg: Any) -> Any:
+        """Apply one message from the front end; returns an immediate reply or None."""
+        if isinstance(msg, TokenizedGenerateReq):
+            self._add_request(msg)
+        elif isinstance(msg, AbortReq):
+            self._abort(msg)
+        elif isinstance(msg, FlushCacheReq):
+            return self.flush_cache()
+        elif isinstance(msg, GetStatsReq):
+            return self.stats()
+        else:
+            raise TypeError(f"scheduler: unknown message {type(msg).__name__}")
+        return None
+
+    def _add_request(self, msg: TokenizedGenerateReq) -> None:
+        p = msg.sampling_params
+        seed = p.seed if p.seed is not None else self.seed_rng.getrandbits(63)
+        req = Req(msg.rid, list(msg.input_ids), p, seed, return_logprob=msg.return_logprob,
+                  top_logprobs_num=msg.top_logprobs_num, stream=msg.stream,
+                  eos_token_ids=self.eos_token_ids, arrival_time=msg.arrival_time)
+        req.stop_tail = stop_tail_tokens(self.tokenizer, p.stop) if p.stop else 0
+        error = self._check_request(req)
+        if error:
+            req.finished_reason = {"type": "abort", "message": error}
+            self.outputs.append(req)
+            return
+        if p.max_new_tokens == 0:
+            req.finished_reason = {"type": "length", "length": 0}
+            self.outputs.append(req)
+            return
+        self.reqs_by_rid[req.rid] = req
+        self.waiting.append(req)
+
+    def _check_request(self, req: Req) -> Optional[str]:
+        # The front end validates; this guards the scheduler against a bad direct caller.
+        ids = req.origin_input_ids
+        if not ids:
+            return "the prompt is empty"
+        if len(ids) >= self.runner.context_len:
+            return f"the prompt has {len(ids)} tokens, the context is {self.runner.context_len}"
+        if max(ids) >= self.runner.vocab_size or min(ids) < 0:
+            return f"token id outside the vocabulary (size {self.runner.vocab_size})"
+        if req.rid in self.reqs_by_rid:
+            return f"duplicate request id {req.rid!r}"
+        return None
+
+    def _abort(self, msg: AbortReq) -> None:
+        rids = list(self.reqs_by_rid) if msg.abort_all or msg.rid is None else [msg.rid]
+        for rid in rids:
+            req = self.reqs_by_rid.get(rid)
+            if req is None or req.finished:
+                continue
+            req.finished_reason = {"type": "abort", "message": "aborted by the client"}
+            if req in self.waiting:
+                self.waiting.remove(req)
+                self._release(req)
+            elif req is self.chunked_req:
+                self.chunked_req = None
+                self._release(req)
+            elif req in self.running:
+                self.running.remove(req)
+                self._release(req)
+            self.outputs.append(req)
+            self.reqs_by_rid.pop(rid, None)
+
+    # -- memory ----------------------------------------------------------------------------
+    def _release(self, req: Req) -> None:
+        """Give the request's KV to the cache (unlocked) and its row back."""
+        if req.req_pool_idx is None:
+            return
+        slots = self.req_to_token_pool.read(req.req_pool_idx, 0, req.kv_len)
+        self.tree_cache.cache_req(req.fill_ids[: req.kv_len], slots, len(req.prefix_indices),
+                                  req.last_node, keep_locked=False)
+        self.req_to_token_pool.free(req.req_pool_idx)
+        req.reset_kv()
+
+    def _share_prefix(self, req: Req) -> None:
+        """After an extend: put the computed prefix in the tree so others can match it now."""
+        slots = self.req_to_token_pool.read(req.req_pool_idx, 0, req.kv_len)
+        res = self.tree_cache.cache_req(req.fill_ids[: req.kv_len], slots, len(req.prefix_indices),
+                                        req.last_node, keep_locked=True)
+        if res is None:
+            return
+        new_slots, new_node = res
+        old = len(req.prefix_indices)
+        if new_slots.numel() > old:
+            self.req_to_token_pool.write(req.req_pool_idx, old, new_slots[old:])
+        req.prefix_indices, req.last_node = new_slots, new_node
+
+    def available_tokens(self) -> int:
+        return self.allocator.available_size() + self.tree_cache.evictable_size()
+
+    def _ensure_free(self, tokens: int) -> bool:
+        short = tokens - self.allocator.available_size()
+        if short > 0:
+            self.tree_cache.evict(short)
+        return self.allocator.available_size() >= tokens
+
+    # -- scheduling ----------------------------------------------------------------------------
+    def step(self) -> bool:
+        """Run one batch if there is work. Returns whether anything ran."""
+        batch, locs = self._schedule_extend()
+        if batch:
+            self._run_extend(batch, locs)
+            return True
+        if self.running:
+            self._run_decode()
+            return True
+        return False
+
+    def _schedule_extend(self) -> tuple[list[Req], Optional[torch.Tensor]]:
+        if not self.waiting and self.chunked_req is None:
+            return [], None
+        adder = PrefillAdder(self)
+        if self.chunked_req is not None:
+            adder.add_chunked(self.chunked_req)
+            self.chunked_req = None
+        if self.waiting and not adder.full:
+            for req in self.policy.sort(self.waiting):
+                if not adder.try_add(req):
+                    break
+            admitted = set(map(id, adder.reqs))
+            self.waiting = [r for r in self.waiting if id(r) not in admitted]
+        self.chunked_req = adder.chunked
+        return adder.reqs, adder.out_cache_loc
+
+    def _run_extend(self, reqs: list[Req], locs: torch.Tensor) -> None:
+        fb = build_extend_batch(reqs, locs, self.device)
+        logits = self.runner.forward(fb)
+        for r in reqs:
+            r.kv_len += r.extend_len
+            if not r.counted_cache:
+                r.counted_cache = True
+                r.cached_tokens = len(r.prefix_indices)
+                self.prompt_tokens_total += len(r.origin_input_ids)
+                self.cached_tokens_total += r.cached_tokens
+        done = [i for i, r in enumerate(reqs) if r.kv_len == r.seq_len]  # whole prompt in KV
+        if done:
+            self._sample_and_process([reqs[i] for i in done], logits[done])
+        for r in reqs:
+            if r.finished:
+                continue
+            self._share_prefix(r)
+            if r.kv_len == r.seq_len - 1 and r.output_ids:  # prefill complete, next: decode
+                self.running.append(r)
+        self.forward_ct += 1
+
+    def _run_decode(self) -> None:
+        self._make_room_for_decode()
+        if not self.running:
+            return
+        reqs = self.running
+        locs = self.allocator.alloc([r.kv_len for r in reqs], [r.kv_len + 1 for r in reqs],
+                                    [self._last_loc(r) for r in reqs])
+        assert locs is not None, "decode allocation failed after making room"
+        rows = torch.tensor([r.req_pool_idx for r in reqs], dtype=torch.int64, device=self.device)
+        cols = torch.tensor([r.kv_len for r in reqs], dtype=torch.int64, device=self.device)
+        self.req_to_token_pool.req_to_token[rows, cols] = locs.to(torch.int32)
+        fb = build_decode_batch(reqs, locs, self.device)
+        logits = self.runner.forward(fb)
+        for r in reqs:
+            r.kv_len += 1
+        self._sample_and_process(list(reqs), logits)
+        self.forward_ct += 1
+        self.new_token_ratio = max(_MIN_NEW_TOKEN_RATIO, self.new_token_ratio - _NEW_TOKEN_RATIO_DECAY)
+
+    def _last_loc(self, req: Req) -> int:
+        if req.kv_len == 0:
+            return -1
+        return int(self.req_to_token_pool.req_to_token[req.req_pool_idx, req.kv_len - 1])
+
+    def _make_room_for_decode(self) -> None:
+        def pages_needed() -> int:
+            return sum(1 for r in self.running if r.kv_len % self.page_size == 0) * self.page_size
+
+        while self.running and not self._ensure_free(pages_needed()):
+            if len(self.running) == 1:  # one request larger than the whole pool
+                victim = self.running.pop()
+                victim.finished_reason = {"type": "length", "length": len(victim.output_ids),
+                                          "message": "the KV cache is full"}
+                self._release(victim)
+                self.reqs_by_rid.pop(victim.rid, None)
+                self.outputs.append(victim)
+                logger.warning("request %s stopped: it alone fills the KV cache (%d tokens)",
+                               victim.rid, self.runner.max_total_tokens)
+                return
+            victim = max(self.running, key=lambda r: (r.arrival_time, len(r.output_ids)))
+            self.running.remove(victim)
+            self.new_token_ratio = min(1.0, self.new_token_ratio + 0.2)
+            self._release(victim)
+            victim.num_retractions += 1
+            self.num_retractions += 1
+            self.waiting.append(victim)
+            logger.debug("retracted %s (pool short)", victim.rid)
+
+    # -- results -----------------------------------------------------------------------------
+    def _sample_and_process(self, reqs: list[Req], logits: torch.Tensor) -> None:
+        info = build_sampling_info(reqs, self.runner.vocab_size, self.device)
+        out = self.runner.sample(logits, info)
+        next_ids = out.next_token_ids.tolist()
+        logprobs = out.logprobs.tolist() if out.logprobs is not None else None
+        top_vals = out.top_logprobs.tolist() if out.top_logprobs is not None else None
+        top_ids = out.top_logprob_ids.tolist() if out.top_logprob_ids is not None else None
+        finished = []
+        for i, (r, tok) in enumerate(zip(reqs, next_ids)):
+            r.output_ids.append(tok)
+            if r.return_logprob and logprobs is not None:
+                r.output_logprobs.append(logprobs[i])
+                k = r.top_logprobs_num
+                r.output_top_logprobs.append(
+                    list(zip(top_vals[i][:k], top_ids[i][:k])) if k and top_vals is not None else [])
+            self._check_finished(r, tok)
+            if r.finished:
+                finished.append(r)
+            if r.stream or r.finished:
+                self.outputs.append(r)
+        if finished:
+            done = set(map(id, finished))
+            self.running = [r for r in self.running if id(r) not in done]
+            for r in finished:
+                self._release(r)
+                self.reqs_by_rid.pop(r.rid, None)
+
+    def _check_finished(self, r: Req, tok: int) -> None:
+        p = r.params
+        n_out = len(r.output_ids)
+        if tok in r.stop_token_ids and n_out >= p.min_new_tokens:
+            r.finished_reason = {"type": "stop", "matched": tok}
+        elif p.max_new_tokens is not None and n_out >= p.max_new_tokens:
+            r.finished_reason = {"type": "length", "length": n_out}
+        elif r.seq_len >= self.runner.context_len:
+            r.finished_reason = {"type": "length", "length": n_out}
+        elif p.stop and n_out >= p.min_new_tokens:
+            matched = find_stop_in_tail(self.tokenizer, r.output_ids, p.stop, r.stop_tail)
+            if matched is not None:
+                r.finished_reason = {"type": "stop", "matched": matched}
+
+    def take_outputs(self) -> Optional[BatchTokenOutput]:
+        """New tokens of every request that has something to send since the last call."""
+        if not self.outputs:
+            return None
+        seen, reqs = set(), []
+        for r in self.outputs:
+            if id(r) not in seen:
+                seen.add(id(r))
+                reqs.append(r)
+        self.outputs = []
+        out = BatchTokenOutput(rids=[], new_token_ids=[], finished_reasons=[], prompt_tokens=[],
+                               completion_tokens=[], cached_tokens=[])
+        for r in reqs:
+            out.rids.append(r.rid)
+            out.new_token_ids.append(r.output_ids[r.sent_len:])
+            out.finished_reasons.append(r.finished_reason)
+            out.prompt_tokens.append(len(r.origin_input_ids))
+            out.completion_tokens.append(len(r.output_ids))
+            out.cached_tokens.append(r.cached_tokens)
+            out.output_token_logprobs.append(r.output_logprobs[r.sent_logprob_len:])
+            out.output_top_logprobs.append(r.output_top_logprobs[r.sent_logprob_len:])
+            r.sent_len = len(r.output_ids)
+            r.sent_logprob_len = len(r.output_logprobs)
+        return out
+
+    # -- maintenance -------------------------------------------------------------------------
+    def is_idle(self) -> bool:
+        return not self.waiting and not self.running and self.chunked_req is None
+
+    def flush_cache(self) -> FlushCacheOutput:
+        if not self.is_idle():
+            return FlushCacheOutput(False, "cannot flush the cache while requests are running")
+        self.tree_cache.reset()
+        self.allocator.clear()
+        self.req_to_token_pool.clear()
+        return FlushCacheOutput(True)
+
+    def stats(self) -> SchedulerStats:
+        cap = self.runner.max_total_tokens
+        free = self.allocator.available_size()
+        evictable = self.tree_cache.evictable_size()
+        return SchedulerStats(
+            num_running_reqs=len(self.running) + (self.chunked_req is not None),
+            num_queue_reqs=len(self.waiting), token_usage=(cap - free - evictable) / cap,
+            cache_hit_rate=self.cached_tokens_total / max(1, self.prompt_tokens_total),
+            max_total_tokens=cap, available_tokens=free + evictable, evictable_tokens=evictable,
+            num_retractions=self.num_retractions, num_evicted_tokens=self.tree_cache.num_evicted_tokens)
+
+    def check_memory_whole(self) -> None:
+        """When idle, every slot is free or held by the cache (nothing leaked)."""
+        cap = self.runner.max_total_tokens
+        free, cached = self.allocator.available_size(), self.tree_cache.total_size()
+        assert self.tree_cache.protected_size() == 0, f"{self.tree_cache.protected_size()} slots still locked"
+        assert free + cached == cap, f"KV leak: free {free} + cached {cached} != capacity {cap}"

@@ -1,0 +1,177 @@
+"""Every flag of anyserve in one dataclass: default, help text and validation.
+
+The command line is generated from the fields below (``add_cli_args``), so a flag
+exists exactly once. Names follow SGLang's where the meaning is the same.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+
+def _flag(default: Any, help: str, choices: Optional[list] = None, group: str = "model") -> Any:
+    return field(default=default, metadata={"help": help, "choices": choices, "group": group})
+
+
+SCHEDULE_POLICIES = ["lpm", "fcfs", "dfs-weight", "random"]
+DTYPES = ["auto", "float32", "bfloat16", "float16"]
+DEVICES = ["auto", "cuda", "hip", "xpu", "cpu"]
+
+
+@dataclass
+class ServerArgs:
+    # Model and tokenizer
+    model_path: Optional[str] = _flag(
+        None, "Folder of a Hugging Face checkpoint (config.json, *.safetensors, tokenizer files). "
+        "Left out: a tiny random-weight demo model is made on first use in the cache folder.")
+    tokenizer_path: Optional[str] = _flag(None, "Tokenizer folder, when it differs from --model-path.")
+    served_model_name: Optional[str] = _flag(
+        None, "Model name reported by /v1/models and expected in requests (default: the model folder's name).")
+    dtype: str = _flag("auto", "Weight and activation dtype. 'auto' takes the checkpoint's torch_dtype "
+                       "when the device supports it, else the device's default.", DTYPES)
+    load_format: str = _flag("auto", "'auto' reads safetensors; 'dummy' makes random weights of the real "
+                             "shape (for benchmarks).", ["auto", "safetensors", "dummy"])
+    context_length: Optional[int] = _flag(
+        None, "Longest prompt plus output, in tokens (default: the model's max_position_embeddings).")
+    chat_template: Optional[str] = _flag(
+        None, "A Jinja chat template (a file path or the template text) replacing the tokenizer's.")
+    trust_remote_code: bool = _flag(False, "Allow custom tokenizer code from the model folder.")
+
+    # Device and backends
+    device: str = _flag("auto", "Where to run: auto picks cuda, hip, xpu, cpu in that order, by what "
+                        "torch reports.", DEVICES, group="device")
+    attention_backend: Optional[str] = _flag(
+        None, "Attention implementation (e.g. torch, triton, flashinfer). Default: the platform's "
+        "first available preference.", group="device")
+    sampling_backend: Optional[str] = _flag(
+        None, "Sampling implementation (e.g. torch, flashinfer). Default: the platform's preference.",
+        group="device")
+    disable_cuda_graph: bool = _flag(False, "Do not capture decode steps as device graphs "
+                                     "(CUDA/HIP graphs).", group="device")
+    cuda_graph_max_bs: int = _flag(160, "Largest decode batch captured as a device graph.", group="device")
+    disable_overlap_schedule: bool = _flag(
+        False, "Run the plain scheduler loop instead of preparing step N+1 while step N runs.",
+        group="device")
+    tp_size: int = _flag(1, "Tensor-parallel size (GPUs per replica).", group="device")
+    dp_size: int = _flag(1, "Data-parallel replicas.", group="device")
+    random_seed: int = _flag(0, "Seed of the server's random generator (requests without a seed draw "
+                             "theirs from it).", group="device")
+
+    # Memory and scheduling
+    mem_fraction_static: Optional[float] = _flag(
+        None, "Fraction of device memory for weights plus KV cache (default 0.88 on accelerators; "
+        "on the CPU, of available RAM capped at 4 GiB of KV).", group="memory")
+    max_total_tokens: Optional[int] = _flag(
+        None, "KV cache capacity in tokens; overrides --mem-fraction-static.", group="memory")
+    page_size: int = _flag(1, "Tokens per KV page; prefixes are shared in whole pages.", group="memory")
+    max_running_requests: Optional[int] = _flag(
+        None, "Most requests decoding at once (default: from KV capacity, at most 256).", group="memory")
+    max_prefill_tokens: int = _flag(16384, "Most new prompt tokens in one prefill batch.", group="memory")
+    chunked_prefill_size: int = _flag(
+        8192, "Longest prompt chunk computed in one step; longer prompts are split. -1 disables "
+        "chunking.", group="memory")
+    schedule_policy: str = _flag(
+        "lpm", "Order of waiting requests: lpm (longest cached prefix first), fcfs, dfs-weight, random.",
+        SCHEDULE_POLICIES, group="memory")
+    disable_radix_cache: bool = _flag(False, "Do not share KV between requests (no prefix caching).",
+                                      group="memory")
+
+    # Server
+    host: str = _flag("127.0.0.1", "HTTP host to listen on.", group="server")
+    port: int = _flag(30000, "HTTP port.", group="server")
+    grpc_port: Optional[int] = _flag(None, "gRPC port (default: --port + 1; 0 disables gRPC).",
+                                     group="server")
+    api_key: Optional[str] = _flag(None, "Require this bearer token (HTTP) or 'authorization' "
+                                   "metadata (gRPC).", group="server")
+    log_requests: bool = _flag(False, "Log one line per finished request.", group="server")
+    enable_metrics: bool = _flag(True, "Serve Prometheus metrics at /metrics.", group="server")
+    watchdog_timeout: float = _flag(300.0, "Seconds a single scheduler step may take before the server "
+                                    "is declared stuck and exits.", group="server")
+    grammar_backend: str = _flag("xgrammar", "Constrained decoding backend; 'none' turns it off.",
+                                 ["xgrammar", "none"], group="server")
+    tool_call_parser: Optional[str] = _flag(None, "Tool-call format of the model family (llama3, qwen25).",
+                                            ["llama3", "qwen25", "hermes"], group="server")
+    log_level: str = _flag("info", "Logging level.", ["debug", "info", "warning", "error"], group="server")
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        def bad(flag: str, msg: str) -> None:
+            raise ValueError(f"--{flag.replace('_', '-')} {msg}")
+
+        if self.page_size < 1:
+            bad("page_size", f"must be >= 1, got {self.page_size}")
+        if self.mem_fraction_static is not None and not 0.0 < self.mem_fraction_static < 1.0:
+            bad("mem_fraction_static", f"must be in (0, 1), got {self.mem_fraction_static}")
+        if self.max_total_tokens is not None and self.max_total_tokens < self.page_size:
+            bad("max_total_tokens", f"must be >= page_size ({self.page_size}), got {self.max_total_tokens}")
+        if self.max_running_requests is not None and self.max_running_requests < 1:
+            bad("max_running_requests", f"must be >= 1, got {self.max_running_requests}")
+        if self.max_prefill_tokens < 1:
+            bad("max_prefill_tokens", f"must be >= 1, got {self.max_prefill_tokens}")
+        if self.chunked_prefill_size == 0 or self.chunked_prefill_size < -1:
+            bad("chunked_prefill_size", f"must be -1 or >= 1, got {self.chunked_prefill_size}")
+        if self.tp_size < 1 or self.dp_size < 1:
+            bad("tp_size", "and --dp-size must be >= 1")
+        if self.context_length is not None and self.context_length < 2:
+            bad("context_length", f"must be >= 2, got {self.context_length}")
+        for name in ("dtype", "device", "schedule_policy", "load_format"):
+            choices = _FIELDS[name].metadata["choices"]
+            if getattr(self, name) not in choices:
+                bad(name, f"must be one of {choices}, got {getattr(self, name)!r}")
+
+    @property
+    def effective_grpc_port(self) -> int:
+        return self.port + 1 if self.grpc_port is None else self.grpc_port
+
+    @classmethod
+    def add_cli_args(cls, parser: argparse.ArgumentParser) -> None:
+        groups: dict[str, argparse._ArgumentGroup] = {}
+        for f in dataclasses.fields(cls):
+            meta = f.metadata
+            g = meta.get("group", "model")
+            if g not in groups:
+                groups[g] = parser.add_argument_group(f"{g} options")
+            flag = "--" + f.name.replace("_", "-")
+            default = f.default
+            help_text = meta["help"] + ("" if default in (None, False) else f" (default: {default})")
+            if f.type in ("bool", bool):
+                if default:
+                    groups[g].add_argument(flag, action=argparse.BooleanOptionalAction, default=default,
+                                           help=help_text)
+                else:
+                    groups[g].add_argument(flag, action="store_true", help=help_text)
+                continue
+            typ = _type_of(f)
+            groups[g].add_argument(flag, type=typ, default=default, choices=meta.get("choices"),
+                                   help=help_text, metavar=None if meta.get("choices") else f.name.upper())
+        # SGLang spells the tensor/data-parallel flags both ways.
+        parser.set_defaults()
+
+    @classmethod
+    def from_cli_args(cls, args: argparse.Namespace) -> "ServerArgs":
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in vars(args).items() if k in names})
+
+    @classmethod
+    def from_kwargs(cls, **kwargs: Any) -> "ServerArgs":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(kwargs) - names)
+        if unknown:
+            raise TypeError(f"unknown server argument(s): {', '.join(unknown)}")
+        return cls(**kwargs)
+
+
+_FIELDS = {f.name: f for f in dataclasses.fields(ServerArgs)}
+
+
+def _type_of(f: dataclasses.Field) -> type:
+    t = str(f.type)
+    if "int" in t:
+        return int
+    if "float" in t:
+        return float
+    return str

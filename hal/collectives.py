@@ -1,0 +1,40 @@
+"""The collectives role: all-reduce, all-gather, broadcast and barrier over a process group."""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Any, Optional
+
+import torch
+
+
+class Collectives(ABC):
+    world_size: int = 1
+    rank: int = 0
+
+    @abstractmethod
+    def all_reduce(self, t: torch.Tensor) -> torch.Tensor: ...
+
+    @abstractmethod
+    def all_gather(self, t: torch.Tensor, dim: int = -1) -> torch.Tensor: ...
+
+    @abstractmethod
+    def broadcast_object(self, obj: Any, src: int = 0) -> Any: ...
+
+    @abstractmethod
+    def barrier(self) -> None: ...
+
+
+class SingleProcessCollectives(Collectives):
+    """World of one: every collective is the identity."""
+
+    def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
+        return t
+
+    def all_gather(self, t: torch.Tensor, dim: int = -1) -> torch.Tensor:
+        return t
+
+    def broadcast_object(self, obj: Any, src: int = 0) -> Any:
+        return obj
+
+    def barrier(self) -> None:
+        pass

@@ -1,0 +1,108 @@
+"""The Platform: what the engine may ask of a device, with no vendor branching left to callers.
+
+Vendor folders under ``backends/`` subclass ``Platform`` and register it with
+``register_platform``; ``get_platform`` picks one from ``--device``.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Callable, Optional
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+# --device auto tries these in order.
+AUTO_ORDER = ("cuda", "hip", "xpu", "cpu")
+
+
+class DeviceUnavailableError(RuntimeError):
+    """--device names a device this machine or this torch build cannot provide."""
+
+
+class Platform:
+    """One kind of device. Subclasses fill in the vendor facts."""
+
+    name: str = "base"                # the --device name: cuda, hip, xpu, cpu
+    torch_device_type: str = "cpu"    # what torch calls it (ROCm PyTorch also says "cuda")
+    dist_backend: str = "gloo"        # torch.distributed backend
+    supports_graphs: bool = False     # step capture and replay (CUDA/HIP graphs)
+    uses_host_memory: bool = False    # device memory is the machine's RAM (size the KV cache modestly)
+    attention_preference: tuple[str, ...] = ("torch",)
+    sampling_preference: tuple[str, ...] = ("torch",)
+    default_dtype: torch.dtype = torch.float32
+    fp8_dtype: Optional[torch.dtype] = None
+
+    # -- presence --------------------------------------------------------------------------
+    @classmethod
+    def is_available(cls) -> bool:
+        raise NotImplementedError
+
+    @classmethod
+    def unavailable_reason(cls) -> str:
+        return f"--device {cls.name}: not available on this machine"
+
+    # -- identity --------------------------------------------------------------------------
+    def device_count(self) -> int:
+        return 1
+
+    def set_device(self, index: int) -> None:
+        pass
+
+    def device(self, index: int = 0) -> torch.device:
+        if self.torch_device_type == "cpu":
+            return torch.device("cpu")
+        return torch.device(self.torch_device_type, index)
+
+    def description(self) -> str:
+        return self.name
+
+    # -- numbers ---------------------------------------------------------------------------
+    def supported_dtypes(self) -> tuple[torch.dtype, ...]:
+        return (torch.float32, torch.bfloat16, torch.float16)
+
+    def memory_info(self) -> tuple[int, int]:
+        """(free_bytes, total_bytes) of the device's memory."""
+        raise NotImplementedError
+
+    def synchronize(self) -> None:
+        pass
+
+    def empty_cache(self) -> None:
+        pass
+
+    def manual_seed(self, seed: int) -> None:
+        torch.manual_seed(seed)
+
+
+_PLATFORMS: dict[str, type[Platform]] = {}
+
+
+def register_platform(cls: type[Platform]) -> type[Platform]:
+    _PLATFORMS[cls.name] = cls
+    return cls
+
+
+def registered_platforms() -> dict[str, type[Platform]]:
+    from hal.plugins import load_backends
+
+    load_backends()
+    return dict(_PLATFORMS)
+
+
+def get_platform(device: str = "auto") -> Platform:
+    """Resolve --device to a Platform instance, or raise DeviceUnavailableError saying why."""
+    platforms = registered_platforms()
+    if device == "auto":
+        for name in AUTO_ORDER:
+            cls = platforms.get(name)
+            if cls is not None and cls.is_available():
+                return cls()
+        raise DeviceUnavailableError("--device auto: no platform is available (not even cpu)")
+    cls = platforms.get(device)
+    if cls is None:
+        raise DeviceUnavailableError(
+            f"--device {device}: unknown device; known: {', '.join(sorted(platforms))}")
+    if not cls.is_available():
+        raise DeviceUnavailableError(cls.unavailable_reason())
+    return cls()

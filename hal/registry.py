@@ -1,0 +1,80 @@
+"""Registries of implementations by role: attention, sampling, collectives, graph_runner.
+
+Backends call ``register(role, name, factory, platforms=..., available=...)``; the engine
+calls ``select(role, platform, requested)`` and gets the factory plus a reason to log.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Iterable, Optional
+
+from hal.platform import Platform
+
+ROLES = ("attention", "sampling", "collectives", "graph_runner")
+
+
+class BackendSelectionError(RuntimeError):
+    """The requested implementation cannot run on this platform or install."""
+
+
+@dataclass
+class Entry:
+    role: str
+    name: str
+    factory: Callable
+    platforms: frozenset[str]
+    available: Callable[[], bool]
+    requires: str = ""  # what to install when available() is false
+
+
+_REGISTRY: dict[str, dict[str, Entry]] = {r: {} for r in ROLES}
+
+
+def register(role: str, name: str, factory: Callable, *, platforms: Iterable[str],
+             available: Callable[[], bool] = lambda: True, requires: str = "") -> None:
+    if role not in _REGISTRY:
+        raise ValueError(f"unknown role {role!r}; roles: {ROLES}")
+    _REGISTRY[role][name] = Entry(role, name, factory, frozenset(platforms), available, requires)
+
+
+def entries(role: str) -> dict[str, Entry]:
+    from hal.plugins import load_backends
+
+    load_backends()
+    return dict(_REGISTRY[role])
+
+
+def _preference(role: str, platform: Platform) -> tuple[str, ...]:
+    if role == "attention":
+        return platform.attention_preference
+    if role == "sampling":
+        return platform.sampling_preference
+    return tuple(n for n, e in entries(role).items() if platform.name in e.platforms)
+
+
+def select(role: str, platform: Platform, requested: Optional[str] = None) -> tuple[Entry, str]:
+    """Return (entry, reason). A requested name that cannot run is an error, never a fallback."""
+    table = entries(role)
+    if requested:
+        entry = table.get(requested)
+        flag = f"--{role.replace('_', '-')}-backend {requested}"
+        if entry is None:
+            known = ", ".join(sorted(table)) or "none"
+            raise BackendSelectionError(f"{flag}: unknown {role} backend; registered: {known}")
+        if platform.name not in entry.platforms:
+            raise BackendSelectionError(
+                f"{flag}: does not run on {platform.name} (runs on {', '.join(sorted(entry.platforms))})")
+        if not entry.available():
+            hint = f"; install {entry.requires}" if entry.requires else ""
+            raise BackendSelectionError(f"{flag}: not available in this install{hint}")
+        return entry, "requested"
+    skipped = []
+    for name in _preference(role, platform):
+        entry = table.get(name)
+        if entry is None or platform.name not in entry.platforms:
+            continue
+        if entry.available():
+            why = "platform preference" + (f" ({', '.join(skipped)} unavailable)" if skipped else "")
+            return entry, why
+        skipped.append(name)
+    raise BackendSelectionError(f"no {role} backend available for platform {platform.name}")
