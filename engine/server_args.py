@@ -17,7 +17,13 @@ def _flag(default: Any, help: str, choices: Optional[list] = None, group: str = 
 
 SCHEDULE_POLICIES = ["lpm", "fcfs", "dfs-weight", "random"]
 DTYPES = ["auto", "float32", "bfloat16", "float16"]
-DEVICES = ["auto", "cuda", "hip", "xpu", "cpu"]
+
+
+def device_choices() -> list[str]:
+    """'auto' plus every platform a backends/ folder registered (the HAL knows them)."""
+    from hal.platform import registered_platforms
+
+    return ["auto", *sorted(registered_platforms())]
 
 
 @dataclass
@@ -40,8 +46,8 @@ class ServerArgs:
     trust_remote_code: bool = _flag(False, "Allow custom tokenizer code from the model folder.")
 
     # Device and backends
-    device: str = _flag("auto", "Where to run: auto picks cuda, hip, xpu, cpu in that order, by what "
-                        "torch reports.", DEVICES, group="device")
+    device: str = _flag("auto", "Where to run: a registered platform, or auto (the first available "
+                        "in the HAL's order: accelerators first, cpu last).", "devices", group="device")
     attention_backend: Optional[str] = _flag(
         None, "Attention implementation (e.g. torch, triton, flashinfer). Default: the platform's "
         "first available preference.", group="device")
@@ -119,7 +125,7 @@ class ServerArgs:
         if self.context_length is not None and self.context_length < 2:
             bad("context_length", f"must be >= 2, got {self.context_length}")
         for name in ("dtype", "device", "schedule_policy", "load_format"):
-            choices = _FIELDS[name].metadata["choices"]
+            choices = _choices(name)
             if getattr(self, name) not in choices:
                 bad(name, f"must be one of {choices}, got {getattr(self, name)!r}")
 
@@ -146,8 +152,9 @@ class ServerArgs:
                     groups[g].add_argument(flag, action="store_true", help=help_text)
                 continue
             typ = _type_of(f)
-            groups[g].add_argument(flag, type=typ, default=default, choices=meta.get("choices"),
-                                   help=help_text, metavar=None if meta.get("choices") else f.name.upper())
+            choices = _choices(f.name)
+            groups[g].add_argument(flag, type=typ, default=default, choices=choices,
+                                   help=help_text, metavar=None if choices else f.name.upper())
         # SGLang spells the tensor/data-parallel flags both ways.
         parser.set_defaults()
 
@@ -166,6 +173,11 @@ class ServerArgs:
 
 
 _FIELDS = {f.name: f for f in dataclasses.fields(ServerArgs)}
+
+
+def _choices(name: str) -> Optional[list]:
+    choices = _FIELDS[name].metadata.get("choices")
+    return device_choices() if choices == "devices" else choices
 
 
 def _type_of(f: dataclasses.Field) -> type:

@@ -5,9 +5,9 @@ import argparse
 import sys
 from typing import Optional
 
-_DESCRIPTION = """anyserve: one LLM serving engine for NVIDIA, AMD, Intel and CPUs.
+_DESCRIPTION = """anyserve: one LLM serving engine for every accelerator vendor and plain CPUs.
 
-  anyserve serve [--model-path DIR] [--device auto|cuda|hip|xpu|cpu] ...
+  anyserve serve [--model-path DIR] [--device auto|DEVICE] ...
   anyserve make-model --arch llama --size tiny OUT_DIR
   anyserve bench offline ...        anyserve bench serving ...
 
