@@ -121,7 +121,12 @@ class TokenizerManager:
             raise ValueError("constrained decoding is off (--grammar-backend none)")
         if (params.json_schema or params.regex or params.ebnf):
             raise ValueError("constrained decoding (json_schema, regex, ebnf) is not supported yet")
-        return self.tokenize(req), params
+        ids = self.tokenize(req)
+        if params.max_new_tokens is not None and len(ids) + params.max_new_tokens > self.context_len:
+            raise ValueError(
+                f"max_new_tokens: the prompt has {len(ids)} tokens and {params.max_new_tokens} more were "
+                f"requested, beyond the context length of {self.context_len} tokens")
+        return ids, params
 
     async def generate(self, req: GenerateRequest) -> AsyncIterator[dict[str, Any]]:
         if not self.is_alive():

@@ -305,14 +305,14 @@ class Scheduler:
         n_out = len(r.output_ids)
         if tok in r.stop_token_ids and n_out >= p.min_new_tokens:
             r.finished_reason = {"type": "stop", "matched": tok}
-        elif p.max_new_tokens is not None and n_out >= p.max_new_tokens:
-            r.finished_reason = {"type": "length", "length": n_out}
-        elif r.seq_len >= self.runner.context_len:
-            r.finished_reason = {"type": "length", "length": n_out}
-        elif p.stop and n_out >= p.min_new_tokens:
+            return
+        if p.stop and n_out >= p.min_new_tokens:
             matched = find_stop_in_tail(self.tokenizer, r.output_ids, p.stop, r.stop_tail)
             if matched is not None:
                 r.finished_reason = {"type": "stop", "matched": matched}
+                return
+        if (p.max_new_tokens is not None and n_out >= p.max_new_tokens) or r.seq_len >= self.runner.context_len:
+            r.finished_reason = {"type": "length", "length": n_out}
 
     def take_outputs(self) -> Optional[BatchTokenOutput]:
         """New tokens of every request that has something to send since the last call."""

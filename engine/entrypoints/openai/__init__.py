@@ -1,0 +1,1 @@
+"""OpenAI-compatible HTTP API: request/response models, serving of chat and completions."""

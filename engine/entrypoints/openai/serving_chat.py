@@ -1,0 +1,116 @@
+"""POST /v1/chat/completions: messages → chat template → n generations → OpenAI's answer,
+whole or streamed as chat.completion.chunk events."""
+from __future__ import annotations
+
+import time
+from typing import Any, AsyncIterator, Optional
+
+from jinja2 import TemplateError
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from engine.entrypoints.openai import serving_common as common
+from engine.entrypoints.openai.context import ApiContext
+from engine.entrypoints.openai.errors import APIError, from_value_error
+from engine.entrypoints.openai.protocol import (ChatChoice, ChatChunkChoice, ChatCompletionChunk,
+                                                ChatCompletionRequest, ChatCompletionResponse,
+                                                ChatLogprobs, ChatResponseMessage, TokenLogprob,
+                                                TopLogprob, UsageInfo)
+from engine.entrypoints.openai.streaming import SSE_DONE, FanOut, SSEResponse, sse
+
+
+async def create_chat_completion(ctx: ApiContext, request: Request) -> Response:
+    ctx.ensure_alive()
+    req = await common.parse_body(request, ChatCompletionRequest)
+    ctx.check_model(req.model)
+    tm = ctx.tm
+    try:
+        messages = [m.to_template_dict() for m in req.messages]
+        prompt_ids = tm.apply_chat_template(messages, req.tools)
+        max_new = req.requested_max_tokens
+        if max_new is None:     # OpenAI's default: as much as the context leaves
+            max_new = max(tm.context_len - len(prompt_ids), 1)
+        base_sp = req.sampling_params(max_new, ctx.grammar_enabled)
+    except ValueError as e:
+        raise from_value_error(e) from None
+    except TemplateError as e:      # the template's own checks, e.g. roles must alternate
+        raise APIError(400, f"the chat template rejected the messages: {e}", param="messages") from None
+
+    rid = tm.new_rid()
+    reqs = common.sample_requests([prompt_ids], req.n, base_sp, rid, req.stream,
+                                  return_logprob=req.logprobs, top_logprobs_num=req.top_logprobs or 0)
+    fan = FanOut(tm, reqs, ctx.inflight)
+    await common.start(fan, request)
+    head = dict(id=f"chatcmpl-{rid}", created=int(time.time()), model=req.model,
+                system_fingerprint=ctx.system_fingerprint)
+    if req.stream:
+        return SSEResponse(_stream(fan, req, head))
+
+    outs = await common.finals(fan, request)
+    choices = []
+    for i, out in enumerate(outs):
+        meta = out["meta_info"]
+        err = common.abort_error(meta)
+        if err is not None:
+            raise err
+        choices.append(ChatChoice(
+            index=i, message=ChatResponseMessage(content=out["text"]),
+            logprobs=_logprobs(meta, 0) if req.logprobs else None,
+            finish_reason=common.finish_reason(meta)))
+    usage = common.usage([o["meta_info"] for o in outs], req.n)
+    return JSONResponse(ChatCompletionResponse(choices=choices, usage=usage, **head).model_dump())
+
+
+def _logprobs(meta: dict, start: int) -> ChatLogprobs:
+    toks, tops = common.logprob_entries(meta, start)
+    content = []
+    for (lp, _tid, text), top in zip(toks, tops):
+        text = text or ""
+        content.append(TokenLogprob(
+            token=text, logprob=common.clamp(lp), bytes=list(text.encode()),
+            top_logprobs=[TopLogprob(token=t or "", logprob=common.clamp(l), bytes=list((t or "").encode()))
+                          for l, _id, t in top]))
+    return ChatLogprobs(content=content)
+
+
+async def _stream(fan: FanOut, req: ChatCompletionRequest, head: dict[str, Any]) -> AsyncIterator[bytes]:
+    n = len(fan.reqs)
+    sent_text = [""] * n
+    sent_logprobs = [0] * n
+    metas: list[Optional[dict]] = [None] * n
+
+    def chunk(choices: list[ChatChunkChoice], usage: Optional[UsageInfo] = None) -> bytes:
+        d = ChatCompletionChunk(choices=choices, usage=usage, **head).model_dump()
+        if not req.include_usage:
+            d.pop("usage")
+        return sse(d)
+
+    try:
+        for i in range(n):
+            yield chunk([ChatChunkChoice(index=i, delta={"role": "assistant", "content": ""})])
+        async for i, out in fan.updates():
+            meta = metas[i] = out["meta_info"]
+            err = common.abort_error(meta)
+            if err is not None:
+                yield sse(err.body())
+                yield SSE_DONE
+                return
+            text = out["text"]
+            delta = text[len(sent_text[i]):] if text.startswith(sent_text[i]) else text
+            sent_text[i] = text
+            logprobs = None
+            if req.logprobs:
+                logprobs = _logprobs(meta, sent_logprobs[i])
+                sent_logprobs[i] += len(logprobs.content)
+            if delta or (logprobs and logprobs.content):
+                yield chunk([ChatChunkChoice(index=i, delta={"content": delta}, logprobs=logprobs)])
+            reason = common.finish_reason(meta)
+            if reason:
+                yield chunk([ChatChunkChoice(index=i, delta={}, finish_reason=reason)])
+        if req.include_usage:
+            yield chunk([], usage=common.usage(metas, req.n))
+        yield SSE_DONE
+    except Exception as e:  # noqa: BLE001 - the stream has started: report in-band
+        yield common.stream_error(fan, e, head["id"])
+    finally:
+        fan.close()

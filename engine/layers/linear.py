@@ -1,0 +1,153 @@
+"""Linear layers that know tensor parallelism and load their own shard of a checkpoint tensor.
+
+Column-parallel layers split the output features across ranks; row-parallel layers split the
+input features and all-reduce the partial sums. Fused layers (q/k/v, gate/up) hold several
+checkpoint tensors stacked along the output dimension so one matmul serves them all.
+"""
+from __future__ import annotations
+
+from typing import Optional, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from engine.layers.parallel_state import get_tp_collectives, get_tp_rank, get_tp_size
+
+ShardId = Union[str, int]
+
+
+def _check_shape(param: nn.Parameter, expected: tuple[int, ...], got: torch.Tensor, what: str) -> None:
+    if tuple(got.shape) != tuple(expected):
+        raise ValueError(f"{what}: checkpoint tensor has shape {tuple(got.shape)} but the model expects "
+                         f"{tuple(expected)} (this rank's parameter is {tuple(param.shape)}); "
+                         f"does config.json match the weights?")
+
+
+def _split(size: int, tp_size: int, what: str) -> int:
+    if size % tp_size:
+        raise ValueError(f"{what} ({size}) is not divisible by the tensor-parallel size {tp_size}")
+    return size // tp_size
+
+
+class LinearBase(nn.Module):
+    def __init__(self, input_size: int, output_size: int, bias: bool, tp_rank: Optional[int],
+                 tp_size: Optional[int]) -> None:
+        super().__init__()
+        self.tp_rank = get_tp_rank() if tp_rank is None else tp_rank
+        self.tp_size = get_tp_size() if tp_size is None else tp_size
+        self.collectives = get_tp_collectives()
+        # [output_size_per_rank, input_size_per_rank]
+        self.weight = nn.Parameter(torch.empty(output_size, input_size), requires_grad=False)
+        self.bias = nn.Parameter(torch.empty(output_size), requires_grad=False) if bias else None
+        self.weight.weight_loader = self.weight_loader
+        if self.bias is not None:
+            self.bias.weight_loader = self.weight_loader
+
+    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: Optional[ShardId] = None) -> None:
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+
+class ColumnParallelLinear(LinearBase):
+    """Y = X W^T with W split along its output rows; each rank returns its slice of Y."""
+
+    def __init__(self, input_size: int, output_size: int, bias: bool = False, *,
+                 tp_rank: Optional[int] = None, tp_size: Optional[int] = None) -> None:
+        size = tp_size if tp_size is not None else get_tp_size()
+        super().__init__(input_size, _split(output_size, size, "output size"), bias, tp_rank, tp_size)
+        self.input_size = input_size
+        self.output_size = output_size
+
+    def weight_loader(self, param, loaded, shard_id=None) -> None:
+        rows = param.shape[0]
+        _check_shape(param, (self.output_size, *param.shape[1:]), loaded, "column-parallel linear")
+        param.data.copy_(loaded.narrow(0, self.tp_rank * rows, rows))
+
+
+class MergedColumnParallelLinear(ColumnParallelLinear):
+    """Several column-parallel matrices stacked on the output dim (gate_proj and up_proj)."""
+
+    def __init__(self, input_size: int, output_sizes: list[int], bias: bool = False, *,
+                 tp_rank: Optional[int] = None, tp_size: Optional[int] = None) -> None:
+        super().__init__(input_size, sum(output_sizes), bias, tp_rank=tp_rank, tp_size=tp_size)
+        self.output_sizes = list(output_sizes)
+        self.shard_ids: tuple[ShardId, ...] = tuple(range(len(output_sizes)))
+
+    def weight_loader(self, param, loaded, shard_id=None) -> None:
+        if shard_id is None:
+            return super().weight_loader(param, loaded)
+        full = self.output_sizes[shard_id]
+        _check_shape(param, (full, *param.shape[1:]), loaded, f"merged linear shard {shard_id}")
+        rows = full // self.tp_size
+        offset = sum(self.output_sizes[:shard_id]) // self.tp_size
+        param.data.narrow(0, offset, rows).copy_(loaded.narrow(0, self.tp_rank * rows, rows))
+
+
+class QKVParallelLinear(ColumnParallelLinear):
+    """q, k and v projections in one matrix: [q heads | k heads | v heads] of this rank.
+
+    With fewer KV heads than ranks, each rank keeps a copy of the KV head its q heads use.
+    """
+
+    def __init__(self, hidden_size: int, head_dim: int, num_heads: int, num_kv_heads: int,
+                 bias: bool = False, *, tp_rank: Optional[int] = None, tp_size: Optional[int] = None) -> None:
+        tp = tp_size if tp_size is not None else get_tp_size()
+        heads = _split(num_heads, tp, "number of attention heads")
+        if num_kv_heads >= tp:
+            kv_heads, kv_replicas = _split(num_kv_heads, tp, "number of KV heads"), 1
+        else:
+            kv_heads, kv_replicas = 1, _split(tp, num_kv_heads, "tensor-parallel size over KV heads")
+        super().__init__(hidden_size, (heads + 2 * kv_heads) * head_dim * tp, bias,
+                         tp_rank=tp_rank, tp_size=tp_size)
+        self.head_dim = head_dim
+        self.num_heads, self.num_kv_heads, self.kv_replicas = heads, kv_heads, kv_replicas
+        self.total_heads = {"q": num_heads, "k": num_kv_heads, "v": num_kv_heads}
+        self.q_size = self.num_heads * head_dim    # per rank
+        self.kv_size = self.num_kv_heads * head_dim
+        self.shard_ids = ("q", "k", "v")
+
+    def weight_loader(self, param, loaded, shard_id=None) -> None:
+        if shard_id is None:
+            raise ValueError("QKVParallelLinear loads q, k and v separately (shard_id 'q', 'k' or 'v')")
+        full = self.total_heads[shard_id] * self.head_dim
+        _check_shape(param, (full, *param.shape[1:]), loaded, f"qkv linear shard {shard_id}")
+        if shard_id == "q":
+            offset, rows, head_index = 0, self.q_size, self.tp_rank
+        else:
+            offset = self.q_size + (self.kv_size if shard_id == "v" else 0)
+            rows, head_index = self.kv_size, self.tp_rank // self.kv_replicas
+        param.data.narrow(0, offset, rows).copy_(loaded.narrow(0, head_index * rows, rows))
+
+
+class RowParallelLinear(LinearBase):
+    """Y = X W^T with W split along its input columns; partial sums are all-reduced."""
+
+    def __init__(self, input_size: int, output_size: int, bias: bool = False, *, reduce_results: bool = True,
+                 tp_rank: Optional[int] = None, tp_size: Optional[int] = None) -> None:
+        size = tp_size if tp_size is not None else get_tp_size()
+        super().__init__(_split(input_size, size, "input size"), output_size, bias, tp_rank, tp_size)
+        self.input_size = input_size
+        self.output_size = output_size
+        self.reduce_results = reduce_results
+
+    def weight_loader(self, param, loaded, shard_id=None) -> None:
+        if param.dim() == 1:  # the bias is not split: added once, after the reduction
+            _check_shape(param, param.shape, loaded, "row-parallel bias")
+            param.data.copy_(loaded)
+            return
+        cols = param.shape[1]
+        _check_shape(param, (param.shape[0], self.input_size), loaded, "row-parallel linear")
+        param.data.copy_(loaded.narrow(1, self.tp_rank * cols, cols))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.tp_size == 1:
+            return F.linear(x, self.weight, self.bias)
+        out = F.linear(x, self.weight)
+        if self.reduce_results:
+            out = self.collectives.all_reduce(out)
+        if self.bias is not None:
+            out = out + self.bias
+        return out

@@ -1,0 +1,208 @@
+"""ModelConfig: what the engine needs from a Hugging Face checkpoint's config.json.
+
+Reads ``config.json`` (and ``generation_config.json`` for EOS ids) once and resolves the
+dtype, the context length and the RoPE parameters, so nothing downstream parses HF dicts.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+# config.json "architectures" names served; the registry maps them to classes.
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM",
+                           "Qwen3ForCausalLM")
+_BY_MODEL_TYPE = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
+                  "qwen3": "Qwen3ForCausalLM"}
+ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn")
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_ALL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+class UnsupportedModelError(ValueError):
+    """The checkpoint's architecture or an option of it is not implemented."""
+
+
+@dataclass
+class ModelConfig:
+    path: str
+    architecture: str
+    model_type: str
+    hidden_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    intermediate_size: int
+    vocab_size: int
+    rms_norm_eps: float
+    rope_theta: float
+    rope_scaling: Optional[dict[str, Any]]   # None, or the HF dict with "rope_type" set
+    max_position_embeddings: int
+    context_len: int                         # what the server admits (prompt + output)
+    dtype: torch.dtype
+    tie_word_embeddings: bool = False
+    qkv_bias: bool = False
+    o_proj_bias: bool = False
+    mlp_bias: bool = False
+    qk_norm: bool = False                    # Qwen3: RMSNorm over head_dim of q and k
+    sliding_window: Optional[int] = None
+    eos_token_ids: list[int] = field(default_factory=list)
+    bos_token_id: Optional[int] = None
+    hf_config: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    @property
+    def rope_type(self) -> str:
+        return (self.rope_scaling or {}).get("rope_type", "default")
+
+    def num_heads_per_rank(self, tp_size: int) -> int:
+        if self.num_attention_heads % tp_size:
+            raise ValueError(f"--tp-size {tp_size} must divide the model's {self.num_attention_heads} attention heads")
+        return self.num_attention_heads // tp_size
+
+    def num_kv_heads_per_rank(self, tp_size: int) -> int:
+        """KV heads are split when there are enough, else replicated (each rank keeps one)."""
+        kv = self.num_key_value_heads
+        if kv >= tp_size:
+            if kv % tp_size:
+                raise ValueError(f"--tp-size {tp_size} must divide the model's {kv} KV heads")
+            return kv // tp_size
+        if tp_size % kv:
+            raise ValueError(f"the model's {kv} KV heads must divide --tp-size {tp_size}")
+        return 1
+
+    @classmethod
+    def from_pretrained(cls, path: str, *, context_length: Optional[int] = None, dtype: str = "auto",
+                        platform_dtypes: tuple[torch.dtype, ...] = _ALL_DTYPES,
+                        platform_default: torch.dtype = torch.float32) -> "ModelConfig":
+        hf = _read_json(path, "config.json", required=True)
+        arch = _architecture(hf, path)
+        hidden = int(hf["hidden_size"])
+        heads = int(hf["num_attention_heads"])
+        head_dim = int(hf.get("head_dim") or hidden // heads)
+        act = hf.get("hidden_act", "silu")
+        if act != "silu":
+            raise UnsupportedModelError(f"{path}: hidden_act {act!r} is not supported (only silu)")
+        max_pos = int(hf.get("max_position_embeddings") or 2048)
+        rope_theta, rope_scaling = _rope(hf, max_pos)
+        sliding = _sliding_window(hf, arch)
+        qwen2 = arch == "Qwen2ForCausalLM"
+        attention_bias = bool(hf.get("attention_bias", False))
+        cfg = cls(
+            path=path, architecture=arch, model_type=hf.get("model_type", ""),
+            hidden_size=hidden, num_hidden_layers=int(hf["num_hidden_layers"]), num_attention_heads=heads,
+            num_key_value_heads=int(hf.get("num_key_value_heads") or heads), head_dim=head_dim,
+            intermediate_size=int(hf["intermediate_size"]), vocab_size=int(hf["vocab_size"]),
+            rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)), rope_theta=rope_theta,
+            rope_scaling=rope_scaling, max_position_embeddings=max_pos,
+            context_len=_context_len(context_length, max_pos, sliding, path),
+            dtype=_resolve_dtype(dtype, hf, platform_dtypes, platform_default),
+            tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+            qkv_bias=True if qwen2 else attention_bias,
+            o_proj_bias=False if qwen2 else attention_bias,
+            mlp_bias=bool(hf.get("mlp_bias", False)),
+            qk_norm=arch == "Qwen3ForCausalLM", sliding_window=sliding,
+            eos_token_ids=_eos_ids(path, hf), bos_token_id=hf.get("bos_token_id"), hf_config=hf)
+        return cfg
+
+
+def _read_json(path: str, name: str, required: bool = False) -> Optional[dict]:
+    file = os.path.join(path, name)
+    if not os.path.isfile(file):
+        if required:
+            raise FileNotFoundError(f"{file} not found: --model-path must be a folder holding a "
+                                    f"Hugging Face checkpoint (config.json and *.safetensors)")
+        return None
+    with open(file) as f:
+        return json.load(f)
+
+
+def _architecture(hf: dict, path: str) -> str:
+    archs = hf.get("architectures") or []
+    for a in archs:
+        if a in SUPPORTED_ARCHITECTURES:
+            return a
+    if not archs and hf.get("model_type") in _BY_MODEL_TYPE:  # some configs name only the family
+        return _BY_MODEL_TYPE[hf["model_type"]]
+    raise UnsupportedModelError(
+        f"{path}: architecture {archs or hf.get('model_type')!r} is not supported; "
+        f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
+
+
+def _rope(hf: dict, max_pos: int) -> tuple[float, Optional[dict]]:
+    """(theta, scaling). transformers 5 writes ``rope_parameters`` (theta inside); 4.x wrote
+    ``rope_theta`` plus ``rope_scaling`` (with ``type`` or ``rope_type``)."""
+    params = dict(hf.get("rope_parameters") or {})
+    legacy = dict(hf.get("rope_scaling") or {})
+    theta = float(params.get("rope_theta", hf.get("rope_theta", 10000.0)))
+    scaling = {**legacy, **params}
+    scaling.pop("rope_theta", None)
+    rope_type = scaling.pop("type", None)
+    rope_type = scaling.get("rope_type", rope_type) or "default"
+    if rope_type not in ROPE_TYPES:
+        raise UnsupportedModelError(f"rope type {rope_type!r} is not supported; supported: {', '.join(ROPE_TYPES)}")
+    if rope_type == "default":
+        return theta, None
+    scaling["rope_type"] = rope_type
+    if rope_type in ("llama3", "yarn"):
+        scaling.setdefault("original_max_position_embeddings", max_pos)
+    return theta, scaling
+
+
+def _sliding_window(hf: dict, arch: str) -> Optional[int]:
+    window = hf.get("sliding_window")
+    if window is None:
+        return None
+    if arch == "MistralForCausalLM" or hf.get("use_sliding_window", False):
+        return int(window)
+    return None  # Qwen configs carry a window they only use with use_sliding_window
+
+
+def _context_len(requested: Optional[int], max_pos: int, sliding: Optional[int], path: str) -> int:
+    ctx = requested or max_pos
+    if requested and requested > max_pos:
+        logger.warning("context length %d exceeds the model's max_position_embeddings %d; outputs past "
+                       "%d tokens may be poor", requested, max_pos, max_pos)
+    if sliding is not None and sliding < ctx:
+        # Every layer here attends to all cached tokens; within the window that equals the
+        # model's sliding-window attention, beyond it it would not.
+        logger.info("context length capped from %d to the model's sliding window %d: sliding-window "
+                    "attention is not implemented, full attention matches it up to the window", ctx, sliding)
+        ctx = sliding
+    return ctx
+
+
+def _resolve_dtype(requested: str, hf: dict, platform_dtypes: tuple[torch.dtype, ...],
+                   platform_default: torch.dtype) -> torch.dtype:
+    if requested != "auto":
+        if requested not in _DTYPES:
+            raise ValueError(f"--dtype must be one of auto, {', '.join(_DTYPES)}, got {requested!r}")
+        dt = _DTYPES[requested]
+        if dt not in platform_dtypes:
+            raise ValueError(f"--dtype {requested} is not supported on this device; supported: "
+                             f"{', '.join(str(d).replace('torch.', '') for d in platform_dtypes)}")
+        return dt
+    name = hf.get("torch_dtype") or hf.get("dtype")
+    dt = _DTYPES.get(str(name).replace("torch.", "")) if name else None
+    if dt is not None and dt in platform_dtypes:
+        return dt
+    return platform_default
+
+
+def _as_ids(value: Any) -> list[int]:
+    if value is None:
+        return []
+    if isinstance(value, int):
+        return [value]
+    return [int(v) for v in value]
+
+
+def _eos_ids(path: str, hf: dict) -> list[int]:
+    gen = _read_json(path, "generation_config.json") or {}
+    return _as_ids(gen.get("eos_token_id")) or _as_ids(hf.get("eos_token_id"))

@@ -1,0 +1,183 @@
+"""Llama: the decoder the other families reuse. Options come from ModelConfig (qkv/o bias,
+per-head q/k RMSNorm, tied embeddings), so Mistral, Qwen2 and Qwen3 only subclass it."""
+from __future__ import annotations
+
+import logging
+from typing import Iterable, Optional
+
+import torch
+from torch import nn
+
+from engine.layers.activation import SiluAndMul
+from engine.layers.attention import Attention
+from engine.layers.layernorm import RMSNorm
+from engine.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
+from engine.layers.logits import LogitsProcessor
+from engine.layers.rotary import apply_rotary, get_rope
+from engine.layers.vocab_embedding import ParallelLMHead, VocabParallelEmbedding
+from engine.models.config import ModelConfig
+
+logger = logging.getLogger(__name__)
+
+CosSin = tuple[torch.Tensor, torch.Tensor]
+
+
+class LlamaMLP(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.gate_up_proj = MergedColumnParallelLinear(
+            config.hidden_size, [config.intermediate_size] * 2, bias=config.mlp_bias)
+        self.down_proj = RowParallelLinear(config.intermediate_size, config.hidden_size, bias=config.mlp_bias)
+        self.act_fn = SiluAndMul()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act_fn(self.gate_up_proj(x)))
+
+
+class LlamaAttention(nn.Module):
+    def __init__(self, config: ModelConfig, layer_id: int) -> None:
+        super().__init__()
+        d = config.head_dim
+        self.qkv_proj = QKVParallelLinear(config.hidden_size, d, config.num_attention_heads,
+                                          config.num_key_value_heads, bias=config.qkv_bias)
+        self.o_proj = RowParallelLinear(config.num_attention_heads * d, config.hidden_size,
+                                        bias=config.o_proj_bias)
+        self.num_heads = self.qkv_proj.num_heads
+        self.num_kv_heads = self.qkv_proj.num_kv_heads
+        self.head_dim = d
+        self.split_sizes = [self.num_heads * d, self.num_kv_heads * d, self.num_kv_heads * d]
+        if config.qk_norm:
+            self.q_norm = RMSNorm(d, config.rms_norm_eps)
+            self.k_norm = RMSNorm(d, config.rms_norm_eps)
+        else:
+            self.q_norm = self.k_norm = None
+        self.attn = Attention(self.num_heads, self.num_kv_heads, d, d ** -0.5, layer_id)
+
+    def forward(self, hidden: torch.Tensor, cos_sin: CosSin, forward_batch) -> torch.Tensor:
+        t = hidden.shape[0]
+        q, k, v = self.qkv_proj(hidden).split(self.split_sizes, dim=-1)
+        q = q.view(t, self.num_heads, self.head_dim)     # [T, num_heads, head_dim]
+        k = k.view(t, self.num_kv_heads, self.head_dim)  # [T, num_kv_heads, head_dim]
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        cos, sin = cos_sin
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        return self.o_proj(self.attn(q, k, v, forward_batch))
+
+
+class LlamaDecoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig, layer_id: int) -> None:
+        super().__init__()
+        self.self_attn = LlamaAttention(config, layer_id)
+        self.mlp = LlamaMLP(config)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(self, hidden: torch.Tensor, residual: Optional[torch.Tensor], cos_sin: CosSin,
+                forward_batch) -> tuple[torch.Tensor, torch.Tensor]:
+        if residual is None:
+            residual, hidden = hidden, self.input_layernorm(hidden)
+        else:
+            hidden, residual = self.input_layernorm(hidden, residual)
+        hidden = self.self_attn(hidden, cos_sin, forward_batch)
+        hidden, residual = self.post_attention_layernorm(hidden, residual)
+        return self.mlp(hidden), residual
+
+
+class LlamaModel(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(LlamaDecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.rotary_emb = get_rope(config.head_dim, config)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, forward_batch) -> torch.Tensor:
+        hidden = self.embed_tokens(input_ids)  # [T, hidden_size]
+        cos_sin = self.rotary_emb.cos_sin(positions, hidden.dtype)  # once per step, shared by all layers
+        residual = None
+        for layer in self.layers:
+            hidden, residual = layer(hidden, residual, cos_sin, forward_batch)
+        hidden, _ = self.norm(hidden, residual)
+        return hidden
+
+
+def _plain_loader(param: nn.Parameter, loaded: torch.Tensor, shard_id=None) -> None:
+    """For parameters no parallel layer owns (RMSNorm weights): same shape, copied whole."""
+    if tuple(loaded.shape) != tuple(param.shape):
+        raise ValueError(f"checkpoint tensor has shape {tuple(loaded.shape)} but the model expects "
+                         f"{tuple(param.shape)}; does config.json match the weights?")
+    param.data.copy_(loaded)
+
+
+# checkpoint name fragment -> (fused parameter fragment, shard id)
+STACKED_PARAMS = {
+    "q_proj": ("qkv_proj", "q"), "k_proj": ("qkv_proj", "k"), "v_proj": ("qkv_proj", "v"),
+    "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1),
+}
+
+
+class LlamaForCausalLM(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.model = LlamaModel(config)
+        if config.tie_word_embeddings:
+            self.lm_head = self.model.embed_tokens
+        else:
+            self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size)
+        self.logits_processor = LogitsProcessor(config.vocab_size)
+
+    @torch.no_grad()
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, forward_batch) -> torch.Tensor:
+        """input_ids, positions: [T] -> fp32 logits [num_logits, vocab_size]."""
+        hidden = self.model(input_ids, positions, forward_batch)
+        return self.logits_processor(hidden, self.lm_head, forward_batch)
+
+    def weight_needed(self, name: str) -> bool:
+        """False for checkpoint tensors the model never uses (the loader skips reading them)."""
+        if "rotary_emb.inv_freq" in name or "rotary_emb.cos_cached" in name or "rotary_emb.sin_cached" in name:
+            return False
+        return not (self.config.tie_word_embeddings and name == "lm_head.weight")
+
+    def _target(self, name: str) -> tuple[str, object]:
+        """Checkpoint name -> (parameter name in this model, shard id or None)."""
+        parts = name.split(".")
+        for i, part in enumerate(parts):
+            if part in STACKED_PARAMS:
+                fused, shard = STACKED_PARAMS[part]
+                return ".".join(parts[:i] + [fused] + parts[i + 1:]), shard
+        return name, None
+
+    @torch.no_grad()
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        """Copy Hugging Face tensors into this model's (fused, sharded) parameters.
+
+        Returns the names of the parameters that are now fully loaded (every shard of a fused
+        one); the caller compares them with ``named_parameters()`` to report missing weights.
+        """
+        params = dict(self.named_parameters())
+        shards_done: dict[str, set] = {}
+        unknown: list[str] = []
+        for name, tensor in weights:
+            if not self.weight_needed(name):
+                continue
+            target, shard = self._target(name)
+            param = params.get(target)
+            if param is None:
+                unknown.append(name)
+                continue
+            loader = getattr(param, "weight_loader", _plain_loader)
+            try:
+                loader(param, tensor, shard)
+            except ValueError as e:
+                raise ValueError(f"{name}: {e}") from None
+            shards_done.setdefault(target, set()).add(shard)
+        if unknown:
+            logger.warning("ignored %d checkpoint tensor(s) this model has no parameter for, e.g. %s",
+                           len(unknown), ", ".join(unknown[:3]))
+        return {t for t, done in shards_done.items() if done >= self._shards_of(t)}
+
+    def _shards_of(self, param_name: str) -> set:
+        module = self.get_submodule(param_name.rsplit(".", 1)[0])
+        return set(getattr(module, "shard_ids", (None,)))

@@ -1,0 +1,138 @@
+"""Builds a model on its device and fills its weights: from safetensors (one file or a sharded
+index), or random of the real shape (``--load-format dummy``, for benchmarks)."""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import sys
+import time
+from typing import Callable, Iterator, Optional, Union
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from engine.layers.layernorm import RMSNorm
+from engine.models.config import ModelConfig
+from engine.models.registry import get_model_class
+
+logger = logging.getLogger(__name__)
+
+LOAD_FORMATS = ("auto", "safetensors", "dummy")
+INDEX_FILE = "model.safetensors.index.json"
+
+
+class WeightLoadError(RuntimeError):
+    """The checkpoint's tensors do not fit the model config.json describes."""
+
+
+@contextlib.contextmanager
+def _default_dtype(dtype: torch.dtype):
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(old)
+
+
+def load_model(config: ModelConfig, load_format: str = "auto", device: Union[str, torch.device] = "cpu",
+               dtype: Optional[torch.dtype] = None) -> nn.Module:
+    """The model of ``config.architecture``, built on ``device`` in ``dtype`` (default
+    ``config.dtype``), with its weights loaded; in eval mode."""
+    if load_format not in LOAD_FORMATS:
+        raise ValueError(f"--load-format must be one of {', '.join(LOAD_FORMATS)}, got {load_format!r}")
+    dtype = dtype or config.dtype
+    cls = get_model_class(config.architecture)
+    with torch.device(device), _default_dtype(dtype):
+        model = cls(config)
+    if load_format == "dummy":
+        fill_dummy_weights(model)
+    else:
+        load_safetensors(model, config.path)
+    return model.eval()
+
+
+@torch.no_grad()
+def fill_dummy_weights(model: nn.Module, std: float = 0.02, seed: int = 0) -> None:
+    """Random weights of the real shapes, no file read: N(0, std), RMSNorm weights 1."""
+    start = time.perf_counter()
+    gen: dict[torch.device, torch.Generator] = {}
+    norms = {id(m.weight) for m in model.modules() if isinstance(m, RMSNorm)}
+    numel = 0
+    for _, p in model.named_parameters():
+        numel += p.numel()
+        if id(p) in norms:
+            p.fill_(1.0)
+            continue
+        g = gen.setdefault(p.device, torch.Generator(device=p.device).manual_seed(seed))
+        p.normal_(0.0, std, generator=g)
+    logger.info("dummy weights: %.2fB parameters filled at random in %.1f s", numel / 1e9,
+                time.perf_counter() - start)
+
+
+def safetensors_files(path: str) -> list[str]:
+    """The checkpoint's safetensors files: those named by the sharded index, or every *.safetensors."""
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        raise FileNotFoundError(f"{path}/config.json not found: --model-path must be a Hugging Face "
+                                f"checkpoint folder")
+    index = os.path.join(path, INDEX_FILE)
+    if os.path.isfile(index):
+        with open(index) as f:
+            names = sorted(set(json.load(f)["weight_map"].values()))
+        files = [os.path.join(path, n) for n in names]
+        absent = [n for n, f in zip(names, files) if not os.path.isfile(f)]
+        if absent:
+            raise FileNotFoundError(f"{index} names shard(s) that are not in the folder: {', '.join(absent)}")
+        return files
+    files = sorted(os.path.join(path, n) for n in os.listdir(path) if n.endswith(".safetensors"))
+    if not files:
+        raise FileNotFoundError(f"no *.safetensors files in {path}; convert the checkpoint to safetensors "
+                                f"(save_pretrained(..., safe_serialization=True)) or use --load-format dummy")
+    return files
+
+
+def iterate_safetensors(files: list[str], wanted: Callable[[str], bool] = lambda n: True,
+                        stats: Optional[dict] = None) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield (name, cpu tensor) for the wanted tensors of ``files``, reading only those, with a
+    progress bar over tensors."""
+    from safetensors import safe_open
+
+    names_per_file = []
+    for f in files:
+        with safe_open(f, framework="pt", device="cpu") as fh:
+            names_per_file.append([n for n in fh.keys() if wanted(n)])
+    total = sum(len(n) for n in names_per_file)
+    bar = tqdm(total=total, desc="loading weights", unit="tensor", disable=not sys.stderr.isatty())
+    with bar:
+        for f, names in zip(files, names_per_file):
+            with safe_open(f, framework="pt", device="cpu") as fh:
+                for name in names:
+                    t = fh.get_tensor(name)
+                    if stats is not None:
+                        stats["tensors"] = stats.get("tensors", 0) + 1
+                        stats["bytes"] = stats.get("bytes", 0) + t.numel() * t.element_size()
+                    yield name, t
+                    bar.update(1)
+
+
+def load_safetensors(model: nn.Module, path: str) -> None:
+    """Read the checkpoint at ``path`` into ``model`` (via its ``load_weights``), or raise
+    WeightLoadError naming what is missing or mis-shaped."""
+    files = safetensors_files(path)
+    start = time.perf_counter()
+    stats: dict = {}
+    wanted = getattr(model, "weight_needed", lambda n: True)
+    try:
+        loaded = model.load_weights(iterate_safetensors(files, wanted, stats))
+    except ValueError as e:
+        raise WeightLoadError(f"{path}: {e}") from None
+    missing = [n for n, _ in model.named_parameters() if n not in loaded]
+    if missing:
+        raise WeightLoadError(f"{path}: {len(missing)} weight(s) of the model are not in the checkpoint, "
+                              f"e.g. {', '.join(missing[:5])}; is it the architecture config.json names, "
+                              f"and are all shards present?")
+    logger.info("loaded %d tensors (%.2f GB) from %d safetensors file(s) in %.1f s", stats.get("tensors", 0),
+                stats.get("bytes", 0) / 1e9, len(files), time.perf_counter() - start)

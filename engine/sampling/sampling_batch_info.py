@@ -1,0 +1,151 @@
+"""SamplingBatchInfo: one step's sampling parameters as device tensors, built once per step.
+
+Also owns the logit adjustments every sampler applies before drawing (logit_bias, banned ids,
+the grammar mask, penalties), so that all sampling backends agree on them.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Sequence, Union
+
+import torch
+
+from engine.sampling.penalties import PenaltyBatch
+from engine.sampling.sampling_params import SamplingParams
+
+_INT64_SPAN = 1 << 64
+
+
+@dataclass
+class SamplingBatchInfo:
+    vocab_size: int
+    temperatures: torch.Tensor         # [B] float32 (1.0 on greedy rows, never used there)
+    top_ks: torch.Tensor               # [B] int64, vocab_size where top-k is off
+    top_ps: torch.Tensor               # [B] float32, 1.0 where top-p is off
+    min_ps: torch.Tensor               # [B] float32, 0.0 where min-p is off
+    seeds: torch.Tensor                # [B] int64 (a 64-bit seed, stored two's complement)
+    steps: torch.Tensor                # [B] int64 tokens generated so far = position being sampled
+    greedy_rows: torch.Tensor          # [Bg] int64 rows drawn by argmax
+    sample_rows: torch.Tensor          # [Bs] int64 rows drawn at random
+    # Flags computed on the host so samplers can skip work without a device sync.
+    is_all_greedy: bool
+    is_all_sampled: bool
+    need_top_k: bool                   # over sampled rows only
+    need_top_p: bool
+    need_min_p: bool
+    max_top_k: int                     # largest top-k among sampled rows (vocab_size where off)
+    need_logprobs: bool
+    max_top_logprobs: int              # k of the top alternatives to return (0: none)
+    return_logprob: list[bool]
+    top_logprobs_nums: list[int]
+    # Sparse logit adjustments, each None when no request needs it.
+    bias_rows: Optional[torch.Tensor] = None     # [N] int64
+    bias_cols: Optional[torch.Tensor] = None     # [N] int64
+    bias_vals: Optional[torch.Tensor] = None     # [N] float32
+    banned_rows: Optional[torch.Tensor] = None   # [M] int64
+    banned_cols: Optional[torch.Tensor] = None   # [M] int64
+    penalties: Optional[PenaltyBatch] = None
+    # Grammar-constrained decoding fills this: [B, V'] bool, True = allowed. V' may be the
+    # tokenizer's vocabulary, smaller than the padded model vocabulary; ids >= V' are disallowed.
+    vocab_mask: Optional[torch.Tensor] = None
+
+    @property
+    def batch_size(self) -> int:
+        return int(self.temperatures.shape[0])
+
+    @property
+    def need_penalties(self) -> bool:
+        return self.penalties is not None
+
+    @property
+    def modifies_logits(self) -> bool:
+        return (self.bias_rows is not None or self.banned_rows is not None
+                or self.vocab_mask is not None or self.penalties is not None)
+
+    @classmethod
+    def build(cls, params: Sequence[SamplingParams], *, seeds: Sequence[int], steps: Sequence[int],
+              output_ids: Sequence[Sequence[int]], prompt_ids: Sequence[Sequence[int]],
+              banned_token_ids: Sequence[Sequence[int]], top_logprobs_nums: Sequence[int],
+              return_logprob: Sequence[bool], vocab_size: int,
+              device: Union[str, torch.device]) -> "SamplingBatchInfo":
+        batch = len(params)
+        for name, seq in (("seeds", seeds), ("steps", steps), ("output_ids", output_ids),
+                          ("prompt_ids", prompt_ids), ("banned_token_ids", banned_token_ids),
+                          ("top_logprobs_nums", top_logprobs_nums), ("return_logprob", return_logprob)):
+            if len(seq) != batch:
+                raise ValueError(f"SamplingBatchInfo.build: {name} has {len(seq)} entries, "
+                                 f"expected one per request ({batch})")
+        device = torch.device(device)
+        greedy = [p.is_greedy for p in params]
+        sampled = [p for p, g in zip(params, greedy) if not g]
+        top_ks = [vocab_size if p.top_k < 1 else min(p.top_k, vocab_size) for p in params]
+
+        def floats(values: list[float]) -> torch.Tensor:
+            return torch.tensor(values, dtype=torch.float32, device=device)
+
+        def ints(values: list[int]) -> torch.Tensor:
+            return torch.tensor(values, dtype=torch.int64, device=device)
+
+        wanted = [k if r else 0 for k, r in zip(top_logprobs_nums, return_logprob)]
+        info = cls(
+            vocab_size=vocab_size,
+            temperatures=floats([1.0 if g else p.temperature for p, g in zip(params, greedy)]),
+            top_ks=ints(top_ks),
+            top_ps=floats([p.top_p for p in params]),
+            min_ps=floats([p.min_p for p in params]),
+            seeds=ints([_as_int64(s) for s in seeds]),
+            steps=ints(list(steps)),
+            greedy_rows=ints([i for i, g in enumerate(greedy) if g]),
+            sample_rows=ints([i for i, g in enumerate(greedy) if not g]),
+            is_all_greedy=not sampled,
+            is_all_sampled=len(sampled) == batch,
+            need_top_k=any(k < vocab_size for k, g in zip(top_ks, greedy) if not g),
+            need_top_p=any(p.top_p < 1.0 for p in sampled),
+            need_min_p=any(p.min_p > 0.0 for p in sampled),
+            max_top_k=max((k for k, g in zip(top_ks, greedy) if not g), default=0),
+            need_logprobs=any(return_logprob),
+            max_top_logprobs=max(wanted, default=0),
+            return_logprob=list(return_logprob),
+            top_logprobs_nums=list(top_logprobs_nums),
+        )
+        info._build_sparse(params, banned_token_ids, device)
+        info.penalties = PenaltyBatch.build(params, output_ids=output_ids, prompt_ids=prompt_ids,
+                                            vocab_size=vocab_size, device=device)
+        return info
+
+    def _build_sparse(self, params: Sequence[SamplingParams], banned_token_ids: Sequence[Sequence[int]],
+                      device: torch.device) -> None:
+        vocab = self.vocab_size
+        bias = [(i, t, v) for i, p in enumerate(params) for t, v in (p.logit_bias or {}).items()
+                if 0 <= t < vocab]
+        if bias:
+            rows, cols, vals = zip(*bias)
+            self.bias_rows = torch.tensor(rows, dtype=torch.int64, device=device)
+            self.bias_cols = torch.tensor(cols, dtype=torch.int64, device=device)
+            self.bias_vals = torch.tensor(vals, dtype=torch.float32, device=device)
+        banned = [(i, t) for i, ids in enumerate(banned_token_ids) for t in ids if 0 <= t < vocab]
+        if banned:
+            rows, cols = zip(*banned)
+            self.banned_rows = torch.tensor(rows, dtype=torch.int64, device=device)
+            self.banned_cols = torch.tensor(cols, dtype=torch.int64, device=device)
+
+    def apply_logit_adjustments(self, logits: torch.Tensor) -> None:
+        """logits: [B, vocab] float32, changed in place, in this order: logit_bias, banned ids,
+        grammar mask, penalties."""
+        if self.bias_rows is not None:
+            logits.index_put_((self.bias_rows, self.bias_cols), self.bias_vals, accumulate=True)
+        if self.banned_rows is not None:
+            logits[self.banned_rows, self.banned_cols] = float("-inf")
+        if self.vocab_mask is not None:
+            allowed = self.vocab_mask.shape[1]
+            logits[:, :allowed].masked_fill_(~self.vocab_mask, float("-inf"))
+            if allowed < logits.shape[1]:
+                logits[:, allowed:] = float("-inf")
+        if self.penalties is not None:
+            self.penalties.apply(logits)
+
+
+def _as_int64(seed: int) -> int:
+    """A seed in [-2**63, 2**64) as the int64 with the same low 64 bits."""
+    seed = int(seed) % _INT64_SPAN
+    return seed - _INT64_SPAN if seed >= 1 << 63 else seed
