@@ -74,6 +74,12 @@ class FakeTokenizerManager:
         if rid in self.running:
             self._abort_flags.add(rid)
 
+    def abort_all(self) -> list[str]:
+        rids = sorted(self.running)
+        for rid in rids:
+            self.abort_request(rid)
+        return rids
+
     async def flush_cache(self) -> bool:
         if self.running:
             return False

@@ -24,4 +24,11 @@ def _sampler(**kw):
 
 register("attention", "torch", _attention, platforms=ALL_PLATFORMS)
 register("sampling", "torch", _sampler, platforms=ALL_PLATFORMS)
+def _torch_distributed(**kw):
+    from backends.cpu.collectives import TorchDistributedCollectives
+
+    return TorchDistributedCollectives(**kw)
+
+
 register("collectives", "single", lambda **kw: SingleProcessCollectives(), platforms=ALL_PLATFORMS)
+register("collectives", "torch_distributed", _torch_distributed, platforms=ALL_PLATFORMS)

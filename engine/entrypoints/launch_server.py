@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import signal
 
 from engine.entrypoints.engine import resolve_model_path
 from engine.entrypoints.logging_setup import setup_logging
@@ -77,6 +78,10 @@ async def _serve(args: ServerArgs, client) -> int:
                 return
             await asyncio.sleep(0.2)
 
+    # uvicorn re-raises the signal that stopped it once it has shut down; with these handlers that
+    # is a no-op, so gRPC and the scheduler are stopped too and the exit code is 0.
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: setattr(server, "should_exit", True))
     watcher = asyncio.create_task(watch())
     try:
         await server.serve()

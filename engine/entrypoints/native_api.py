@@ -109,8 +109,8 @@ def build_native_router(ctx: ApiContext) -> APIRouter:
     async def abort_request(request: Request) -> Response:
         req = await common.parse_body(request, AbortRequestInput)
         if req.abort_all:
-            rids = sorted(ctx.inflight)
-        elif req.rid:
+            return JSONResponse({"success": True, "aborted": tm.abort_all()})
+        if req.rid:
             # A rid given to /generate with n > 1 became rid-0, rid-1, ...
             rids = [req.rid] + sorted(r for r in ctx.inflight if r.startswith(f"{req.rid}-"))
         else:

@@ -139,7 +139,7 @@ class TokenizerManager:
             rid=rid, params=params, prompt_len=len(ids),
             detok=IncrementalDetokenizer(self.tokenizer, skip_special_tokens=params.skip_special_tokens,
                                          spaces_between_special_tokens=params.spaces_between_special_tokens),
-            stop=StopStringMatcher(params.stop), want_logprobs=req.return_logprob,
+            stop=StopStringMatcher(params.stop, no_stop_trim=params.no_stop_trim), want_logprobs=req.return_logprob,
             created=time.monotonic())
         self._states[rid] = state
         self.client.send(TokenizedGenerateReq(rid, ids, params, return_logprob=req.return_logprob,
@@ -185,6 +185,13 @@ class TokenizerManager:
     def abort_request(self, rid: str) -> None:
         if self.client.is_alive():
             self.client.send(AbortReq(rid=rid))
+
+    def abort_all(self) -> list[str]:
+        """Abort every request of this front end (HTTP and gRPC alike); returns their ids."""
+        rids = sorted(self._states)
+        if self.client.is_alive():
+            self.client.send(AbortReq(abort_all=True))
+        return rids
 
     async def flush_cache(self) -> bool:
         out: FlushCacheOutput = await self._ask(FlushCacheReq(), FlushCacheOutput)
@@ -245,7 +252,8 @@ class TokenizerManager:
                 text_ids = new[:-1]  # the stop token itself is not text
             s.raw_text += s.detok.append(text_ids)
             if finish is not None:
-                s.text = s.raw_text if s.params.no_stop_trim else s.stop.finalize(s.raw_text)
+                s.raw_text += s.detok.flush()
+                s.text = s.stop.finalize(s.raw_text)
                 s.finish = finish
             else:
                 s.text, _ = s.stop.process(s.raw_text)

@@ -206,3 +206,9 @@ def _as_ids(value: Any) -> list[int]:
 def _eos_ids(path: str, hf: dict) -> list[int]:
     gen = _read_json(path, "generation_config.json") or {}
     return _as_ids(gen.get("eos_token_id")) or _as_ids(hf.get("eos_token_id"))
+
+
+def read_vocab_size(path: str) -> int:
+    """The checkpoint's vocabulary size, without building a ModelConfig."""
+    hf = _read_json(path, "config.json", required=True)
+    return int(hf.get("vocab_size") or hf.get("text_config", {}).get("vocab_size"))

@@ -122,21 +122,34 @@ def make_model(arch: str, size: str, out_dir: str | Path, *, dtype: str = "float
     return out
 
 
+def cache_root() -> Path:
+    return Path(os.environ.get("ANYSERVE_CACHE") or Path.home() / ".cache" / "anyserve")
+
+
 def default_model_path() -> Path:
     """The demo model (llama tiny, float32), made on first use under $ANYSERVE_CACHE (default
-    ~/.cache/anyserve). Safe when several processes ask at once: each builds in a temp folder and renames."""
-    root = Path(os.environ.get("ANYSERVE_CACHE") or Path.home() / ".cache" / "anyserve")
-    path = root / DEMO_DIR_NAME
+    ~/.cache/anyserve)."""
+    path = cache_root() / DEMO_DIR_NAME
     logger.warning("no model path given: using the demo model at %s. Its weights are RANDOM, so its output is "
                    "meaningless text; pass --model-path to serve a real model.", path)
+    return cached_model_path("llama", "tiny", name=DEMO_DIR_NAME)
+
+
+def cached_model_path(arch: str, size: str, *, dtype: str = "float32", seed: int = 0,
+                      name: Optional[str] = None) -> Path:
+    """A make_model checkpoint kept in the cache folder, made on first use. Safe when several
+    processes ask at once: each builds in a temp folder and renames."""
+    root = cache_root()
+    name = name or f"{arch}-{size}-{dtype}-seed{seed}"
+    path = root / name
     if _is_current(path):
         return path
     root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{DEMO_DIR_NAME}-", dir=root))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=root))
     try:
-        make_model("llama", "tiny", tmp, dtype="float32", seed=0)
+        make_model(arch, size, tmp, dtype=dtype, seed=seed)
         if path.exists() and not _is_current(path):  # made by an older make_model: move it out of the way
-            stale = root / f".{DEMO_DIR_NAME}-stale-{os.getpid()}-{time.monotonic_ns()}"
+            stale = root / f".{name}-stale-{os.getpid()}-{time.monotonic_ns()}"
             with contextlib.suppress(OSError):  # another process may have moved it first
                 path.rename(stale)
             shutil.rmtree(stale, ignore_errors=True)
