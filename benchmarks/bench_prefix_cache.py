@@ -1,0 +1,116 @@
+"""Radix cache on vs off, served: `anyserve bench serving --dataset generated-shared-prefix`
+against a server with the radix cache and one with --disable-radix-cache, in one run.
+
+    python benchmarks/bench_prefix_cache.py [--model-path DIR] [--output-file out.json]
+
+Default model: the `small` qwen2 checkpoint (Qwen2.5-0.5B's shape, random weights, bf16),
+made in the cache on first use. Prints throughput of each, the ratio and the cache hit rate.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import httpx
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(model_path: str, port: int, extra: list[str], device: str) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "engine.entrypoints.cli", "serve", "--model-path", model_path,
+           "--device", device, "--port", str(port), "--grpc-port", "0", *extra]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}: {' '.join(cmd)}")
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
+                return proc
+        except httpx.HTTPError:
+            pass
+        time.sleep(1)
+    proc.kill()
+    raise TimeoutError("server did not become healthy")
+
+
+def stop_server(proc: subprocess.Popen) -> None:
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+def run_one(model_path: str, label: str, extra: list[str], args: argparse.Namespace) -> dict:
+    from engine.bench.serving import bench_serving_args, fetch_cache_hit_rate, run_bench_serving
+    import asyncio
+
+    port = free_port()
+    proc = start_server(model_path, port, extra, args.device)
+    try:
+        bargs = bench_serving_args(
+            backend="anyserve", base_url=f"http://127.0.0.1:{port}", dataset="generated-shared-prefix",
+            gsp_num_groups=args.groups, gsp_prompts_per_group=args.prompts_per_group,
+            gsp_system_prompt_len=args.system_prompt_len, gsp_question_len=args.question_len,
+            gsp_output_len=args.output_len, max_concurrency=args.max_concurrency, seed=args.seed,
+            disable_tqdm=True, warmup_requests=1)
+        print(f"--- {label} ---", flush=True)
+        result = run_bench_serving(bargs)
+        result["cache_hit_rate"] = asyncio.run(fetch_cache_hit_rate(f"http://127.0.0.1:{port}"))
+    finally:
+        stop_server(proc)
+    return result
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model-path", default=None)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--groups", type=int, default=4, help="shared system prompts (default 4)")
+    p.add_argument("--prompts-per-group", type=int, default=8, help="questions per system prompt (default 8)")
+    p.add_argument("--system-prompt-len", type=int, default=1024, help="tokens (default 1024)")
+    p.add_argument("--question-len", type=int, default=64, help="tokens (default 64)")
+    p.add_argument("--output-len", type=int, default=32, help="tokens (default 32)")
+    p.add_argument("--max-concurrency", type=int, default=16)
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--output-file", default=None)
+    args = p.parse_args()
+    if args.model_path is None:
+        from engine.models.make_model import cached_model_path
+
+        args.model_path = str(cached_model_path("qwen2", "small", dtype="bfloat16"))
+    on = run_one(args.model_path, "radix cache", [], args)
+    off = run_one(args.model_path, "--disable-radix-cache", ["--disable-radix-cache"], args)
+    ratio = on["output_throughput"] / off["output_throughput"]
+    rows = [("server", "req/s", "input tok/s", "output tok/s", "mean TTFT ms", "cache hit rate")]
+    for name, r in (("radix cache", on), ("no radix cache", off)):
+        rows.append((name, f"{r['request_throughput']:.2f}", f"{r['input_throughput']:.0f}",
+                     f"{r['output_throughput']:.1f}", f"{r['mean_ttft_ms']:.0f}", f"{r['cache_hit_rate']:.2%}"))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    print()
+    for row in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(row, widths)))
+    print(f"radix / no radix throughput: {ratio:.2f}x")
+    if args.output_file:
+        slim = {k: {m: v for m, v in r.items() if not isinstance(v, list)} for k, r in
+                (("radix", on), ("no_radix", off))}
+        with open(args.output_file, "w") as f:
+            json.dump({"workload": vars(args), **slim, "ratio": ratio}, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
