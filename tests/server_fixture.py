@@ -1,7 +1,7 @@
 """A real `anyserve serve` process on localhost for end-to-end tests.
 
-    with running_server(model_path, "--api-key", "k") as srv:
-        httpx.get(srv.base_url + "/health"); grpc.insecure_channel(srv.grpc_address)
+    with running_server(model_path, "--served-model-name", "m", api_key="k") as srv:
+        httpx.get(srv.base_url + "/v1/models", headers=srv.auth_headers); grpc.insecure_channel(srv.grpc_address)
 
 `start_server` launches `python -m engine.entrypoints.cli serve --device cpu` on free ports with
 its own ANYSERVE_CACHE, waits for GET /health to answer 200 and shows the server's log when it
@@ -11,8 +11,10 @@ child are both gone, with exit code 0. Tests share one server per module (startu
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -76,10 +78,10 @@ class ServerProcess:
     proc: subprocess.Popen
     port: int
     grpc_port: int
-    log_path: Path
+    work_dir: Path          # holds server.log and, unless given, the cache
     cache_dir: Path
     api_key: Optional[str] = None
-    scheduler_pids: list[int] = field(default_factory=list)
+    child_pids: list[int] = field(default_factory=list)     # the scheduler and multiprocessing's helper
 
     @property
     def pid(self) -> int:
@@ -96,6 +98,10 @@ class ServerProcess:
     @property
     def auth_headers(self) -> dict[str, str]:
         return {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+
+    @property
+    def log_path(self) -> Path:
+        return self.work_dir / "server.log"
 
     def log(self) -> str:
         try:
@@ -121,14 +127,14 @@ class ServerProcess:
                                  f"log:\n{self.log_tail()}") from None
 
     def assert_all_gone(self, timeout: float = 5.0) -> None:
-        """The scheduler child must not outlive the front end."""
+        """No child of the server (the scheduler above all) may outlive the front end."""
         deadline = time.monotonic() + timeout
-        left = [p for p in self.scheduler_pids if pid_alive(p)]
+        left = [p for p in self.child_pids if pid_alive(p)]
         while left and time.monotonic() < deadline:
             time.sleep(0.05)
             left = [p for p in left if pid_alive(p)]
-        assert not left, f"scheduler process(es) {left} still alive after the front end exited; " \
-                         f"log:\n{self.log_tail()}"
+        assert not left, f"child process(es) {[(p, cmdline(p)) for p in left]} still alive after the front " \
+                         f"end exited; log:\n{self.log_tail()}"
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = STOP_TIMEOUT_S) -> int:
         """Send `sig`, wait for the exit, check the scheduler is gone; the exit code."""
@@ -140,11 +146,21 @@ class ServerProcess:
 
     def kill(self) -> None:
         """Last resort cleanup (after a failure): SIGKILL the front end and its scheduler."""
-        for pid in [*self.scheduler_pids, self.pid]:
-            with contextlib.suppress(OSError):
-                os.kill(pid, signal.SIGKILL)
+        if self.proc.poll() is None:
+            self.proc.kill()
+        for pid in self.child_pids:     # only while still one of ours (pids get reused)
+            if pid_alive(pid) and "multiprocessing" in cmdline(pid):
+                with contextlib.suppress(OSError):
+                    os.kill(pid, signal.SIGKILL)
         with contextlib.suppress(subprocess.TimeoutExpired):
             self.proc.wait(5)
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: SIGTERM it when the test process dies, so that a killed test
+    run leaves no server behind (Linux; the parent is the thread that started it)."""
+    with contextlib.suppress(Exception):
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)     # PR_SET_PDEATHSIG
 
 
 def _wait_healthy(srv: ServerProcess, timeout: float) -> None:
@@ -176,17 +192,21 @@ def start_server(model_path: str | Path, *extra: str, api_key: Optional[str] = N
         grpc_port = free_port()
     work = Path(tempfile.mkdtemp(prefix="anyserve-server-"))
     cache_dir = cache_dir or work / "cache"
-    log_path = work / "server.log"
     args = list(extra) + (["--api-key", api_key] if api_key else [])
-    env = {**os.environ, "ANYSERVE_CACHE": str(cache_dir), "PYTHONUNBUFFERED": "1"}
-    with open(log_path, "wb") as log:
+    # One torch thread unless told otherwise: on a small machine the scheduler's OpenMP threads
+    # otherwise spin against the front end and the test client, and steps slow down 10x at random.
+    env = {"OMP_NUM_THREADS": "1", **os.environ, "ANYSERVE_CACHE": str(cache_dir), "PYTHONUNBUFFERED": "1"}
+    with open(work / "server.log", "wb") as log:
         proc = subprocess.Popen(serve_command(model_path, port, grpc_port, *args), cwd=REPO_ROOT, env=env,
-                                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
-    srv = ServerProcess(proc, port, grpc_port, log_path, cache_dir, api_key)
+                                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                                preexec_fn=_die_with_parent)
+    srv = ServerProcess(proc, port, grpc_port, work, cache_dir, api_key)
     try:
         _wait_healthy(srv, startup_timeout)
-        srv.scheduler_pids = [srv.scheduler_pid()]
+        srv.scheduler_pid()         # asserts there is exactly one
+        srv.child_pids = children_of(srv.pid)
     except BaseException:
+        srv.child_pids = children_of(srv.pid)
         srv.kill()
         raise
     return srv
@@ -196,14 +216,11 @@ def start_server(model_path: str | Path, *extra: str, api_key: Optional[str] = N
 def running_server(model_path: str | Path, *extra: str, api_key: Optional[str] = None,
                    expect_exit: Optional[int] = 0) -> Iterator[ServerProcess]:
     """A server for the duration of the block; on exit SIGTERM, and the exit code must be
-    `expect_exit` within STOP_TIMEOUT_S (None: whatever it is, e.g. a test already stopped it)."""
+    `expect_exit` within STOP_TIMEOUT_S (None: whatever it is, e.g. a test already stopped it).
+    Its folder (log, cache) is removed after a clean stop and kept otherwise."""
     srv = start_server(model_path, *extra, api_key=api_key)
     try:
         yield srv
-    except BaseException:
-        srv.kill()
-        raise
-    try:
         code = srv.stop()
     except BaseException:
         srv.kill()
@@ -211,6 +228,7 @@ def running_server(model_path: str | Path, *extra: str, api_key: Optional[str] =
     if expect_exit is not None:
         assert code == expect_exit, f"the server exited with {code}, expected {expect_exit}; " \
                                     f"log:\n{srv.log_tail()}"
+    shutil.rmtree(srv.work_dir, ignore_errors=True)
 
 
 def metric(text: str, name: str) -> float:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from typing import Any, AsyncIterator, Iterator, Optional, Union
 
 from engine.entrypoints.scheduler_client import ThreadSchedulerClient
@@ -20,11 +21,17 @@ Params = Union[dict[str, Any], list[dict[str, Any]], None]
 
 
 def resolve_model_path(model_path: Optional[str]) -> str:
-    if model_path:
-        return model_path
-    from engine.models.make_model import default_model_path
+    """The checkpoint folder to serve (the demo model when none is given); fails fast and
+    plainly when the folder is not a checkpoint."""
+    if not model_path:
+        from engine.models.make_model import default_model_path
 
-    return str(default_model_path())
+        return str(default_model_path())
+    if not os.path.isfile(os.path.join(model_path, "config.json")):
+        what = "does not exist" if not os.path.exists(model_path) else "has no config.json"
+        raise FileNotFoundError(f"--model-path {model_path} {what}: give a folder holding a Hugging "
+                                f"Face checkpoint (config.json, *.safetensors, tokenizer files)")
+    return model_path
 
 
 class Engine:

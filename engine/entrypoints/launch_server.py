@@ -19,7 +19,11 @@ _DEAD_GRACE_SECONDS = 1.0
 def launch_server(args: ServerArgs) -> int:
     """Run until Ctrl-C / SIGTERM (exit 0) or until the scheduler dies (exit 1)."""
     setup_logging(args.log_level)
-    args.model_path = resolve_model_path(args.model_path)
+    try:
+        args.model_path = resolve_model_path(args.model_path)
+    except (FileNotFoundError, ValueError) as e:
+        logger.error("%s", e)
+        return 1
     from engine.entrypoints.scheduler_process import ProcessSchedulerClient
 
     logger.info("starting the scheduler for %s", args.model_path)
@@ -69,14 +73,18 @@ async def _serve(args: ServerArgs, client) -> int:
                     f", gRPC {args.host}:{grpc_port}" if grpc_server else "")
         while not server.should_exit:
             if not tm.is_alive():
-                logger.error("the scheduler is gone (%s); answering 503 and exiting",
-                             tm.dead_reason or "process exited")
-                tm._mark_dead(tm.dead_reason or "the scheduler process exited")
+                logger.error("the scheduler is gone; answering 503 for %.0fs, then exiting",
+                             _DEAD_GRACE_SECONDS)
                 await asyncio.sleep(_DEAD_GRACE_SECONDS)
                 exit_code = 1
                 server.should_exit = True
                 return
             await asyncio.sleep(0.2)
+        # Stopping (Ctrl-C, SIGTERM): end the requests in flight so their streams close cleanly
+        # within uvicorn's graceful-shutdown window.
+        aborted = tm.abort_all()
+        if aborted:
+            logger.info("stopping: aborted %d request(s) in flight", len(aborted))
 
     # uvicorn re-raises the signal that stopped it once it has shut down; with these handlers that
     # is a no-op, so gRPC and the scheduler are stopped too and the exit code is 0.
