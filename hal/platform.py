@@ -10,6 +10,8 @@ from typing import Callable, Optional
 
 import torch
 
+from hal.kernel_config import KernelConfig
+
 logger = logging.getLogger(__name__)
 
 # --device auto tries these in order.
@@ -30,8 +32,10 @@ class Platform:
     uses_host_memory: bool = False    # device memory is the machine's RAM (size the KV cache modestly)
     attention_preference: tuple[str, ...] = ("torch",)
     sampling_preference: tuple[str, ...] = ("torch",)
+    layer_ops_preference: tuple[str, ...] = ("torch",)   # RMSNorm, SiLU-and-mul, rotary
     default_dtype: torch.dtype = torch.float32
     fp8_dtype: Optional[torch.dtype] = None
+    default_kernel_config: KernelConfig = KernelConfig()  # Triton launch parameters (vendor values)
 
     # -- presence --------------------------------------------------------------------------
     @classmethod
@@ -74,6 +78,15 @@ class Platform:
     def manual_seed(self, seed: int) -> None:
         torch.manual_seed(seed)
 
+    # -- kernels ---------------------------------------------------------------------------
+    def compute_units(self) -> int:
+        """Parallel units of the device (SMs, CUs, Xe cores): how many programs run at once."""
+        return 1
+
+    def kernel_config(self) -> KernelConfig:
+        """The launch parameters of the portable Triton kernels on this device."""
+        return self.default_kernel_config.with_compute_units(self.compute_units())
+
 
 _PLATFORMS: dict[str, type[Platform]] = {}
 
@@ -88,6 +101,16 @@ def registered_platforms() -> dict[str, type[Platform]]:
 
     load_backends()
     return dict(_PLATFORMS)
+
+
+def platform_for_device(device: torch.device) -> Platform:
+    """The available platform whose tensors live on ``device`` (first in --device auto order)."""
+    platforms = registered_platforms()
+    for name in AUTO_ORDER + tuple(sorted(set(platforms) - set(AUTO_ORDER))):
+        cls = platforms.get(name)
+        if cls is not None and cls.torch_device_type == device.type and cls.is_available():
+            return cls()
+    raise DeviceUnavailableError(f"no available platform holds tensors on device {device}")
 
 
 def get_platform(device: str = "auto") -> Platform:

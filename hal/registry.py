@@ -1,4 +1,4 @@
-"""Registries of implementations by role: attention, sampling, collectives, graph_runner.
+"""Registries of implementations by role: attention, sampling, collectives, graph_runner, layer_ops.
 
 Backends call ``register(role, name, factory, platforms=..., available=...)``; the engine
 calls ``select(role, platform, requested)`` and gets the factory plus a reason to log.
@@ -10,7 +10,7 @@ from typing import Callable, Iterable, Optional
 
 from hal.platform import Platform
 
-ROLES = ("attention", "sampling", "collectives", "graph_runner")
+ROLES = ("attention", "sampling", "collectives", "graph_runner", "layer_ops")
 
 
 class BackendSelectionError(RuntimeError):
@@ -45,10 +45,10 @@ def entries(role: str) -> dict[str, Entry]:
 
 
 def _preference(role: str, platform: Platform) -> tuple[str, ...]:
-    if role == "attention":
-        return platform.attention_preference
-    if role == "sampling":
-        return platform.sampling_preference
+    """The platform's ``<role>_preference`` when it has one, else registration order."""
+    preference = getattr(platform, f"{role}_preference", None)
+    if preference is not None:
+        return tuple(preference)
     return tuple(n for n, e in entries(role).items() if platform.name in e.platforms)
 
 

@@ -1,5 +1,5 @@
-"""Plain torch implementations: the CPU platform, and the torch attention and sampler, which also
-run on every other platform as the portable reference."""
+"""Plain torch implementations: the CPU platform, and the torch attention, sampler and layer ops,
+which also run on every other platform as the portable reference."""
 from backends.cpu.platform import CpuPlatform
 from hal.collectives import SingleProcessCollectives
 from hal.platform import register_platform
@@ -22,8 +22,17 @@ def _sampler(**kw):
     return TorchSampler(**kw)
 
 
+def _layer_ops(**kw):
+    from backends.cpu.torch_layer_ops import TorchLayerOps
+
+    return TorchLayerOps(**kw)
+
+
 register("attention", "torch", _attention, platforms=ALL_PLATFORMS)
 register("sampling", "torch", _sampler, platforms=ALL_PLATFORMS)
+register("layer_ops", "torch", _layer_ops, platforms=ALL_PLATFORMS)
+
+
 def _torch_distributed(**kw):
     from backends.cpu.collectives import TorchDistributedCollectives
 

@@ -1,9 +1,19 @@
 """The CUDA platform (NVIDIA): detected when torch has CUDA and is not a ROCm build."""
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
+from hal.kernel_config import KernelConfig
 from hal.platform import Platform
+
+# Hopper/Ampere-class defaults; shared memory and SM count are read from the device at run time.
+CUDA_KERNEL_CONFIG = KernelConfig(
+    warp_size=32, shared_memory_bytes=99 * 1024,
+    decode_block_n=64, decode_num_warps=4, decode_num_stages=2, max_kv_splits=16, min_split_tokens=256,
+    extend_block_m=128, extend_block_n=64, extend_num_warps=8, extend_num_stages=2,
+    elementwise_num_warps=4)
 
 
 class CudaLikePlatform(Platform):
@@ -14,7 +24,9 @@ class CudaLikePlatform(Platform):
     supports_graphs = True
     attention_preference = ("triton", "torch")
     sampling_preference = ("torch",)
+    layer_ops_preference = ("triton", "torch")
     default_dtype = torch.bfloat16
+    default_kernel_config = CUDA_KERNEL_CONFIG
 
     def device_count(self) -> int:
         return torch.cuda.device_count()
@@ -42,6 +54,16 @@ class CudaLikePlatform(Platform):
     def manual_seed(self, seed: int) -> None:
         torch.manual_seed(seed)
         torch.cuda.manual_seed_all(seed)
+
+    def compute_units(self) -> int:
+        return torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
+
+    def kernel_config(self) -> KernelConfig:
+        """The vendor defaults with this device's SM/CU count and shared memory per block."""
+        props = torch.cuda.get_device_properties(torch.cuda.current_device())
+        cfg = self.default_kernel_config.with_compute_units(props.multi_processor_count)
+        smem = getattr(props, "shared_memory_per_block_optin", 0)
+        return dataclasses.replace(cfg, shared_memory_bytes=smem) if smem else cfg
 
 
 class CudaPlatform(CudaLikePlatform):

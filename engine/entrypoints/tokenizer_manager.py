@@ -8,13 +8,16 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import itertools
 import logging
 import os
+import threading
 import time
 import uuid
 from typing import Any, AsyncIterator, Optional
 
+from engine.constrained.base import GrammarError, GrammarKey, backend_class, grammar_key
 from engine.entrypoints.scheduler_client import SchedulerClient
 from engine.io_struct import (AbortReq, BatchTokenOutput, FlushCacheOutput, FlushCacheReq, GenerateRequest,
                               GetStatsReq, SchedulerError, SchedulerInfo, SchedulerStats,
@@ -69,6 +72,9 @@ class TokenizerManager:
         self._rid_counter = itertools.count()
         self.dead_reason: Optional[str] = None
         self._loop: Optional[asyncio.AbstractEventLoop] = None
+        if server_args.grammar_backend != "none":   # so the first constrained request does not wait
+            threading.Thread(target=backend_class(server_args.grammar_backend).preload,
+                             name="anyserve-grammar-preload", daemon=True).start()
 
     # -- wiring ------------------------------------------------------------------------------
     def attach_loop(self, loop: asyncio.AbstractEventLoop) -> None:
@@ -117,16 +123,29 @@ class TokenizerManager:
         if not isinstance(req.top_logprobs_num, int) or not 0 <= req.top_logprobs_num <= MAX_TOP_LOGPROBS:
             raise ValueError(f"top_logprobs_num must be an integer in [0, {MAX_TOP_LOGPROBS}], "
                              f"got {req.top_logprobs_num!r}")
-        if (params.json_schema or params.regex or params.ebnf) and self.server_args.grammar_backend == "none":
-            raise ValueError("constrained decoding is off (--grammar-backend none)")
-        if (params.json_schema or params.regex or params.ebnf):
-            raise ValueError("constrained decoding (json_schema, regex, ebnf) is not supported yet")
+        self.check_constraint(params)
         ids = self.tokenize(req)
         if params.max_new_tokens is not None and len(ids) + params.max_new_tokens > self.context_len:
             raise ValueError(
                 f"max_new_tokens: the prompt has {len(ids)} tokens and {params.max_new_tokens} more were "
                 f"requested, beyond the context length of {self.context_len} tokens")
         return ids, params
+
+    def check_constraint(self, params: SamplingParams) -> None:
+        """A json_schema / regex / ebnf that cannot compile is a ValueError here, before the
+        request is sent. Only the syntax is checked (cheap, cached, tokenizer-free); the
+        scheduler compiles against the vocabulary off its loop, and reports a late failure
+        as an abort with status 400, which generate() raises as ValueError too."""
+        key = grammar_key(params)
+        if key is None:
+            return
+        backend = self.server_args.grammar_backend
+        if backend == "none":
+            raise ValueError(f"{key.kind} needs constrained decoding, but the server was started with "
+                             "--grammar-backend none")
+        error = _constraint_error(backend, key)
+        if error:
+            raise ValueError(error)
 
     async def generate(self, req: GenerateRequest) -> AsyncIterator[dict[str, Any]]:
         if not self.is_alive():
@@ -156,6 +175,8 @@ class TokenizerManager:
                 if self.dead_reason is not None and state.finish is None:
                     raise RuntimeError(f"the scheduler stopped: {self.dead_reason}")
                 finished = state.finish is not None
+                if finished and state.finish.get("type") == "abort" and state.finish.get("status_code") == 400:
+                    raise ValueError(state.finish.get("message") or "the request was rejected")
                 if finished or (req.stream and len(state.text) != sent_text_len):
                     sent_text_len = len(state.text)
                     if finished or req.stream:
@@ -164,8 +185,10 @@ class TokenizerManager:
                     return
         finally:
             self._states.pop(rid, None)
-            if not finished:
+            if not finished:  # the caller went away (or failed): stop the work, count the abort
                 self.abort_request(rid)
+                self._observe(state, 0, time.monotonic(),
+                              {"type": "abort", "message": "the client went away"})
 
     def _result(self, s: _ReqState, logprob_text: bool) -> dict[str, Any]:
         meta: dict[str, Any] = {
@@ -279,3 +302,12 @@ class TokenizerManager:
                 logger.info("request %s finished: %s, %d prompt (%d cached), %d completion tokens, %.3fs",
                             s.rid, finish, s.prompt_len, s.cached_tokens, len(s.output_ids),
                             now - s.created)
+
+
+@functools.lru_cache(maxsize=1024)
+def _constraint_error(backend: str, key: GrammarKey) -> Optional[str]:
+    try:
+        backend_class(backend).validate(key)
+    except GrammarError as e:
+        return str(e)
+    return None

@@ -1,4 +1,7 @@
-"""RMSNorm, computed in fp32 like Hugging Face, with an optional fused residual add."""
+"""RMSNorm, computed in fp32 like Hugging Face, with an optional fused residual add.
+
+``rms_norm`` is the torch math (the reference); the layer calls the layer ops it was built with.
+"""
 from __future__ import annotations
 
 from typing import Optional, Union
@@ -6,22 +9,30 @@ from typing import Optional, Union
 import torch
 from torch import nn
 
+from engine.layers.ops import get_layer_ops
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: Optional[torch.Tensor] = None
+             ) -> Union[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+    """Without residual: norm(x). With residual: (norm(x + residual), x + residual), the sum
+    taken in the activation dtype as the reference models do."""
+    if residual is not None:
+        x = x + residual
+        residual = x
+    dtype = x.dtype
+    h = x.float()
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    out = weight * h.to(dtype)
+    return out if residual is None else (out, residual)
+
 
 class RMSNorm(nn.Module):
     def __init__(self, hidden_size: int, eps: float = 1e-6) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.ones(hidden_size), requires_grad=False)
         self.eps = eps
+        self.layer_ops = get_layer_ops()
 
     def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None
                 ) -> Union[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
-        """Without residual: norm(x). With residual: (norm(x + residual), x + residual), the sum
-        taken in the activation dtype as the reference models do."""
-        if residual is not None:
-            x = x + residual
-            residual = x
-        dtype = x.dtype
-        h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        out = self.weight * h.to(dtype)
-        return out if residual is None else (out, residual)
+        return self.layer_ops.rms_norm(x, self.weight, self.eps, residual)

@@ -2,7 +2,8 @@
 checkpoints use: default, linear, dynamic (NTK), llama3 and yarn.
 
 The cos/sin table is built once in fp32 for every position the server admits; a step looks up
-its positions once and every layer reuses the result.
+its positions once and every layer reuses the result. ``apply_rotary`` is the torch math (the
+reference); layers rotate with the layer ops they were built with.
 """
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ from typing import Any, Optional
 
 import torch
 from torch import nn
+
+from engine.layers.ops import get_layer_ops
 
 
 def _base_inv_freq(base: float, dim: int) -> torch.Tensor:
@@ -88,6 +91,19 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
 
 
+class QKRotary(nn.Module):
+    """Rotates q and k together (one fused kernel where the layer ops have one)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer_ops = get_layer_ops()
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """q: [T, Hq, D], k: [T, Hkv, D]; cos, sin: [T, 1, D / 2] -> rotated (q, k)."""
+        return self.layer_ops.apply_rotary(q, k, cos, sin)
+
+
 class RotaryEmbedding(nn.Module):
     def __init__(self, head_dim: int, max_len: int, base: float, scaling: Optional[dict[str, Any]] = None,
                  max_position_embeddings: Optional[int] = None) -> None:
@@ -101,6 +117,7 @@ class RotaryEmbedding(nn.Module):
         # [max_len, head_dim]: cos in the first half, sin in the second. A plain attribute, not a
         # buffer, so that model.to(dtype) leaves it fp32 (Hugging Face computes it in fp32 too).
         self.cos_sin_cache = torch.cat((freqs.cos() * mult, freqs.sin() * mult), dim=-1)
+        self.layer_ops = get_layer_ops()
 
     def _apply(self, fn, recurse=True):
         target = fn(torch.empty(0, device=self.cos_sin_cache.device)).device
@@ -114,7 +131,7 @@ class RotaryEmbedding(nn.Module):
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         cos, sin = self.cos_sin(positions, q.dtype)
-        return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        return self.layer_ops.apply_rotary(q, k, cos, sin)
 
 
 def get_rope(head_dim: int, config) -> RotaryEmbedding:

@@ -13,7 +13,7 @@ from engine.layers.attention import Attention
 from engine.layers.layernorm import RMSNorm
 from engine.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
 from engine.layers.logits import LogitsProcessor
-from engine.layers.rotary import apply_rotary, get_rope
+from engine.layers.rotary import QKRotary, get_rope
 from engine.layers.vocab_embedding import ParallelLMHead, VocabParallelEmbedding
 from engine.models.config import ModelConfig
 
@@ -52,6 +52,7 @@ class LlamaAttention(nn.Module):
         else:
             self.q_norm = self.k_norm = None
         self.attn = Attention(self.num_heads, self.num_kv_heads, d, d ** -0.5, layer_id)
+        self.rotary = QKRotary()
 
     def forward(self, hidden: torch.Tensor, cos_sin: CosSin, forward_batch) -> torch.Tensor:
         t = hidden.shape[0]
@@ -61,7 +62,7 @@ class LlamaAttention(nn.Module):
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         cos, sin = cos_sin
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        q, k = self.rotary(q, k, cos, sin)
         return self.o_proj(self.attn(q, k, v, forward_batch))
 
 

@@ -1,5 +1,6 @@
-"""ModelRunner: loads the model, sizes the KV cache, builds the HAL's attention and sampler,
-and runs one step (forward + sample)."""
+"""ModelRunner: loads the model, sizes the KV cache, builds the HAL's attention, sampler and graph
+runner, and runs one step (forward + sample). Decode batches the graph runner captured replay a
+device graph; everything else runs eagerly."""
 from __future__ import annotations
 
 import logging
@@ -9,6 +10,7 @@ from typing import Optional
 import torch
 
 import hal
+from engine.layers.ops import set_layer_ops
 from engine.mem_cache.allocator import PagedAllocator, ReqToTokenPool
 from engine.mem_cache.kv_pool import KVPool
 from engine.models.config import ModelConfig
@@ -16,6 +18,7 @@ from engine.runner.forward_batch import ForwardBatch
 from engine.runner.model_loader import load_model
 from engine.sampling.sampling_batch_info import SamplingBatchInfo
 from engine.server_args import ServerArgs
+from hal.graph_runner import GraphRunner, attention_can_be_captured
 from hal.sampling import SampleOutput
 
 logger = logging.getLogger(__name__)
@@ -42,6 +45,11 @@ class ModelRunner:
         self.context_len = self.model_config.context_len
         self.vocab_size = self.model_config.vocab_size
 
+        # layers take their element-wise kernels (norm, activation, rotary) when they are built
+        entry, self.layer_ops_reason = hal.select("layer_ops", self.platform)
+        self.layer_ops_name = entry.name
+        set_layer_ops(entry.factory(device=self.device))
+
         free_before, _ = self.platform.memory_info()
         t0 = time.perf_counter()
         self.model = load_model(self.model_config, server_args.load_format, self.device, self.dtype)
@@ -50,6 +58,7 @@ class ModelRunner:
 
         self._init_memory(free_before)
         self._init_backends()
+        self._init_graph_runner()
 
     # -- memory ------------------------------------------------------------------------------
     def _kv_budget_tokens(self, free_before: int) -> int:
@@ -85,9 +94,12 @@ class ModelRunner:
         self.max_total_tokens = num_pages * page
         self.max_running_requests = args.max_running_requests or max(
             1, min(256, self.max_total_tokens // 16))
+        # One page more than the allocator hands out: padded rows of captured decode steps write
+        # their K/V to its first slot, which no request ever owns.
         self.kv_pool = KVPool(num_layers=cfg.num_hidden_layers, num_kv_heads=cfg.num_key_value_heads,
                               head_dim=cfg.head_dim, dtype=self.dtype, device=self.device,
-                              num_pages=num_pages, page_size=page)
+                              num_pages=num_pages + 1, page_size=page)
+        self.pad_slot = num_pages * page
         self.allocator = PagedAllocator(num_pages, page, self.device)
         # +1 row: a chunked-prefill request that is not yet running
         self.req_to_token_pool = ReqToTokenPool(self.max_running_requests + 1, self.context_len + 1,
@@ -107,10 +119,39 @@ class ModelRunner:
         self.sampling_reason = why
         self.sampler = entry.factory(vocab_size=self.vocab_size, device=self.device)
 
+    def _init_graph_runner(self) -> None:
+        """Capture decode steps now that the KV pool exists, unless graphs are off or unavailable."""
+        args = self.server_args
+        self.graph_runner: Optional[GraphRunner] = None
+        if not self.platform.supports_graphs:
+            self.graphs_reason = f"off ({self.platform.name} has no device graphs)"
+        elif args.disable_cuda_graph:
+            self.graphs_reason = "off (--disable-cuda-graph)"
+        elif not attention_can_be_captured(self.attn_backend):
+            self.graphs_reason = (f"off (attention backend {self.attention_backend_name} reads host "
+                                  "lengths in decode and cannot be captured)")
+        else:
+            entry, why = hal.select("graph_runner", self.platform)
+            max_bs = min(args.cuda_graph_max_bs, self.max_running_requests)
+            runner = entry.factory(forward=self._forward_eager, attn_backend=self.attn_backend,
+                                   max_batch_size=max_bs, max_running_requests=self.max_running_requests,
+                                   pad_slot=self.pad_slot, pad_req_row=0, device=self.device)
+            runner.capture()
+            self.graph_runner = runner
+            self.graphs_reason = f"{runner.describe()} ({why})"
+            logger.info("captured decode graphs for batch sizes %s in %.1f s",
+                        runner.batch_sizes, runner.capture_seconds)
+
     # -- one step ----------------------------------------------------------------------------
     @torch.inference_mode()
     def forward(self, batch: ForwardBatch) -> torch.Tensor:
-        """Logits [num_logits, vocab] fp32."""
+        """Logits [num_logits, vocab] fp32. A decode batch the graph runner can run replays its
+        graph (the logits are then valid until the next step)."""
+        if self.graph_runner is not None and self.graph_runner.can_run(batch):
+            return self.graph_runner.replay(batch)
+        return self._forward_eager(batch)
+
+    def _forward_eager(self, batch: ForwardBatch) -> torch.Tensor:
         batch.attn_backend = self.attn_backend
         self.attn_backend.init_forward_metadata(batch)
         return self.model.forward(batch.input_ids, batch.positions, batch)
@@ -123,6 +164,8 @@ class ModelRunner:
         return (f"device={self.platform.description()} dtype={str(self.dtype).replace('torch.', '')} "
                 f"attention={self.attention_backend_name} ({self.attention_reason}) "
                 f"sampling={self.sampling_backend_name} ({self.sampling_reason}) "
+                f"layer_ops={self.layer_ops_name} ({self.layer_ops_reason}) "
+                f"graphs={self.graphs_reason} "
                 f"kv_capacity={self.max_total_tokens} tokens "
                 f"({self.max_total_tokens * self.kv_bytes_per_token / GiB:.2f} GiB, page_size="
                 f"{self.server_args.page_size}) max_running_requests={self.max_running_requests} "

@@ -48,6 +48,9 @@ class SamplingBatchInfo:
     # Grammar-constrained decoding fills this: [B, V'] bool, True = allowed. V' may be the
     # tokenizer's vocabulary, smaller than the padded model vocabulary; ids >= V' are disallowed.
     vocab_mask: Optional[torch.Tensor] = None
+    # When only some rows are constrained: [R] int64, the rows vocab_mask ([R, V']) belongs to;
+    # the other rows are left alone (a request's tokens never depend on its batch).
+    vocab_mask_rows: Optional[torch.Tensor] = None
 
     @property
     def batch_size(self) -> int:
@@ -137,10 +140,14 @@ class SamplingBatchInfo:
         if self.banned_rows is not None:
             logits[self.banned_rows, self.banned_cols] = float("-inf")
         if self.vocab_mask is not None:
+            rows = self.vocab_mask_rows
+            sub = logits if rows is None else logits.index_select(0, rows)    # [R, vocab]
             allowed = self.vocab_mask.shape[1]
-            logits[:, :allowed].masked_fill_(~self.vocab_mask, float("-inf"))
-            if allowed < logits.shape[1]:
-                logits[:, allowed:] = float("-inf")
+            sub[:, :allowed].masked_fill_(~self.vocab_mask, float("-inf"))
+            if allowed < sub.shape[1]:
+                sub[:, allowed:] = float("-inf")
+            if rows is not None:
+                logits.index_copy_(0, rows, sub)
         if self.penalties is not None:
             self.penalties.apply(logits)
 

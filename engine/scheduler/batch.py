@@ -36,21 +36,24 @@ def build_extend_batch(reqs: list[Req], out_cache_loc: torch.Tensor, device: tor
 
 
 def build_decode_batch(reqs: list[Req], out_cache_loc: torch.Tensor, device: torch.device) -> ForwardBatch:
-    """Each req feeds its newest token at position seq_len - 1."""
+    """Each req feeds its newest token at position seq_len - 1. The four per-request rows travel
+    to the device in one copy (from pinned memory, not waiting for the device)."""
     seq_lens = [r.seq_len for r in reqs]
-    n = len(reqs)
+    rows = [[r.output_ids[-1] for r in reqs], [s - 1 for s in seq_lens], [r.req_pool_idx for r in reqs],
+            seq_lens]
+    packed = torch.tensor(rows, dtype=torch.int64, pin_memory=device.type != "cpu")  # [4, B]
+    input_ids, positions, req_pool_indices, seq_lens_t = packed.to(device, non_blocking=True)
     return ForwardBatch(
-        mode=ForwardMode.DECODE, batch_size=n, input_ids=_t([r.output_ids[-1] for r in reqs], device),
-        positions=_t([s - 1 for s in seq_lens], device),
-        req_pool_indices=_t([r.req_pool_idx for r in reqs], device), seq_lens=_t(seq_lens, device),
-        out_cache_loc=out_cache_loc, seq_lens_cpu=seq_lens,
-        logits_indices=torch.arange(n, dtype=torch.int64, device=device))
+        mode=ForwardMode.DECODE, batch_size=len(reqs), input_ids=input_ids, positions=positions,
+        req_pool_indices=req_pool_indices, seq_lens=seq_lens_t, out_cache_loc=out_cache_loc,
+        seq_lens_cpu=seq_lens, logits_indices=None)  # None: every row (one token per request)
 
 
 def build_sampling_info(reqs: list[Req], vocab_size: int, device: torch.device) -> SamplingBatchInfo:
     banned = []
     for r in reqs:
-        below_min = len(r.output_ids) < r.params.min_new_tokens
+        # A grammar decides where its document ends: its stop tokens are never banned.
+        below_min = len(r.output_ids) < r.params.min_new_tokens and r.grammar is None
         banned.append(sorted(r.stop_token_ids) if below_min else [])
     return SamplingBatchInfo.build(
         [r.params for r in reqs], seeds=[r.seed for r in reqs], steps=[len(r.output_ids) for r in reqs],

@@ -2,10 +2,12 @@
 from __future__ import annotations
 
 import time
+from concurrent.futures import Future
 from typing import Any, Optional
 
 import torch
 
+from engine.constrained.base import GrammarMatcher
 from engine.sampling.sampling_params import SamplingParams
 
 
@@ -27,6 +29,11 @@ class Req:
 
         self.output_ids: list[int] = []
         self.finished_reason: Optional[dict[str, Any]] = None
+
+        # Constrained decoding: the compile in flight (the request waits), then the matcher,
+        # which has accepted every output token so far (it survives retraction untouched).
+        self.grammar_future: Optional[Future] = None
+        self.grammar: Optional[GrammarMatcher] = None
 
         # KV state. Positions [0, kv_len) of this request have KV in row req_pool_idx;
         # the first len(prefix_indices) of them belong to the radix tree (locked at last_node).

@@ -14,6 +14,8 @@ from typing import Any, Callable, Optional
 
 import torch
 
+from engine.constrained.base import backend_class, grammar_key
+from engine.constrained.grammar_manager import GrammarManager
 from engine.io_struct import (AbortReq, BatchTokenOutput, FlushCacheOutput, FlushCacheReq, GetStatsReq,
                               SchedulerInfo, SchedulerStats, TokenizedGenerateReq)
 from engine.mem_cache.radix_cache import ChunkCache, RadixCache
@@ -31,6 +33,8 @@ logger = logging.getLogger(__name__)
 _INIT_NEW_TOKEN_RATIO = 0.7
 _MIN_NEW_TOKEN_RATIO = 0.1
 _NEW_TOKEN_RATIO_DECAY = 0.001
+# With nothing to run but grammars compiling, wait this long for one before the next step.
+_GRAMMAR_WAIT_S = 0.005
 
 
 class Scheduler:
@@ -49,6 +53,11 @@ class Scheduler:
                                         trust_remote_code=server_args.trust_remote_code)
         self.eos_token_ids = frozenset(r.model_config.eos_token_ids)
         self.seed_rng = random.Random(server_args.random_seed)
+        self.grammar: Optional[GrammarManager] = None
+        if server_args.grammar_backend != "none":
+            backend = backend_class(server_args.grammar_backend)(
+                self.tokenizer, r.vocab_size, sorted(self.eos_token_ids))
+            self.grammar = GrammarManager(backend, r.max_running_requests)
         # Fraction of a running request's remaining max_new_tokens kept free for it when
         # admitting new prompts; decays while decoding goes well, jumps after a retraction.
         self.new_token_ratio = _INIT_NEW_TOKEN_RATIO
@@ -107,6 +116,15 @@ class Scheduler:
             req.finished_reason = {"type": "length", "length": 0}
             self.outputs.append(req)
             return
+        key = grammar_key(p)
+        if key is not None:
+            if self.grammar is None:
+                req.finished_reason = {"type": "abort", "status_code": 400, "message":
+                                       f"{key.kind} needs constrained decoding, which is off "
+                                       "(--grammar-backend none)"}
+                self.outputs.append(req)
+                return
+            self.grammar.submit(req, key)   # the request waits in the queue until compiled
         self.reqs_by_rid[req.rid] = req
         self.waiting.append(req)
 
@@ -185,7 +203,23 @@ class Scheduler:
         if self.running:
             self._run_decode()
             return True
+        if self.grammar is not None and self.waiting:
+            self.grammar.wait(self.waiting, _GRAMMAR_WAIT_S)
         return False
+
+    def _poll_grammars(self) -> list[Req]:
+        """Attach finished compiles; finish the requests whose compile failed. Returns the
+        waiting requests that may be admitted now."""
+        if self.grammar is None:
+            return self.waiting
+        failed = self.grammar.poll(self.waiting)
+        if failed:
+            gone = set(map(id, failed))
+            self.waiting = [r for r in self.waiting if id(r) not in gone]
+            for r in failed:
+                self.reqs_by_rid.pop(r.rid, None)
+                self.outputs.append(r)
+        return [r for r in self.waiting if not GrammarManager.is_waiting(r)]
 
     def _schedule_extend(self) -> tuple[list[Req], Optional[torch.Tensor]]:
         if not self.waiting and self.chunked_req is None:
@@ -194,8 +228,9 @@ class Scheduler:
         if self.chunked_req is not None:
             adder.add_chunked(self.chunked_req)
             self.chunked_req = None
-        if self.waiting and not adder.full:
-            for req in self.policy.sort(self.waiting):
+        ready = self._poll_grammars()
+        if ready and not adder.full:
+            for req in self.policy.sort(ready):
                 if not adder.try_add(req):
                     break
             admitted = set(map(id, adder.reqs))
@@ -275,6 +310,8 @@ class Scheduler:
     # -- results -----------------------------------------------------------------------------
     def _sample_and_process(self, reqs: list[Req], logits: torch.Tensor) -> None:
         info = build_sampling_info(reqs, self.runner.vocab_size, self.device)
+        if self.grammar is not None:    # CPU work that overlaps the device's forward pass
+            info.vocab_mask, info.vocab_mask_rows = self.grammar.vocab_mask(reqs, self.device)
         out = self.runner.sample(logits, info)
         next_ids = out.next_token_ids.tolist()
         logprobs = out.logprobs.tolist() if out.logprobs is not None else None
@@ -283,12 +320,17 @@ class Scheduler:
         finished = []
         for i, (r, tok) in enumerate(zip(reqs, next_ids)):
             r.output_ids.append(tok)
+            if r.grammar is not None and not r.grammar.accept_token(tok):
+                logger.error("request %s: the grammar rejected sampled token %d", r.rid, tok)
+                r.finished_reason = {"type": "abort", "message": f"internal error: the grammar "
+                                     f"rejected the sampled token {tok}"}
             if r.return_logprob and logprobs is not None:
                 r.output_logprobs.append(logprobs[i])
                 k = r.top_logprobs_num
                 r.output_top_logprobs.append(
                     list(zip(top_vals[i][:k], top_ids[i][:k])) if k and top_vals is not None else [])
-            self._check_finished(r, tok)
+            if not r.finished:
+                self._check_finished(r, tok)
             if r.finished:
                 finished.append(r)
             if r.stream or r.finished:
@@ -311,6 +353,9 @@ class Scheduler:
             if matched is not None:
                 r.finished_reason = {"type": "stop", "matched": matched}
                 return
+        if r.grammar is not None and r.grammar.is_terminated():     # the document is complete
+            r.finished_reason = {"type": "stop", "matched": tok}
+            return
         if (p.max_new_tokens is not None and n_out >= p.max_new_tokens) or r.seq_len >= self.runner.context_len:
             r.finished_reason = {"type": "length", "length": n_out}
 

@@ -42,6 +42,15 @@ class ApiContext:
         return getattr(self.server_args, "grammar_backend", "none") != "none"
 
     @functools.cached_property
+    def tool_parser_name(self) -> Optional[str]:
+        """The tool-call format of the served model (None: tool calls are not parsed)."""
+        from engine.entrypoints.openai.tool_calls import resolve_parser_name
+
+        return resolve_parser_name(getattr(self.server_args, "tool_call_parser", None),
+                                   getattr(self.server_args, "model_path", None),
+                                   getattr(self.tm, "tokenizer", None))
+
+    @functools.cached_property
     def system_fingerprint(self) -> str:
         info = getattr(self.tm, "scheduler_info", None)
         key = f"{anyserve_version()}|{self.tm.model_path}|{getattr(info, 'dtype', '')}"

@@ -194,6 +194,32 @@ class ChatCompletionRequest(_SamplingRequest):
     top_logprobs: Optional[int] = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
     tools: Optional[list[dict[str, Any]]] = None
     tool_choice: Optional[Union[str, dict[str, Any]]] = None
+    parallel_tool_calls: bool = True
+
+    @field_validator("tools")
+    @classmethod
+    def _tools_shape(cls, v: Optional[list[dict[str, Any]]]) -> Optional[list[dict[str, Any]]]:
+        for i, tool in enumerate(v or []):
+            fn = tool.get("function")
+            if tool.get("type") != "function" or not isinstance(fn, dict):
+                raise ValueError(f"tools[{i}] must be {{\"type\": \"function\", \"function\": {{...}}}}")
+            if not isinstance(fn.get("name"), str) or not fn["name"]:
+                raise ValueError(f"tools[{i}].function.name must be a non-empty string")
+            if fn.get("parameters") is not None and not isinstance(fn["parameters"], dict):
+                raise ValueError(f"tools[{i}].function.parameters must be a JSON Schema object")
+        return v
+
+    @field_validator("tool_choice")
+    @classmethod
+    def _tool_choice_shape(cls, v: Any) -> Any:
+        if v is None or v in ("none", "auto", "required"):
+            return v
+        fn = v.get("function") if isinstance(v, dict) else None
+        if not (isinstance(v, dict) and v.get("type") == "function" and isinstance(fn, dict)
+                and isinstance(fn.get("name"), str)):
+            raise ValueError('must be "none", "auto", "required" or '
+                             '{"type": "function", "function": {"name": ...}}')
+        return v
 
     @model_validator(mode="after")
     def _top_logprobs_needs_logprobs(self) -> "ChatCompletionRequest":
@@ -363,6 +389,8 @@ class ChatLogprobs(_Out):
 class ChatResponseMessage(_Out):
     role: str = "assistant"
     content: Optional[str] = None
+    # [{"id", "type": "function", "function": {"name", "arguments": JSON text}}]
+    tool_calls: Optional[list[dict[str, Any]]] = None
 
 
 class ChatChoice(_Out):

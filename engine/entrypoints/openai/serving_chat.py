@@ -17,6 +17,8 @@ from engine.entrypoints.openai.protocol import (ChatChoice, ChatChunkChoice, Cha
                                                 ChatLogprobs, ChatResponseMessage, TokenLogprob,
                                                 TopLogprob, UsageInfo)
 from engine.entrypoints.openai.streaming import SSE_DONE, FanOut, SSEResponse, sse
+from engine.entrypoints.openai.tool_calls import plan_tools
+from engine.entrypoints.openai.tool_parsers import ToolCallParser, ToolCallStreamer, extract_tool_calls
 
 
 async def create_chat_completion(ctx: ApiContext, request: Request) -> Response:
@@ -25,12 +27,19 @@ async def create_chat_completion(ctx: ApiContext, request: Request) -> Response:
     ctx.check_model(req.model)
     tm = ctx.tm
     try:
+        plan = plan_tools(req.tools, req.tool_choice, req.parallel_tool_calls, ctx.tool_parser_name,
+                          getattr(ctx.server_args, "grammar_backend", "none"))
         messages = [m.to_template_dict() for m in req.messages]
-        prompt_ids = tm.apply_chat_template(messages, req.tools)
+        prompt_ids = tm.apply_chat_template(messages, plan.template_tools)
         max_new = req.requested_max_tokens
         if max_new is None:     # OpenAI's default: as much as the context leaves
             max_new = max(tm.context_len - len(prompt_ids), 1)
         base_sp = req.sampling_params(max_new, ctx.grammar_enabled)
+        if plan.ebnf is not None:
+            if any(base_sp.get(k) is not None for k in ("json_schema", "regex", "ebnf")):
+                raise ValueError("tool_choice that forces a tool call cannot be combined with "
+                                 "response_format, regex or ebnf")
+            base_sp["ebnf"] = plan.ebnf
     except ValueError as e:
         raise from_value_error(e) from None
     except TemplateError as e:      # the template's own checks, e.g. roles must alternate
@@ -44,7 +53,7 @@ async def create_chat_completion(ctx: ApiContext, request: Request) -> Response:
     head = dict(id=f"chatcmpl-{rid}", created=int(time.time()), model=req.model,
                 system_fingerprint=ctx.system_fingerprint)
     if req.stream:
-        return SSEResponse(_stream(fan, req, head))
+        return SSEResponse(_stream(fan, req, head, plan.parser))
 
     outs = await common.finals(fan, request)
     choices = []
@@ -53,10 +62,13 @@ async def create_chat_completion(ctx: ApiContext, request: Request) -> Response:
         err = common.abort_error(meta)
         if err is not None:
             raise err
+        content, calls = (extract_tool_calls(plan.parser, out["text"]) if plan.parser
+                          else (out["text"], []))
+        reason = common.finish_reason(meta)
         choices.append(ChatChoice(
-            index=i, message=ChatResponseMessage(content=out["text"]),
+            index=i, message=ChatResponseMessage(content=content, tool_calls=calls or None),
             logprobs=_logprobs(meta, 0) if req.logprobs else None,
-            finish_reason=common.finish_reason(meta)))
+            finish_reason="tool_calls" if calls and reason == "stop" else reason))
     usage = common.usage([o["meta_info"] for o in outs], req.n)
     return JSONResponse(ChatCompletionResponse(choices=choices, usage=usage, **head).model_dump())
 
@@ -73,9 +85,11 @@ def _logprobs(meta: dict, start: int) -> ChatLogprobs:
     return ChatLogprobs(content=content)
 
 
-async def _stream(fan: FanOut, req: ChatCompletionRequest, head: dict[str, Any]) -> AsyncIterator[bytes]:
+async def _stream(fan: FanOut, req: ChatCompletionRequest, head: dict[str, Any],
+                  parser: Optional[ToolCallParser]) -> AsyncIterator[bytes]:
     n = len(fan.reqs)
     sent_text = [""] * n
+    tools = [ToolCallStreamer(parser) if parser else None for _ in range(n)]
     sent_logprobs = [0] * n
     metas: list[Optional[dict]] = [None] * n
 
@@ -96,16 +110,24 @@ async def _stream(fan: FanOut, req: ChatCompletionRequest, head: dict[str, Any])
                 yield SSE_DONE
                 return
             text = out["text"]
-            delta = text[len(sent_text[i]):] if text.startswith(sent_text[i]) else text
-            sent_text[i] = text
+            reason = common.finish_reason(meta)
+            if tools[i] is not None:
+                delta, calls = tools[i].update(text, final=reason is not None)
+            else:
+                delta = text[len(sent_text[i]):] if text.startswith(sent_text[i]) else text
+                sent_text[i], calls = text, []
             logprobs = None
             if req.logprobs:
                 logprobs = _logprobs(meta, sent_logprobs[i])
                 sent_logprobs[i] += len(logprobs.content)
-            if delta or (logprobs and logprobs.content):
-                yield chunk([ChatChunkChoice(index=i, delta={"content": delta}, logprobs=logprobs)])
-            reason = common.finish_reason(meta)
+            if delta or calls or (logprobs and logprobs.content):
+                d: dict[str, Any] = {"content": delta} if delta or not calls else {}
+                if calls:
+                    d["tool_calls"] = calls
+                yield chunk([ChatChunkChoice(index=i, delta=d, logprobs=logprobs)])
             if reason:
+                if tools[i] is not None and tools[i].has_calls and reason == "stop":
+                    reason = "tool_calls"
                 yield chunk([ChatChunkChoice(index=i, delta={}, finish_reason=reason)])
         if req.include_usage:
             yield chunk([], usage=common.usage(metas, req.n))

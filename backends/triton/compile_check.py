@@ -1,0 +1,116 @@
+"""Compile every kernel here for a GPU this machine does not have (H100: cuda:90, MI300: hip:gfx942),
+with the tiles a vendor's KernelConfig gives, to catch compile errors without the hardware.
+
+    python -m backends.triton.compile_check --target cuda:90 --target hip:gfx942
+
+Needs triton's compiler for the target (the pip wheel ships NVIDIA and AMD); runs no kernel.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from backends.triton.decode_attention import _decode_partial_kernel, _decode_reduce_kernel
+from backends.triton.extend_attention import _extend_kernel
+from backends.triton.kv_store import _store_kv_kernel
+from backends.triton.layer_ops import _rms_norm_kernel, _rotary_kernel, _silu_and_mul_kernel
+from backends.triton.tl_helpers import next_pow2
+from hal.kernel_config import KernelConfig
+
+logger = logging.getLogger(__name__)
+ELEM_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
+
+
+def _config(backend: str) -> KernelConfig:
+    if backend == "hip":
+        from backends.rocm.platform import CDNA3_KERNEL_CONFIG
+        return CDNA3_KERNEL_CONFIG
+    from backends.cuda.platform import CUDA_KERNEL_CONFIG
+    return CUDA_KERNEL_CONFIG
+
+
+def kernel_cases(cfg: KernelConfig, dt: str, head_dim: int, num_q_heads: int = 32, num_kv_heads: int = 8):
+    """(kernel, pointer/scalar types, constexprs, num_warps, num_stages) as the launchers pass them."""
+    d, p = next_pow2(head_dim), f"*{dt}"
+    group = num_q_heads // num_kv_heads
+    bm, bn, stages = cfg.extend_tiles(head_dim, ELEM_BYTES[dt])
+    dn, dstages = cfg.decode_tiles(head_dim, ELEM_BYTES[dt])
+    fp32 = dt == "fp32"
+    idx = {"ReqToToken": "*i32", "ReqPoolIdx": "*i64", "SeqLens": "*i64", "PrefixLens": "*i64",
+           "ExtendLens": "*i64", "ExtendStarts": "*i64", "Loc": "*i64", "PartialO": "*fp32",
+           "PartialLse": "*fp32", "qk_scale": "fp32", "eps": "fp32"}
+    ptrs = {n: p for n in ("Q", "K", "V", "KBuf", "VBuf", "Out", "X", "R", "W", "ResOut", "Cos", "Sin",
+                           "QOut", "KOut")}
+    types = {**ptrs, **idx}
+    ew = cfg.elementwise_num_warps
+    return [
+        (_decode_partial_kernel, types, dict(GROUP=group, HEAD_DIM=head_dim, MIN_SPLIT=max(dn, cfg.min_split_tokens),
+                                             BLOCK_H=max(16, next_pow2(group)), BLOCK_D=d, BLOCK_N=dn,
+                                             FP32_DOT=fp32), cfg.decode_num_warps, dstages),
+        (_decode_reduce_kernel, types, dict(HEAD_DIM=head_dim, MIN_SPLIT=max(dn, cfg.min_split_tokens), BLOCK_N=dn,
+                                            MAX_SPLITS=cfg.max_kv_splits, BLOCK_D=d), 4, 1),
+        (_extend_kernel, types, dict(GROUP=group, HEAD_DIM=head_dim, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=d,
+                                     FP32_DOT=fp32), cfg.extend_num_warps, stages),
+        (_store_kv_kernel, types, dict(ROW=num_kv_heads * head_dim,
+                                       BLOCK=min(4096, next_pow2(num_kv_heads * head_dim))), ew, 1),
+        (_rms_norm_kernel, types, dict(N=4096, HAS_RESIDUAL=True, BLOCK=4096), ew, 1),
+        (_silu_and_mul_kernel, types, dict(D=14336, BLOCK=2048), ew, 1),
+        (_rotary_kernel, types, dict(HQ=num_q_heads, HKV=num_kv_heads, HALF=head_dim // 2, BLOCK_HQ=num_q_heads,
+                                     BLOCK_HKV=num_kv_heads, BLOCK_HALF=next_pow2(head_dim // 2)), ew, 1),
+    ]
+
+
+def compile_kernel(fn, types: dict, constexprs: dict, target: GPUTarget, num_warps: int, num_stages: int):
+    names = fn.arg_names
+    signature = {n: "constexpr" if n in constexprs else types.get(n, "i32") for n in names}
+    src = ASTSource(fn=fn, signature=signature, constexprs={(names.index(k),): v for k, v in constexprs.items()})
+    return triton.compile(src, target=target, options=dict(num_warps=num_warps, num_stages=num_stages))
+
+
+def parse_target(text: str) -> GPUTarget:
+    backend, _, arch = text.partition(":")
+    if backend == "cuda":
+        return GPUTarget("cuda", int(arch), 32)
+    if backend == "hip":
+        return GPUTarget("hip", arch, 64)
+    raise ValueError(f"--target must be cuda:<sm> or hip:<gfx arch>, got {text!r}")
+
+
+def check(targets: list[GPUTarget], dtypes=("bf16",), head_dims=(128,)) -> list[str]:
+    """Compile every case; returns the failures (empty when all compiled)."""
+    failures = []
+    for target in targets:
+        cfg = _config(target.backend)
+        for dt in dtypes:
+            for head_dim in head_dims:
+                for fn, types, consts, warps, stages in kernel_cases(cfg, dt, head_dim):
+                    name = f"{target.backend}:{target.arch} {fn.fn.__name__} {dt} head_dim={head_dim}"
+                    try:
+                        compiled = compile_kernel(fn, types, consts, target, warps, stages)
+                        logger.info("%s: ok (%d bytes shared memory)", name, compiled.metadata.shared)
+                    except Exception as e:  # noqa: BLE001 - report every failing kernel, not the first
+                        failures.append(f"{name}: {type(e).__name__}: {e}")
+    return failures
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--target", action="append", default=[], help="cuda:<sm> or hip:<gfx arch> (repeat)")
+    parser.add_argument("--dtype", action="append", default=[], choices=sorted(ELEM_BYTES))
+    parser.add_argument("--head-dim", action="append", type=int, default=[])
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    failures = check([parse_target(t) for t in args.target or ["cuda:90", "hip:gfx942"]],
+                     tuple(args.dtype or ["bf16"]), tuple(args.head_dim or [128]))
+    for f in failures:
+        logger.error("FAILED %s", f)
+    sys.exit(1 if failures else 0)
+
+
+if __name__ == "__main__":
+    main()

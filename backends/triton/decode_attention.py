@@ -1,0 +1,147 @@
+"""Paged decode attention with GQA, split along the sequence (flash-decoding).
+
+Stage 1: one program per (request, KV head, split) attends the split's KV positions with every
+q head of the group at once and writes a partial output and its log-sum-exp. Stage 2: one
+program per (request, q head) merges the splits. A request's split count grows with its length
+(at least ``min_split_tokens`` positions per split) up to ``num_splits``, a host number fixed
+per batch size, so the launch grid never depends on device values. Position i of request b
+lives at KV slot ``req_to_token[req_pool_indices[b], i]``; page size plays no role here.
+Softmax runs in base 2: scores are scaled by log2(e) once.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from backends.triton.tl_helpers import mma, next_pow2
+
+LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _split_range(seq_len, split, num_splits_cap, MIN_SPLIT: tl.constexpr, BLOCK_N: tl.constexpr):
+    """[start, end) of KV positions that split ``split`` of a seq_len-long request covers."""
+    n_splits = tl.minimum(tl.maximum(tl.cdiv(seq_len, MIN_SPLIT), 1), num_splits_cap)
+    split_len = tl.cdiv(tl.cdiv(seq_len, n_splits), BLOCK_N) * BLOCK_N
+    start = split * split_len
+    end = tl.minimum(start + split_len, seq_len)
+    return start, end
+
+
+@triton.jit
+def _decode_partial_kernel(
+        Q, KBuf, VBuf, ReqToToken, ReqPoolIdx, SeqLens, PartialO, PartialLse,
+        qk_scale, num_splits_cap,
+        stride_qt, stride_qh, stride_buf_t, stride_buf_h, stride_r2t,
+        stride_po_b, stride_po_h, stride_po_s, stride_pl_b, stride_pl_h,
+        GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, MIN_SPLIT: tl.constexpr,
+        BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, FP32_DOT: tl.constexpr):
+    b = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    split = tl.program_id(2)
+    seq_len = tl.load(SeqLens + b).to(tl.int32)
+    start, end = _split_range(seq_len, split, num_splits_cap, MIN_SPLIT, BLOCK_N)
+    row = tl.load(ReqPoolIdx + b).to(tl.int64)
+
+    offs_h = tl.arange(0, BLOCK_H)
+    heads = kv_head * GROUP + offs_h
+    h_mask = offs_h < GROUP
+    offs_d = tl.arange(0, BLOCK_D)
+    d_mask = offs_d < HEAD_DIM
+    q = tl.load(Q + b.to(tl.int64) * stride_qt + heads[:, None] * stride_qh + offs_d[None, :],
+                mask=h_mask[:, None] & d_mask[None, :], other=0.0)          # [BLOCK_H, BLOCK_D]
+
+    m_i = tl.full([BLOCK_H], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_H], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_H, BLOCK_D], dtype=tl.float32)
+    for n0 in range(start, end, BLOCK_N):
+        pos = n0 + tl.arange(0, BLOCK_N)
+        p_mask = pos < end
+        slot = tl.load(ReqToToken + row * stride_r2t + pos, mask=p_mask, other=0).to(tl.int64)
+        kv_offs = slot[:, None] * stride_buf_t + kv_head * stride_buf_h + offs_d[None, :]
+        kv_mask = p_mask[:, None] & d_mask[None, :]
+        k = tl.load(KBuf + kv_offs, mask=kv_mask, other=0.0)                 # [BLOCK_N, BLOCK_D]
+        s = mma(q, tl.trans(k), FP32_DOT) * qk_scale                          # [BLOCK_H, BLOCK_N]
+        s = tl.where(p_mask[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(VBuf + kv_offs, mask=kv_mask, other=0.0)
+        acc = acc * alpha[:, None] + mma(p.to(v.dtype), v, FP32_DOT)
+        m_i = m_new
+
+    # splits past the request's end write nothing and are skipped in stage 2
+    row_mask = h_mask & ((offs_h * 0 + start) < end)
+    l_safe = tl.where(l_i > 0, l_i, 1.0)
+    po = PartialO + b * stride_po_b + heads[:, None] * stride_po_h + split * stride_po_s + offs_d[None, :]
+    tl.store(po, acc / l_safe[:, None], mask=row_mask[:, None] & d_mask[None, :])
+    pl = PartialLse + b * stride_pl_b + heads * stride_pl_h + split
+    tl.store(pl, m_i + tl.log2(l_safe), mask=row_mask)
+
+
+@triton.jit
+def _decode_reduce_kernel(
+        PartialO, PartialLse, Out, SeqLens, num_splits_cap,
+        stride_po_b, stride_po_h, stride_po_s, stride_pl_b, stride_pl_h, stride_ot, stride_oh,
+        HEAD_DIM: tl.constexpr, MIN_SPLIT: tl.constexpr, BLOCK_N: tl.constexpr,
+        MAX_SPLITS: tl.constexpr, BLOCK_D: tl.constexpr):
+    b = tl.program_id(0)
+    head = tl.program_id(1)
+    seq_len = tl.load(SeqLens + b).to(tl.int32)
+    splits = tl.arange(0, MAX_SPLITS)
+    start, end = _split_range(seq_len, splits, num_splits_cap, MIN_SPLIT, BLOCK_N)
+    s_mask = (splits < num_splits_cap) & (start < end)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_mask = offs_d < HEAD_DIM
+    lse = tl.load(PartialLse + b * stride_pl_b + head * stride_pl_h + splits, mask=s_mask,
+                  other=float("-inf"))                                          # [MAX_SPLITS]
+    w = tl.exp2(lse - tl.max(lse, 0))
+    w = tl.where(s_mask, w, 0.0)
+    o = tl.load(PartialO + b * stride_po_b + head * stride_po_h + splits[:, None] * stride_po_s
+                + offs_d[None, :], mask=s_mask[:, None] & d_mask[None, :], other=0.0)  # [MAX_SPLITS, BLOCK_D]
+    out = tl.sum(w[:, None] * o, 0) / tl.sum(w, 0)
+    tl.store(Out + b.to(tl.int64) * stride_ot + head * stride_oh + offs_d,
+             out.to(Out.dtype.element_ty), mask=d_mask)
+
+
+def decode_attention(q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, out: torch.Tensor,
+                     req_to_token: torch.Tensor, req_pool_indices: torch.Tensor, seq_lens: torch.Tensor,
+                     partial_o: torch.Tensor, partial_lse: torch.Tensor, scaling: float, *,
+                     num_splits: int, min_split_tokens: int, block_n: int, num_warps: int,
+                     num_stages: int, fp32_dot: bool) -> None:
+    """q, out: [B, Hq, D]; k_buf, v_buf: [capacity, Hkv, D]; req_to_token: [max_reqs, max_ctx];
+    req_pool_indices, seq_lens: [B]; partial_o: [B, Hq, num_splits, D] fp32 and partial_lse:
+    [B, Hq, num_splits] fp32 scratch. Writes out."""
+    batch, num_q_heads, head_dim = q.shape
+    num_kv_heads = k_buf.shape[1]
+    if batch == 0:
+        return
+    group = num_q_heads // num_kv_heads
+    block_d = next_pow2(head_dim)
+    max_splits = max(2, next_pow2(num_splits))
+    min_split = max(block_n, min_split_tokens)
+    qk_scale = scaling * LOG2E
+    _decode_partial_kernel[(batch, num_kv_heads, num_splits)](
+        q, k_buf, v_buf, req_to_token, req_pool_indices, seq_lens, partial_o, partial_lse,
+        qk_scale, num_splits,
+        q.stride(0), q.stride(1), k_buf.stride(0), k_buf.stride(1), req_to_token.stride(0),
+        partial_o.stride(0), partial_o.stride(1), partial_o.stride(2), partial_lse.stride(0),
+        partial_lse.stride(1),
+        GROUP=group, HEAD_DIM=head_dim, MIN_SPLIT=min_split, BLOCK_H=max(16, next_pow2(group)),
+        BLOCK_D=block_d, BLOCK_N=block_n, FP32_DOT=fp32_dot, num_warps=num_warps, num_stages=num_stages)
+    _decode_reduce_kernel[(batch, num_q_heads)](
+        partial_o, partial_lse, out, seq_lens, num_splits,
+        partial_o.stride(0), partial_o.stride(1), partial_o.stride(2), partial_lse.stride(0),
+        partial_lse.stride(1), out.stride(0), out.stride(1),
+        HEAD_DIM=head_dim, MIN_SPLIT=min_split, BLOCK_N=block_n, MAX_SPLITS=max_splits,
+        BLOCK_D=block_d, num_warps=4 if block_d * max_splits >= 2048 else 2)
+
+
+def splits_for_batch(batch_size: int, num_kv_heads: int, num_compute_units: int, max_kv_splits: int) -> int:
+    """How many sequence splits to launch: enough programs for about two per compute unit."""
+    wanted = math.ceil(2 * num_compute_units / max(1, batch_size * num_kv_heads))
+    return max(1, min(max_kv_splits, next_pow2(wanted)))

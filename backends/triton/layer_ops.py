@@ -1,0 +1,139 @@
+"""The fused layer ops in Triton: RMSNorm (with the residual add), SiLU-and-mul and neox rotary,
+one kernel each, fp32 math, rounding where the torch reference rounds (engine/layers)."""
+from __future__ import annotations
+
+from typing import Optional, Union
+
+import torch
+import triton
+import triton.language as tl
+
+from backends.triton.tl_helpers import next_pow2
+from hal.kernel_config import KernelConfig
+from hal.layer_ops import LayerOps
+from hal.platform import platform_for_device
+
+
+@triton.jit
+def _rms_norm_kernel(X, R, W, Out, ResOut, stride_x, stride_r, stride_o, stride_ro, eps,
+                     N: tl.constexpr, HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < N
+    x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0)
+    if HAS_RESIDUAL:
+        # the sum is rounded to the activation dtype, as the reference adds in that dtype
+        x = (x.to(tl.float32) + tl.load(R + row * stride_r + cols, mask=mask, other=0.0).to(tl.float32))
+        x = x.to(ResOut.dtype.element_ty)
+        tl.store(ResOut + row * stride_ro + cols, x, mask=mask)
+    xf = x.to(tl.float32)
+    rstd = tl.rsqrt(tl.sum(xf * xf, 0) / N + eps)
+    h = (xf * rstd).to(x.dtype).to(tl.float32)
+    w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+    tl.store(Out + row * stride_o + cols, (h * w).to(Out.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _silu_and_mul_kernel(X, Out, stride_x, stride_o, D: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = cols < D
+    gate = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+    up = tl.load(X + row * stride_x + D + cols, mask=mask, other=0.0)
+    silu = (gate / (1.0 + tl.exp(-gate))).to(up.dtype).to(tl.float32)  # rounded, as F.silu's output is
+    tl.store(Out + row * stride_o + cols, (silu * up.to(tl.float32)).to(Out.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _rotate(X, Out, t, cos, sin, stride_xt, stride_xh, stride_ot, stride_oh, offs_j, j_mask,
+            HEADS: tl.constexpr, HALF: tl.constexpr, BLOCK_H: tl.constexpr):
+    offs_h = tl.arange(0, BLOCK_H)
+    mask = (offs_h < HEADS)[:, None] & j_mask[None, :]
+    src = X + t * stride_xt + offs_h[:, None] * stride_xh + offs_j[None, :]
+    x1 = tl.load(src, mask=mask, other=0.0).to(tl.float32)                  # [BLOCK_H, BLOCK_HALF]
+    x2 = tl.load(src + HALF, mask=mask, other=0.0).to(tl.float32)
+    dst = Out + t * stride_ot + offs_h[:, None] * stride_oh + offs_j[None, :]
+    tl.store(dst, (x1 * cos - x2 * sin).to(Out.dtype.element_ty), mask=mask)
+    tl.store(dst + HALF, (x2 * cos + x1 * sin).to(Out.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _rotary_kernel(Q, K, Cos, Sin, QOut, KOut, stride_qt, stride_qh, stride_kt, stride_kh,
+                   stride_ct, stride_st, stride_qot, stride_qoh, stride_kot, stride_koh,
+                   HQ: tl.constexpr, HKV: tl.constexpr, HALF: tl.constexpr, BLOCK_HQ: tl.constexpr,
+                   BLOCK_HKV: tl.constexpr, BLOCK_HALF: tl.constexpr):
+    t = tl.program_id(0).to(tl.int64)
+    offs_j = tl.arange(0, BLOCK_HALF)
+    j_mask = offs_j < HALF
+    cos = tl.load(Cos + t * stride_ct + offs_j, mask=j_mask, other=0.0).to(tl.float32)[None, :]
+    sin = tl.load(Sin + t * stride_st + offs_j, mask=j_mask, other=0.0).to(tl.float32)[None, :]
+    _rotate(Q, QOut, t, cos, sin, stride_qt, stride_qh, stride_qot, stride_qoh, offs_j, j_mask,
+            HQ, HALF, BLOCK_HQ)
+    _rotate(K, KOut, t, cos, sin, stride_kt, stride_kh, stride_kot, stride_koh, offs_j, j_mask,
+            HKV, HALF, BLOCK_HKV)
+
+
+def _rows(x: torch.Tensor, n: int) -> torch.Tensor:
+    """x viewed as [rows, n] with unit stride along n (a copy only when no such view exists)."""
+    x2 = x.reshape(-1, n)
+    return x2 if x2.stride(-1) == 1 else x2.contiguous()
+
+
+def _warps(block: int, base: int) -> int:
+    return min(16, max(base, block // 1024))
+
+
+class TritonLayerOps(LayerOps):
+    name = "triton"
+
+    def __init__(self, device: Optional[torch.device] = None, kernel_config: Optional[KernelConfig] = None) -> None:
+        super().__init__(device)
+        if kernel_config is None and device is not None:
+            kernel_config = platform_for_device(torch.device(device)).kernel_config()
+        self.num_warps = (kernel_config or KernelConfig()).elementwise_num_warps
+
+    def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float,
+                 residual: Optional[torch.Tensor] = None
+                 ) -> Union[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        n = x.shape[-1]
+        x2 = _rows(x, n)                                                     # [rows, n]
+        out = torch.empty(x.shape, dtype=torch.promote_types(weight.dtype, x.dtype), device=x.device)
+        res_out = torch.empty(x.shape, dtype=x.dtype, device=x.device) if residual is not None else out
+        r2 = _rows(residual, n) if residual is not None else x2
+        if x2.shape[0]:
+            block = next_pow2(n)
+            _rms_norm_kernel[(x2.shape[0],)](
+                x2, r2, weight, out, res_out, x2.stride(0), r2.stride(0), n, n, float(eps),
+                N=n, HAS_RESIDUAL=residual is not None, BLOCK=block, num_warps=_warps(block, self.num_warps))
+        return out if residual is None else (out, res_out)
+
+    def silu_and_mul(self, x: torch.Tensor) -> torch.Tensor:
+        d = x.shape[-1] // 2
+        x2 = _rows(x, 2 * d)                                                 # [rows, 2d]
+        out = torch.empty((*x.shape[:-1], d), dtype=x.dtype, device=x.device)
+        if x2.shape[0]:
+            block = min(next_pow2(d), 2048)
+            _silu_and_mul_kernel[(x2.shape[0], triton.cdiv(d, block))](
+                x2, out, x2.stride(0), d, D=d, BLOCK=block, num_warps=_warps(block, self.num_warps))
+        return out
+
+    def apply_rotary(self, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+        t, hq, d = q.shape
+        hkv, half = k.shape[1], d // 2
+        if cos.shape[0] != t or cos.shape[-1] != half:
+            raise ValueError(f"cos/sin must be [{t}, 1, {half}] for q {tuple(q.shape)}, got {tuple(cos.shape)}")
+        q = q if q.stride(-1) == 1 else q.contiguous()
+        k = k if k.stride(-1) == 1 else k.contiguous()
+        cos = cos if cos.stride(-1) == 1 else cos.contiguous()
+        sin = sin if sin.stride(-1) == 1 else sin.contiguous()
+        q_out, k_out = torch.empty(q.shape, dtype=q.dtype, device=q.device), torch.empty(
+            k.shape, dtype=k.dtype, device=k.device)
+        if t:
+            block_half, block_hq, block_hkv = next_pow2(half), max(2, next_pow2(hq)), max(2, next_pow2(hkv))
+            _rotary_kernel[(t,)](
+                q, k, cos, sin, q_out, k_out, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
+                cos.stride(0), sin.stride(0), q_out.stride(0), q_out.stride(1), k_out.stride(0),
+                k_out.stride(1), HQ=hq, HKV=hkv, HALF=half, BLOCK_HQ=block_hq, BLOCK_HKV=block_hkv,
+                BLOCK_HALF=block_half, num_warps=_warps(block_hq * block_half, self.num_warps))
+        return q_out, k_out

@@ -1,0 +1,34 @@
+"""Small pieces every Triton kernel here shares: the dot product that stays exact in fp32, and
+how a launcher decides on it."""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+
+def interpreting() -> bool:
+    """True when Triton runs kernels in its CPU interpreter (TRITON_INTERPRET=1)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def fp32_dot(dtype: torch.dtype) -> bool:
+    """Whether dots run on fp32 operands in IEEE precision: for fp32 models (tf32 would lose
+    digits the reference keeps), and in the interpreter, whose bf16 dot is wrong."""
+    return dtype == torch.float32 or interpreting()
+
+
+def next_pow2(x: int) -> int:
+    return triton.next_power_of_2(max(1, int(x)))
+
+
+@triton.jit
+def mma(a, b, FP32_DOT: tl.constexpr):
+    """a @ b with fp32 accumulation."""
+    if FP32_DOT:
+        out = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    else:
+        out = tl.dot(a, b)
+    return out

@@ -1,0 +1,381 @@
+"""Tool calls in a model's output text, per model family, whole or while it streams.
+
+A parser reads the text generated so far and returns the plain content and the calls it
+holds, where the last call may still be incomplete; ``ToolCallStreamer`` turns successive
+parses into OpenAI's deltas, so that streamed and whole answers agree. Each parser also says
+how its calls are written, so that ``tool_choice`` "required" or a named function can be
+forced with a grammar (``TaggedSchema`` per function, see engine.constrained).
+
+Formats: ``llama3`` a bare JSON object {"name": ..., "parameters": {...}} (several separated by
+newlines or ";"); ``qwen25`` / ``hermes`` <tool_call>\\n{"name": ..., "arguments": {...}}\\n</tool_call>.
+The arguments returned are the model's own JSON text of the arguments object.
+"""
+from __future__ import annotations
+
+import json
+import re
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from engine.constrained.base import TaggedSchema
+
+_WS = " \t\r\n"
+_EMPTY_PARAMETERS = {"type": "object", "properties": {}}
+
+
+class _Invalid(Exception):
+    """The text cannot be a tool call of this format."""
+
+
+# ---- a forgiving scanner over possibly-truncated JSON ----------------------------------------
+def _skip_ws(text: str, i: int, extra: str = "") -> int:
+    while i < len(text) and (text[i] in _WS or text[i] in extra):
+        i += 1
+    return i
+
+
+def _string_end(text: str, i: int) -> Optional[int]:
+    """text[i] is '"': index after the closing quote, None if the text ends first."""
+    j = i + 1
+    while j < len(text):
+        c = text[j]
+        if c == "\\":
+            j += 2
+            continue
+        if c == '"':
+            return j + 1
+        j += 1
+    return None
+
+
+def _value_end(text: str, i: int) -> Optional[int]:
+    """Index after the JSON value starting at text[i]; None if the text ends first."""
+    c = text[i]
+    if c == '"':
+        return _string_end(text, i)
+    if c in "{[":
+        depth, j = 0, i
+        while j < len(text):
+            c = text[j]
+            if c == '"':
+                end = _string_end(text, j)
+                if end is None:
+                    return None
+                j = end
+                continue
+            if c in "{[":
+                depth += 1
+            elif c in "}]":
+                depth -= 1
+                if depth == 0:
+                    return j + 1
+            j += 1
+        return None
+    j = i
+    while j < len(text) and text[j] not in ",}]" + _WS:
+        j += 1
+    if j == len(text):
+        return None          # a number or literal may still grow
+    try:
+        json.loads(text[i:j])
+    except ValueError:
+        raise _Invalid(f"bad JSON literal {text[i:j]!r}") from None
+    return j
+
+
+@dataclass
+class PartialCall:
+    name: Optional[str] = None
+    args: str = ""                 # JSON text of the arguments value, as far as generated
+    args_done: bool = False
+    end: Optional[int] = None      # index after the call object's "}" once complete
+
+    def stream_args(self) -> str:
+        """The arguments text safe to send now (a string-encoded value only when whole)."""
+        if self.args.startswith('"'):
+            return self.final_args() if self.args_done else ""
+        if not self.args and self.end is not None:
+            return "{}"
+        return self.args
+
+    def final_args(self) -> str:
+        if not self.args:
+            return "{}"
+        value = json.loads(self.args)
+        return value if isinstance(value, str) else self.args
+
+
+def scan_call(text: str, i: int, args_keys: tuple[str, ...]) -> PartialCall:
+    """The call object {"name": ..., <args key>: ...} starting at text[i] (after blanks), as
+    far as the text goes. Raises _Invalid if it cannot be one."""
+    call = PartialCall()
+    i = _skip_ws(text, i)
+    if i == len(text):
+        return call
+    if text[i] != "{":
+        raise _Invalid("a call starts with '{'")
+    i += 1
+    while True:
+        i = _skip_ws(text, i, ",")
+        if i == len(text):
+            return call
+        if text[i] == "}":
+            if call.name is None:
+                raise _Invalid("the call has no name")
+            call.args_done = True
+            call.end = i + 1
+            return call
+        if text[i] != '"':
+            raise _Invalid("expected a key")
+        key_end = _string_end(text, i)
+        if key_end is None:
+            return call
+        key = json.loads(text[i:key_end])
+        i = _skip_ws(text, key_end)
+        if i == len(text):
+            return call
+        if text[i] != ":":
+            raise _Invalid("expected ':'")
+        i = _skip_ws(text, i + 1)
+        if i == len(text):
+            return call
+        end = _value_end(text, i)
+        if key == "name":
+            if end is None:
+                return call
+            name = json.loads(text[i:end])
+            if not isinstance(name, str):
+                raise _Invalid("the name must be a string")
+            call.name = name
+        elif key in args_keys:
+            call.args = text[i:end] if end is not None else text[i:]
+            call.args_done = end is not None
+            if end is not None and not isinstance(json.loads(call.args), (dict, str)):
+                raise _Invalid("the arguments must be an object")
+        if end is None:
+            return call
+        i = end
+
+
+@dataclass
+class ParseResult:
+    content: str                                          # text that is not a call (unstripped)
+    calls: list[PartialCall] = field(default_factory=list)
+
+
+class ToolCallParser:
+    """One model family's format. parse(text, final): final=False may hold back text that
+    could still turn into a call; final=True decides everything."""
+
+    name = ""
+    separator = "\n"
+
+    def parse(self, text: str, final: bool) -> ParseResult:
+        raise NotImplementedError
+
+    def call_begin(self, function_name: str) -> str:
+        raise NotImplementedError
+
+    call_end = ""
+
+    def tagged_schemas(self, functions: list[dict[str, Any]]) -> list[TaggedSchema]:
+        """What a call of each function looks like, for the grammar that forces one."""
+        return [TaggedSchema(self.call_begin(f["name"]), f.get("parameters") or _EMPTY_PARAMETERS,
+                             self.call_end) for f in functions]
+
+
+class HermesParser(ToolCallParser):
+    """Qwen 2.5 / Hermes: calls inside <tool_call></tool_call>, text around them is content."""
+
+    name = "qwen25"
+    open_tag, close_tag = "<tool_call>", "</tool_call>"
+    call_end = "}\n</tool_call>"
+
+    def call_begin(self, function_name: str) -> str:
+        return f'{self.open_tag}\n{{"name": {json.dumps(function_name)}, "arguments": '
+
+    def parse(self, text: str, final: bool) -> ParseResult:
+        res = ParseResult(content="")
+        pos = 0
+        while True:
+            start = text.find(self.open_tag, pos)
+            if start < 0:
+                rest = text[pos:]
+                res.content += rest if final else rest[: len(rest) - _partial_suffix(rest, self.open_tag)]
+                return res
+            res.content += text[pos:start]
+            try:
+                call = scan_call(text, start + len(self.open_tag), ("arguments", "parameters"))
+            except _Invalid:
+                if final:
+                    res.content += text[start:]
+                return res
+            if call.end is None:
+                if final:       # cut off inside the call: it is not a call
+                    res.content += text[start:]
+                else:
+                    res.calls.append(call)
+                return res
+            res.calls.append(call)
+            close = _skip_ws(text, call.end)
+            if text.startswith(self.close_tag, close):
+                pos = close + len(self.close_tag)
+            elif final or not self.close_tag.startswith(text[close:]):
+                pos = call.end          # no closing tag: accept the call anyway
+            else:
+                return res              # the closing tag is still arriving
+
+
+class Llama3Parser(ToolCallParser):
+    """Llama 3.1/3.2 JSON tool calls: the whole answer is the call(s), else it is content."""
+
+    name = "llama3"
+    python_tag = "<|python_tag|>"
+    call_end = "}"
+    _START = re.compile(r'\{\s*"name"')
+
+    def call_begin(self, function_name: str) -> str:
+        return f'{{"name": {json.dumps(function_name)}, "parameters": '
+
+    def parse(self, text: str, final: bool) -> ParseResult:
+        i = _skip_ws(text, 0)
+        if text.startswith(self.python_tag, i):
+            i = _skip_ws(text, i + len(self.python_tag))
+        if not self._START.match(text, i):
+            if not final and _could_start_call(text[i:]):
+                return ParseResult(content="")      # undecided: hold everything
+            return ParseResult(content=text)
+        calls: list[PartialCall] = []
+        try:
+            while True:
+                call = scan_call(text, i, ("parameters", "arguments"))
+                calls.append(call)
+                if call.end is None:
+                    if final:
+                        raise _Invalid("cut off inside a call")
+                    return ParseResult(content="", calls=calls)
+                i = _skip_ws(text, call.end, ";")
+                if i == len(text) or text[i] != "{":
+                    return ParseResult(content=text[i:], calls=calls)
+        except _Invalid:
+            return ParseResult(content=text) if final else ParseResult(content="", calls=calls)
+
+
+def _partial_suffix(text: str, tag: str) -> int:
+    """Length of the longest suffix of text that is a proper prefix of tag."""
+    for n in range(min(len(tag) - 1, len(text)), 0, -1):
+        if text.endswith(tag[:n]):
+            return n
+    return 0
+
+
+def _could_start_call(rest: str) -> bool:
+    """rest (after blanks) may still grow into '{"name"'."""
+    if not rest:
+        return True
+    compact = rest[0] + rest[1:].lstrip(_WS) if rest[0] == "{" else rest
+    return '{"name"'.startswith(compact)
+
+
+PARSERS: dict[str, type[ToolCallParser]] = {"llama3": Llama3Parser, "qwen25": HermesParser,
+                                            "hermes": HermesParser}
+
+
+def get_parser(name: str) -> ToolCallParser:
+    try:
+        return PARSERS[name]()
+    except KeyError:
+        raise ValueError(f"unknown tool-call parser {name!r}; choose one of {', '.join(PARSERS)}") from None
+
+
+def detect_parser(model_type: Optional[str], chat_template: Optional[str]) -> Optional[str]:
+    """The parser for a model when --tool-call-parser is not given: from the chat template's
+    call format, else from the architecture."""
+    template = chat_template or ""
+    if "<tool_call>" in template:
+        return "qwen25"
+    if "<|python_tag|>" in template or ("ipython" in template and '"parameters"' in template):
+        return "llama3"
+    if model_type == "llama":
+        return "llama3"
+    if model_type in ("qwen2", "qwen3"):
+        return "qwen25"
+    return None
+
+
+# ---- results in OpenAI's shape ---------------------------------------------------------------
+def new_call_id() -> str:
+    return f"call_{uuid.uuid4().hex[:24]}"
+
+
+def complete_calls(result: ParseResult) -> list[PartialCall]:
+    """The calls of a final parse whose arguments are whole JSON."""
+    out = []
+    for c in result.calls:
+        try:
+            c.final_args()
+        except ValueError:
+            continue
+        if c.name is not None and c.end is not None:
+            out.append(c)
+    return out
+
+
+def _content(res_content: str, final: bool, has_calls: bool) -> str:
+    """The content to show: blanks that may precede or follow a call are held back (sent
+    only if no call comes); once the answer has calls, it ends without them."""
+    if final and not has_calls:
+        return res_content
+    return res_content.rstrip() if res_content.strip() else ""
+
+
+def extract_tool_calls(parser: ToolCallParser, text: str) -> tuple[Optional[str], list[dict[str, Any]]]:
+    """(content, OpenAI tool_calls) of a finished answer: the text unchanged when it holds no
+    call; else the text around the calls (None if blank)."""
+    res = parser.parse(text, final=True)
+    calls = complete_calls(res)
+    if not calls:
+        return text, []
+    tool_calls = [{"id": new_call_id(), "type": "function",
+                   "function": {"name": c.name, "arguments": c.final_args()}} for c in calls]
+    return (_content(res.content, True, True) or None), tool_calls
+
+
+class ToolCallStreamer:
+    """Deltas of one streamed choice: feed the cumulative text, get what is new since the
+    last call as (content delta, delta.tool_calls entries)."""
+
+    def __init__(self, parser: ToolCallParser) -> None:
+        self.parser = parser
+        self.sent_content = 0
+        self.ids: list[str] = []
+        self.sent_args: list[int] = []
+
+    @property
+    def has_calls(self) -> bool:
+        return bool(self.ids)
+
+    def update(self, text: str, final: bool = False) -> tuple[str, list[dict[str, Any]]]:
+        res = self.parser.parse(text, final)
+        has_calls = bool(self.ids) or bool(complete_calls(res) if final else [c for c in res.calls if c.name])
+        content = _content(res.content, final, has_calls)
+        content_delta = content[self.sent_content:] if len(content) > self.sent_content else ""
+        self.sent_content = max(self.sent_content, len(content))
+        deltas: list[dict[str, Any]] = []
+        for k, call in enumerate(res.calls):
+            if call.name is None:
+                break
+            try:
+                args = call.stream_args()
+            except ValueError:
+                break
+            if k == len(self.ids):
+                self.ids.append(new_call_id())
+                self.sent_args.append(len(args))
+                deltas.append({"index": k, "id": self.ids[k], "type": "function",
+                               "function": {"name": call.name, "arguments": args}})
+            elif len(args) > self.sent_args[k]:
+                deltas.append({"index": k, "function": {"arguments": args[self.sent_args[k]:]}})
+                self.sent_args[k] = len(args)
+        return content_delta, deltas

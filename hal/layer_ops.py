@@ -1,0 +1,38 @@
+"""The layer_ops role: the element-wise steps of a decoder layer that are worth a fused kernel.
+
+Model layers (``engine/layers``) take one implementation at construction and call it every
+step. The torch one (backends/cpu) runs everywhere and is the reference; the Triton one
+(backends/triton) fuses each step into one kernel on GPUs.
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Optional, Union
+
+import torch
+
+
+class LayerOps(ABC):
+    name: str = "base"
+
+    def __init__(self, device: Optional[torch.device] = None) -> None:
+        self.device = device
+
+    @abstractmethod
+    def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float,
+                 residual: Optional[torch.Tensor] = None
+                 ) -> Union[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        """x: [..., hidden]; weight: [hidden]. Without residual: weight * norm(x). With residual:
+        (weight * norm(x + residual), x + residual), the sum rounded to x's dtype, the norm in
+        fp32 and rounded to x's dtype before the weight multiplies it (as Hugging Face does)."""
+
+    @abstractmethod
+    def silu_and_mul(self, x: torch.Tensor) -> torch.Tensor:
+        """x: [..., 2 * d] = [gate | up] -> [..., d] = silu(gate) * up."""
+
+    @abstractmethod
+    def apply_rotary(self, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Neox-style rotary embedding of q: [T, Hq, D] and k: [T, Hkv, D] with cos, sin:
+        [T, 1, D / 2] (the first and second halves of each head rotate as pairs). Returns new
+        tensors; the inputs are left alone."""

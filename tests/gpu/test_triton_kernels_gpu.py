@@ -1,0 +1,183 @@
+"""The Triton kernels on a real GPU at Llama-3.1-8B's attention shapes (32 q heads, 8 KV heads,
+head dim 128, bf16), contexts up to 8k, page sizes 1 and 16, against an fp32 torch reference;
+the fused layer ops at Llama-3.1-8B's hidden sizes; and decode captured in a CUDA graph."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from engine.mem_cache.kv_pool import KVPool
+from engine.runner.forward_batch import ForwardBatch, ForwardMode
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA or ROCm GPU"),
+]
+
+DEVICE = torch.device("cuda")
+LLAMA_8B = dict(num_q_heads=32, num_kv_heads=8, head_dim=128)
+
+
+def make_setup(lens, page_size, num_q_heads, num_kv_heads, head_dim, dtype, seed=0):
+    """A one-layer pool of random stale values with each request's pages in shuffled order."""
+    g = torch.Generator(device=DEVICE).manual_seed(seed)
+    max_context = max(lens)
+    pages_per_req = -(-max_context // page_size)
+    num_pages = len(lens) * pages_per_req + 7
+    pool = KVPool(num_layers=1, num_kv_heads=num_kv_heads, head_dim=head_dim, dtype=dtype, device=DEVICE,
+                  num_pages=num_pages, page_size=page_size)
+    pool.k_buffers[0].normal_(generator=g)
+    pool.v_buffers[0].normal_(generator=g)
+    pages = torch.randperm(num_pages, device=DEVICE, generator=g)[: len(lens) * pages_per_req].view(len(lens), -1)
+    pos = torch.arange(max_context, device=DEVICE)
+    req_to_token = torch.zeros(len(lens) + 3, max_context, dtype=torch.int32, device=DEVICE)
+    rows = torch.arange(len(lens), device=DEVICE) + 2
+    req_to_token[rows] = (pages[:, pos // page_size] * page_size + pos % page_size).int()
+    return pool, req_to_token, rows, g
+
+
+def make_backend(pool, req_to_token, page_size, num_q_heads, num_kv_heads, head_dim, dtype):
+    from hal.registry import entries
+
+    return entries("attention")["triton"].factory(
+        num_q_heads=num_q_heads, num_kv_heads=num_kv_heads, head_dim=head_dim, kv_pool=pool,
+        req_to_token=req_to_token, page_size=page_size, dtype=dtype, device=DEVICE)
+
+
+def reference(q, pool, req_to_token, rows, prefix_lens, ext_lens, scaling):
+    """fp32 attention per request: new token j of request i sees positions 0 .. prefix_i + j."""
+    outs, t0 = [], 0
+    for r, p, n in zip(rows.tolist(), prefix_lens, ext_lens):
+        slots = req_to_token[r, : p + n].long()
+        group = q.shape[1] // pool.num_kv_heads
+        k = pool.k_buffers[0][slots].float().repeat_interleave(group, dim=1)    # [S, Hq, D]
+        v = pool.v_buffers[0][slots].float().repeat_interleave(group, dim=1)
+        qi = q[t0:t0 + n].float()                                                # [n, Hq, D]
+        scores = torch.einsum("nhd,shd->hns", qi, k) * scaling                   # [Hq, n, S]
+        allowed = torch.arange(p + n, device=DEVICE)[None, :] <= (p + torch.arange(n, device=DEVICE))[:, None]
+        scores = scores.masked_fill(~allowed[None], float("-inf"))
+        outs.append(torch.einsum("hns,shd->nhd", scores.softmax(-1), v))
+        t0 += n
+    return torch.cat(outs)
+
+
+def run(mode, prefix_lens, ext_lens, page_size, dtype=torch.bfloat16, shapes=LLAMA_8B):
+    hq, hkv, d = shapes["num_q_heads"], shapes["num_kv_heads"], shapes["head_dim"]
+    seq = [p + n for p, n in zip(prefix_lens, ext_lens)]
+    pool, req_to_token, rows, g = make_setup(seq, page_size, hq, hkv, d, dtype)
+    backend = make_backend(pool, req_to_token, page_size, hq, hkv, d, dtype)
+    t = sum(ext_lens)
+    q = torch.randn(t, hq, d, device=DEVICE, generator=g).to(dtype)
+    k = torch.randn(t, hkv, d, device=DEVICE, generator=g).to(dtype)
+    v = torch.randn(t, hkv, d, device=DEVICE, generator=g).to(dtype)
+    loc = torch.cat([req_to_token[r, p:s].long() for r, p, s in zip(rows.tolist(), prefix_lens, seq)])
+    batch = ForwardBatch(
+        mode=mode, batch_size=len(seq), input_ids=torch.zeros(t, dtype=torch.int64, device=DEVICE),
+        positions=torch.zeros(t, dtype=torch.int64, device=DEVICE), req_pool_indices=rows,
+        seq_lens=torch.tensor(seq, device=DEVICE), out_cache_loc=loc, seq_lens_cpu=seq,
+        extend_prefix_lens=torch.tensor(prefix_lens, device=DEVICE),
+        extend_seq_lens=torch.tensor(ext_lens, device=DEVICE), extend_prefix_lens_cpu=list(prefix_lens),
+        extend_seq_lens_cpu=list(ext_lens))
+    backend.init_forward_metadata(batch)
+    out = backend.forward(q, k, v, 0, d ** -0.5, batch)
+    assert torch.equal(pool.k_buffers[0][loc], k) and torch.equal(pool.v_buffers[0][loc], v)
+    ref = reference(q, pool, req_to_token, rows, prefix_lens, ext_lens, d ** -0.5)
+    tol = 2e-5 if dtype == torch.float32 else (4e-3 if dtype == torch.float16 else 2e-2)
+    torch.testing.assert_close(out.float(), ref, atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("page_size", [1, 16])
+def test_decode_llama8b_shapes_up_to_8k(page_size):
+    lens = [1, 17, 512, 1000, 4096, 8192, 3001, 64]
+    run(ForwardMode.DECODE, [n - 1 for n in lens], [1] * len(lens), page_size)
+
+
+@pytest.mark.parametrize("page_size", [1, 16])
+def test_extend_llama8b_shapes_with_prefixes(page_size):
+    run(ForwardMode.EXTEND, [0, 4000, 7000, 15, 0], [1024, 96, 1192, 1, 333], page_size)
+
+
+@pytest.mark.parametrize("head_dim, gqa", [(64, 4), (256, 2)])
+@pytest.mark.parametrize("mode", [ForwardMode.DECODE, ForwardMode.EXTEND], ids=["decode", "extend"])
+def test_other_head_dims(head_dim, gqa, mode):
+    shapes = dict(num_q_heads=8 * gqa, num_kv_heads=8, head_dim=head_dim)
+    if mode.is_decode:
+        run(mode, [2047, 99, 0], [1, 1, 1], 16, shapes=shapes)
+    else:
+        run(mode, [0, 1500, 33], [700, 64, 1], 16, shapes=shapes)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_fp16_and_fp32(dtype):
+    run(ForwardMode.DECODE, [4095, 10], [1, 1], 16, dtype=dtype)
+    run(ForwardMode.EXTEND, [100, 0], [300, 257], 1, dtype=dtype)
+
+
+def test_decode_replays_in_a_cuda_graph_with_new_lengths():
+    """Decode launches no host sync and keeps its buffers: captured once, replayed for new
+    sequence lengths, it matches an eager step on the same inputs."""
+    hq, hkv, d = LLAMA_8B["num_q_heads"], LLAMA_8B["num_kv_heads"], LLAMA_8B["head_dim"]
+    bs, max_len, dtype = 8, 2048, torch.bfloat16
+    pool, req_to_token, rows, g = make_setup([max_len] * bs, 16, hq, hkv, d, dtype)
+    backend = make_backend(pool, req_to_token, 16, hq, hkv, d, dtype)
+    backend.reserve(bs)
+    q = torch.randn(bs, hq, d, device=DEVICE, dtype=dtype)
+    k = torch.randn(bs, hkv, d, device=DEVICE, dtype=dtype)
+    v = torch.randn(bs, hkv, d, device=DEVICE, dtype=dtype)
+    seq_lens = torch.full((bs,), 100, dtype=torch.int64, device=DEVICE)
+    loc = torch.zeros(bs, dtype=torch.int64, device=DEVICE)
+
+    def set_lengths(lens):
+        seq_lens.copy_(torch.tensor(lens, device=DEVICE))
+        loc.copy_(req_to_token[rows, seq_lens - 1].long())
+
+    batch = ForwardBatch(mode=ForwardMode.DECODE, batch_size=bs, input_ids=loc, positions=loc,
+                         req_pool_indices=rows, seq_lens=seq_lens, out_cache_loc=loc, seq_lens_cpu=[100] * bs)
+    set_lengths([100] * bs)
+    backend.init_forward_metadata(batch)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        backend.forward(q, k, v, 0, d ** -0.5, batch)  # compile outside the capture
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = backend.forward(q, k, v, 0, d ** -0.5, batch)
+    for lens in ([1, 2, 3, 2048, 1000, 17, 64, 512], [2000] * bs):
+        set_lengths(lens)
+        q.normal_()
+        graph.replay()
+        batch.seq_lens_cpu = list(lens)
+        backend.init_forward_metadata(batch)
+        eager = backend.forward(q, k, v, 0, d ** -0.5, batch)
+        torch.testing.assert_close(out, eager, atol=0, rtol=0)
+        ref = reference(q, pool, req_to_token, rows, [n - 1 for n in lens], [1] * bs, d ** -0.5)
+        torch.testing.assert_close(out.float(), ref, atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_layer_ops_llama8b_sizes(dtype):
+    from backends.cpu.torch_layer_ops import TorchLayerOps
+    from backends.triton.layer_ops import TritonLayerOps
+
+    ours, ref = TritonLayerOps(device=DEVICE), TorchLayerOps()
+    g = torch.Generator(device=DEVICE).manual_seed(1)
+    t = 77
+    x = torch.randn(t, 4096, device=DEVICE, generator=g).to(dtype)
+    res = torch.randn(t, 4096, device=DEVICE, generator=g).to(dtype)
+    w = (1 + 0.1 * torch.randn(4096, device=DEVICE, generator=g)).to(dtype)
+    tol = dict(atol=2e-2, rtol=2e-2) if dtype == torch.bfloat16 else dict(atol=2e-3, rtol=2e-3)
+    for a, b in zip(ours.rms_norm(x, w, 1e-5, res), ref.rms_norm(x, w, 1e-5, res)):
+        torch.testing.assert_close(a, b, **tol)
+    torch.testing.assert_close(ours.rms_norm(x, w, 1e-5), ref.rms_norm(x, w, 1e-5), **tol)
+    gate_up = torch.randn(t, 2 * 14336, device=DEVICE, generator=g).to(dtype)
+    torch.testing.assert_close(ours.silu_and_mul(gate_up), ref.silu_and_mul(gate_up), **tol)
+    qkv = torch.randn(t, (32 + 16) * 128, device=DEVICE, generator=g).to(dtype)
+    q, k = qkv[:, :4096].view(t, 32, 128), qkv[:, 4096:5120].view(t, 8, 128)
+    from engine.layers.rotary import RotaryEmbedding
+
+    with torch.device(DEVICE):
+        rope = RotaryEmbedding(128, 8192, 500000.0)
+    cos, sin = rope.cos_sin(torch.randint(0, 8192, (t,), device=DEVICE, generator=g), dtype)
+    for a, b in zip(ours.apply_rotary(q, k, cos, sin), ref.apply_rotary(q, k, cos, sin)):
+        torch.testing.assert_close(a, b, **tol)

@@ -1,0 +1,26 @@
+"""The Triton kernels compile for the GPUs we target but do not have here (H100: sm_90, MI300:
+gfx942), with the launch parameters of the CUDA and CDNA3 KernelConfigs, at Llama-3.1-8B's
+shapes. Runs in a fresh process: the interpreter tests switch this one to TRITON_INTERPRET."""
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("target, triton_backend", [("cuda:90", "nvidia"), ("hip:gfx942", "amd")])
+def test_triton_kernels_compile_for(target, triton_backend):
+    if importlib.util.find_spec("triton") is None or \
+            importlib.util.find_spec(f"triton.backends.{triton_backend}") is None:
+        pytest.skip(f"this triton install has no {triton_backend} compiler")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-m", "backends.triton.compile_check", "--target", target],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-6000:]
+    assert proc.stderr.count(": ok") == 7, proc.stderr[-3000:]

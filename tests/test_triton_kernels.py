@@ -1,0 +1,276 @@
+"""The portable Triton kernels (backends/triton) against plain torch references, on the CPU
+through Triton's interpreter: paged extend and decode attention, the KV store, and the fused
+layer ops. Shapes are small; the same kernels run at real shapes in tests/gpu."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+# triton.jit (and triton's own library of jit functions) reads TRITON_INTERPRET when a function is
+# defined. If another test module imported triton first, this process cannot interpret kernels:
+# the tests then run in a fresh process with the variable set (test_triton_in_a_fresh_process).
+IN_THIS_PROCESS = "triton" not in sys.modules or os.environ.get("TRITON_INTERPRET") == "1"
+if IN_THIS_PROCESS:
+    os.environ["TRITON_INTERPRET"] = "1"
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+pytest.importorskip("triton")
+
+from backends.cpu.torch_layer_ops import TorchLayerOps  # noqa: E402
+from backends.triton.attention_backend import TritonAttentionBackend  # noqa: E402
+from backends.triton.kv_store import store_kv  # noqa: E402
+from backends.triton.layer_ops import TritonLayerOps  # noqa: E402
+from engine.mem_cache.kv_pool import KVPool  # noqa: E402
+from engine.runner.forward_batch import ForwardBatch, ForwardMode  # noqa: E402
+from hal.kernel_config import KernelConfig  # noqa: E402
+from test_torch_attention import CASES, reference_attention  # noqa: E402
+
+NUM_KV_HEADS = 2
+# small tiles and splits so that short test sequences cross many blocks and sequence splits
+SMALL = KernelConfig(decode_block_n=16, extend_block_m=16, extend_block_n=16, min_split_tokens=16,
+                     max_kv_splits=8, num_compute_units=16)
+
+
+@pytest.fixture(autouse=True)
+def _interpreter_process(request):
+    if not IN_THIS_PROCESS and request.node.name != "test_triton_in_a_fresh_process":
+        pytest.skip("triton was imported before TRITON_INTERPRET was set; runs in test_triton_in_a_fresh_process")
+
+
+def test_triton_in_a_fresh_process():
+    if IN_THIS_PROCESS:
+        pytest.skip("the kernel tests run in this process")
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__],
+                          cwd=root, env=dict(os.environ, TRITON_INTERPRET="1"), capture_output=True,
+                          text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-8000:] + proc.stderr[-2000:]
+
+
+def test_kernels_run_in_the_interpreter():
+    from backends.triton.extend_attention import _extend_kernel
+    from triton.runtime.interpreter import InterpretedFunction
+
+    assert isinstance(_extend_kernel, InterpretedFunction), "import order: TRITON_INTERPRET was set too late"
+
+
+def tolerance(dtype):
+    # the interpreter rounds fp32 -> bf16 toward zero (the GPU rounds to nearest): one bf16 ulp
+    return {torch.float32: dict(atol=2e-5, rtol=2e-5), torch.float16: dict(atol=4e-3, rtol=4e-3),
+            torch.bfloat16: dict(atol=3e-2, rtol=3e-2)}[dtype]
+
+
+def make_setup(page_size, num_q_heads, head_dim, dtype, batch_size, max_context=64, config=SMALL, seed=0):
+    """A pool holding random stale values, pages handed out in shuffled order, request rows not 0..B-1."""
+    g = torch.Generator().manual_seed(seed)
+    pages_per_req = -(-max_context // page_size)
+    num_pages = batch_size * pages_per_req + 3
+    pool = KVPool(num_layers=2, num_kv_heads=NUM_KV_HEADS, head_dim=head_dim, dtype=dtype,
+                  device=torch.device("cpu"), num_pages=num_pages, page_size=page_size)
+    for buf in pool.k_buffers + pool.v_buffers:
+        buf.copy_(torch.randn(buf.shape, generator=g))
+    pages = torch.randperm(num_pages, generator=g)[: batch_size * pages_per_req].view(batch_size, -1)
+    offsets = torch.arange(max_context)
+    req_to_token = torch.zeros(batch_size + 2, max_context, dtype=torch.int32)
+    rows = torch.randperm(batch_size + 2, generator=g)[:batch_size]
+    req_to_token[rows] = (pages[:, offsets // page_size] * page_size + offsets % page_size).int()
+    backend = TritonAttentionBackend(num_q_heads=num_q_heads, num_kv_heads=NUM_KV_HEADS, head_dim=head_dim,
+                                     kv_pool=pool, req_to_token=req_to_token, page_size=page_size,
+                                     dtype=dtype, device=torch.device("cpu"), kernel_config=config)
+    return backend, pool, req_to_token, rows, g
+
+
+def run_step(mode, prefix_lens, ext_lens, page_size, num_q_heads, head_dim, dtype, config=SMALL, layer_id=1):
+    max_context = max(64, max(p + n for p, n in zip(prefix_lens, ext_lens)))
+    backend, pool, req_to_token, rows, g = make_setup(page_size, num_q_heads, head_dim, dtype,
+                                                      len(prefix_lens), max_context, config)
+    seq_lens = [p + n for p, n in zip(prefix_lens, ext_lens)]
+    t = sum(ext_lens)
+    q = torch.randn(t, num_q_heads, head_dim, generator=g).to(dtype)
+    k = torch.randn(t, NUM_KV_HEADS, head_dim, generator=g).to(dtype)
+    v = torch.randn(t, NUM_KV_HEADS, head_dim, generator=g).to(dtype)
+    loc = torch.cat([req_to_token[r, p:s].long() for r, p, s in zip(rows, prefix_lens, seq_lens)])
+    batch = ForwardBatch(
+        mode=mode, batch_size=len(prefix_lens), input_ids=torch.zeros(t, dtype=torch.int64),
+        positions=torch.zeros(t, dtype=torch.int64), req_pool_indices=rows, seq_lens=torch.tensor(seq_lens),
+        out_cache_loc=loc, seq_lens_cpu=seq_lens, extend_prefix_lens=torch.tensor(prefix_lens),
+        extend_seq_lens=torch.tensor(ext_lens), extend_prefix_lens_cpu=list(prefix_lens),
+        extend_seq_lens_cpu=list(ext_lens), attn_backend=backend)
+    backend.init_forward_metadata(batch)
+    out = backend.forward(q, k, v, layer_id, head_dim ** -0.5, batch)
+    assert torch.equal(pool.k_buffers[layer_id][loc], k) and torch.equal(pool.v_buffers[layer_id][loc], v)
+    k_all = [pool.k_buffers[layer_id][req_to_token[r, :s].long()] for r, s in zip(rows, seq_lens)]
+    v_all = [pool.v_buffers[layer_id][req_to_token[r, :s].long()] for r, s in zip(rows, seq_lens)]
+    ref = reference_attention(q, k_all, v_all, prefix_lens, ext_lens, head_dim ** -0.5)
+    assert out.dtype == dtype and out.shape == q.shape
+    torch.testing.assert_close(out.double(), ref, **tolerance(dtype))
+
+
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("page_size, gqa", [(1, 4), (4, 1), (16, 2), (64, 4)])
+def test_triton_attention_matches_reference_fp32(case, page_size, gqa):
+    mode, prefix_lens, ext_lens = CASES[case]
+    run_step(mode, prefix_lens, ext_lens, page_size, NUM_KV_HEADS * gqa, 64, torch.float32)
+
+
+@pytest.mark.parametrize("mode, prefix_lens, ext_lens", [
+    (ForwardMode.EXTEND, [5, 17, 0], [9, 1, 20]), (ForwardMode.DECODE, [0, 40, 63], [1, 1, 1])],
+    ids=["extend", "decode"])
+@pytest.mark.parametrize("head_dim, dtype, page_size", [
+    (64, torch.bfloat16, 16), (128, torch.float16, 1), (128, torch.bfloat16, 64), (256, torch.bfloat16, 4),
+    (256, torch.float32, 16)], ids=["hd64-bf16", "hd128-fp16", "hd128-bf16", "hd256-bf16", "hd256-fp32"])
+def test_triton_attention_head_dims_and_dtypes(mode, prefix_lens, ext_lens, head_dim, dtype, page_size):
+    run_step(mode, prefix_lens, ext_lens, page_size, 8, head_dim, dtype)
+
+
+@pytest.mark.parametrize("config", [SMALL, KernelConfig(num_compute_units=64), KernelConfig(max_kv_splits=1)],
+                         ids=["small-tiles", "default-tiles", "no-split"])
+def test_triton_decode_long_contexts_split_along_the_sequence(config):
+    """Contexts of hundreds of tokens: several splits per request (stage 2 merges them), some
+    splits empty, plus a one-token context."""
+    run_step(ForwardMode.DECODE, [300, 0, 129, 47], [1, 1, 1, 1], 16, 8, 64, torch.float32, config)
+
+
+def test_triton_extend_long_prompt_with_prefix_crosses_blocks():
+    run_step(ForwardMode.EXTEND, [70, 0], [45, 90], 8, 4, 64, torch.float32)
+
+
+def test_triton_decode_split_count_follows_batch_size():
+    backend = make_setup(1, 8, 64, torch.float32, 1, config=KernelConfig(num_compute_units=132))[0]
+    # about two programs per compute unit: ceil(2 * 132 / (B * 2 KV heads)), a power of two, at most 16
+    assert [backend.splits_for(b) for b in (1, 8, 64, 256)] == [16, 16, 4, 1]
+    backend.reserve(8)
+    size = backend._partial_lse.numel()
+    backend.init_forward_metadata(ForwardBatch(
+        mode=ForwardMode.DECODE, batch_size=8, input_ids=torch.zeros(8, dtype=torch.int64),
+        positions=torch.zeros(8, dtype=torch.int64), req_pool_indices=torch.zeros(8, dtype=torch.int64),
+        seq_lens=torch.ones(8, dtype=torch.int64), out_cache_loc=torch.zeros(8, dtype=torch.int64),
+        seq_lens_cpu=[1] * 8))
+    assert backend._partial_lse.numel() == size  # reserved: no reallocation within the reserved sizes
+
+
+def test_triton_extend_then_decode_in_sequence_reads_what_was_written():
+    backend, pool, req_to_token, rows, g = make_setup(4, 4, 64, torch.float32, 1)
+    row = rows[:1]
+    ks, vs, outs, refs = [], [], [], []
+    for mode, prefix, n in [(ForwardMode.EXTEND, 0, 6), (ForwardMode.EXTEND, 6, 21),
+                            (ForwardMode.DECODE, 27, 1), (ForwardMode.DECODE, 28, 1)]:
+        q = torch.randn(n, 4, 64, generator=g)
+        k, v = torch.randn(n, NUM_KV_HEADS, 64, generator=g), torch.randn(n, NUM_KV_HEADS, 64, generator=g)
+        ks.append(k)
+        vs.append(v)
+        batch = ForwardBatch(
+            mode=mode, batch_size=1, input_ids=torch.zeros(n, dtype=torch.int64),
+            positions=torch.arange(prefix, prefix + n), req_pool_indices=row,
+            seq_lens=torch.tensor([prefix + n]), out_cache_loc=req_to_token[row[0], prefix:prefix + n].long(),
+            seq_lens_cpu=[prefix + n], extend_prefix_lens=torch.tensor([prefix]),
+            extend_seq_lens=torch.tensor([n]), extend_prefix_lens_cpu=[prefix], extend_seq_lens_cpu=[n])
+        backend.init_forward_metadata(batch)
+        outs.append(backend.forward(q, k, v, 0, 0.125, batch))
+        refs.append(reference_attention(q, [torch.cat(ks)], [torch.cat(vs)], [prefix], [n], 0.125))
+    torch.testing.assert_close(torch.cat(outs).double(), torch.cat(refs), atol=2e-5, rtol=2e-5)
+
+
+# ---- KV store ----------------------------------------------------------------------------------
+@pytest.mark.parametrize("src_dtype, pool_dtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16),
+                                                   (torch.float16, torch.float16), (torch.float32, torch.float16)])
+def test_triton_store_kv_writes_only_the_given_slots(src_dtype, pool_dtype):
+    g = torch.Generator().manual_seed(1)
+    k_buf = torch.randn(40, 2, 32, generator=g).to(pool_dtype)
+    v_buf = torch.randn(40, 2, 32, generator=g).to(pool_dtype)
+    k_ref, v_ref = k_buf.clone(), v_buf.clone()
+    loc = torch.randperm(40, generator=g)[:7]
+    kv = torch.randn(7, 3 * 64, generator=g).to(src_dtype)           # a fused [q | k | v]-like row
+    k, v = kv[:, 64:128].view(7, 2, 32), kv[:, 128:].view(7, 2, 32)  # strided views, as models pass
+    store_kv(k_buf, v_buf, loc, k, v)
+    k_ref[loc], v_ref[loc] = k.to(pool_dtype), v.to(pool_dtype)
+    assert torch.equal(k_buf, k_ref) and torch.equal(v_buf, v_ref)
+
+
+# ---- fused layer ops -----------------------------------------------------------------------------
+OPS_DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+def ops_tolerance(dtype):
+    return {torch.float32: dict(atol=1e-5, rtol=1e-5), torch.float16: dict(atol=2e-3, rtol=2e-3),
+            torch.bfloat16: dict(atol=2e-2, rtol=2e-2)}[dtype]
+
+
+@pytest.mark.parametrize("dtype", OPS_DTYPES)
+@pytest.mark.parametrize("with_residual", [False, True])
+def test_triton_rms_norm_matches_torch(dtype, with_residual):
+    g = torch.Generator().manual_seed(2)
+    x = (3 * torch.randn(7, 96, generator=g)).to(dtype)
+    residual = torch.randn(7, 96, generator=g).to(dtype) if with_residual else None
+    weight = (1 + 0.1 * torch.randn(96, generator=g)).to(dtype)
+    ours = TritonLayerOps().rms_norm(x, weight, 1e-5, residual)
+    ref = TorchLayerOps().rms_norm(x, weight, 1e-5, residual)
+    if with_residual:
+        torch.testing.assert_close(ours[1], ref[1], **ops_tolerance(dtype))
+        ours, ref = ours[0], ref[0]
+    assert ours.dtype == ref.dtype and ours.shape == ref.shape
+    torch.testing.assert_close(ours, ref, **ops_tolerance(dtype))
+
+
+def test_triton_rms_norm_of_strided_heads():
+    """Qwen3's per-head q norm: a [T, H, D] view into the fused qkv output."""
+    g = torch.Generator().manual_seed(3)
+    qkv = torch.randn(5, 4 * 16 + 2 * 2 * 16, generator=g)
+    q = qkv[:, : 4 * 16].view(5, 4, 16)
+    weight = 1 + 0.1 * torch.randn(16, generator=g)
+    torch.testing.assert_close(TritonLayerOps().rms_norm(q, weight, 1e-6), TorchLayerOps().rms_norm(q, weight, 1e-6),
+                               atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", OPS_DTYPES)
+def test_triton_silu_and_mul_matches_torch(dtype):
+    g = torch.Generator().manual_seed(4)
+    x = (2 * torch.randn(6, 2 * 80, generator=g)).to(dtype)
+    torch.testing.assert_close(TritonLayerOps().silu_and_mul(x), TorchLayerOps().silu_and_mul(x),
+                               **ops_tolerance(dtype))
+
+
+@pytest.mark.parametrize("dtype", OPS_DTYPES)
+@pytest.mark.parametrize("head_dim", [16, 64])
+def test_triton_rotary_matches_torch(dtype, head_dim):
+    """q and k as the models pass them (views into the fused qkv output); cos/sin from the layer."""
+    from engine.layers.rotary import RotaryEmbedding
+
+    g = torch.Generator().manual_seed(5)
+    hq, hkv, t = 4, 2, 9
+    qkv = torch.randn(t, (hq + 2 * hkv) * head_dim, generator=g).to(dtype)
+    q = qkv[:, : hq * head_dim].view(t, hq, head_dim)
+    k = qkv[:, hq * head_dim: (hq + hkv) * head_dim].view(t, hkv, head_dim)
+    rope = RotaryEmbedding(head_dim, 64, 10000.0)
+    cos, sin = rope.cos_sin(torch.randint(0, 64, (t,), generator=g), dtype)
+    before = qkv.clone()
+    ours, ref = TritonLayerOps().apply_rotary(q, k, cos, sin), TorchLayerOps().apply_rotary(q, k, cos, sin)
+    assert torch.equal(qkv, before)  # inputs untouched
+    for a, b in zip(ours, ref):
+        torch.testing.assert_close(a, b, **ops_tolerance(dtype))
+
+
+# ---- a whole model ---------------------------------------------------------------------------------
+def test_triton_tiny_llama_greedy_tokens_equal_torch_backend(llama_tiny):
+    """Triton attention and Triton layer ops (interpreter, fp32) against the torch backend and
+    torch layer ops: a batch of mixed lengths, prompts extended in two chunks (a cached prefix)."""
+    from engine.layers.ops import using_layer_ops
+    from engine.models.config import ModelConfig
+    from engine.runner.model_loader import load_model
+    from model_harness import ModelHarness
+
+    cfg = ModelConfig.from_pretrained(str(llama_tiny), dtype="float32")
+    torch_model = load_model(cfg, "auto", "cpu")
+    with using_layer_ops(TritonLayerOps()):
+        triton_model = load_model(cfg, "auto", "cpu")
+    assert type(triton_model.model.layers[0].mlp.act_fn.layer_ops).__name__ == "TritonLayerOps"
+    g = torch.Generator().manual_seed(7)
+    prompts = [torch.randint(3, 1000, (n,), generator=g).tolist() for n in (11, 5, 17)]
+    ref = ModelHarness(torch_model, page_size=4).generate_greedy(prompts, 10, first_chunk=3)
+    ours = ModelHarness(triton_model, page_size=4, backend="triton").generate_greedy(prompts, 10, first_chunk=3)
+    assert ours == ref
+    assert len(set(ours[0])) > 1
