@@ -103,6 +103,11 @@ class GrammarBackend(ABC):
 def backend_class(name: str) -> type[GrammarBackend]:
     """The backend class registered as ``name`` (imported on first use)."""
     if name == "xgrammar":
+        try:
+            import xgrammar  # noqa: F401
+        except ImportError as e:
+            raise RuntimeError("--grammar-backend xgrammar: the xgrammar package is not installed "
+                               f"({e}); pip install xgrammar, or pass --grammar-backend none") from e
         from engine.constrained.xgrammar_backend import XGrammarBackend
 
         return XGrammarBackend

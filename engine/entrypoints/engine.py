@@ -8,6 +8,7 @@ import logging
 import os
 from typing import Any, AsyncIterator, Iterator, Optional, Union
 
+from engine.entrypoints.fanout import FanOut
 from engine.entrypoints.scheduler_client import ThreadSchedulerClient
 from engine.entrypoints.tokenizer_manager import TokenizerManager
 from engine.io_struct import GenerateRequest
@@ -149,31 +150,12 @@ class Engine:
         return list(await asyncio.gather(*(self._collect(r) for r in reqs)))
 
     async def _stream(self, reqs: list[GenerateRequest]) -> AsyncIterator[dict[str, Any]]:
-        queue: asyncio.Queue = asyncio.Queue()
-        done = object()
-
-        async def pump(i: int, req: GenerateRequest) -> None:
-            try:
-                async for out in self.tokenizer_manager.generate(req):
-                    await queue.put(dict(out, index=i))
-            finally:
-                await queue.put(done)
-
-        tasks = [asyncio.ensure_future(pump(i, r)) for i, r in enumerate(reqs)]
+        fan = FanOut(self.tokenizer_manager, reqs)
         try:
-            remaining = len(tasks)
-            while remaining:
-                item = await queue.get()
-                if item is done:
-                    remaining -= 1
-                else:
-                    yield item
-            for t in tasks:
-                t.result()  # surface errors
+            async for i, out in fan.updates():
+                yield dict(out, index=i)
         finally:
-            for t in tasks:
-                if not t.done():
-                    t.cancel()
+            fan.close()
 
     def _sync_iter(self, agen: AsyncIterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
         try:

@@ -22,7 +22,7 @@ from engine.entrypoints.openai.errors import APIError, CatchAllMiddleware, insta
 from engine.entrypoints.openai.protocol import ModelCard, ModelList
 from engine.entrypoints.openai.serving_chat import create_chat_completion
 from engine.entrypoints.openai.serving_completions import create_completion
-from engine.entrypoints.openai.streaming import ClientDisconnected
+from engine.entrypoints.fanout import ClientDisconnected
 
 logger = logging.getLogger(__name__)
 

@@ -17,7 +17,8 @@ from engine.entrypoints.openai import serving_common as common
 from engine.entrypoints.openai.context import ApiContext, anyserve_version
 from engine.entrypoints.openai.errors import APIError
 from engine.entrypoints.openai.protocol import GenerateReqInput
-from engine.entrypoints.openai.streaming import SSE_DONE, FanOut, SSEResponse, sse
+from engine.entrypoints.fanout import FanOut
+from engine.entrypoints.openai.streaming import SSE_DONE, SSEResponse, sse
 from engine.io_struct import GenerateRequest
 
 logger = logging.getLogger(__name__)

@@ -12,6 +12,7 @@ from typing import Any, Awaitable, Callable
 
 import grpc
 
+from engine.entrypoints.fanout import FanOut
 from engine.entrypoints.grpc.codegen import load_stubs
 from engine.entrypoints.grpc.convert import SampleStream, to_generate_requests
 from engine.io_struct import GenerateRequest
@@ -23,7 +24,6 @@ pb2, pb2_grpc = load_stubs()
 
 _MAX_MESSAGE_BYTES = 64 << 20        # long token-id prompts; gRPC's default is 4 MiB
 _HEALTH_GENERATE_TIMEOUT_S = 20.0
-_DONE = object()                     # a sample's end marker on the fan-out queue
 
 
 class AnyserveServicer(pb2_grpc.AnyserveServicer):
@@ -63,39 +63,18 @@ class AnyserveServicer(pb2_grpc.AnyserveServicer):
                               context: grpc.aio.ServicerContext) -> BaseException | None:
         """Run every sample concurrently and write their messages as they come (interleaved,
         tagged by index). Returns the first sample's error, if any, after stopping the rest."""
-        queue: asyncio.Queue = asyncio.Queue()
-        tasks = [asyncio.create_task(self._run_sample(SampleStream(pb2, rid, i), req, queue))
-                 for i, req in enumerate(reqs)]
+        streams = [SampleStream(pb2, rid, i) for i in range(len(reqs))]
+        fan = FanOut(self.tm, reqs)
         try:
-            remaining = len(tasks)
-            while remaining:
-                item = await queue.get()
-                if item is _DONE:
-                    remaining -= 1
-                elif isinstance(item, BaseException):
-                    return item
-                else:
-                    await context.write(item)
-            return None
-        finally:
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-
-    async def _run_sample(self, stream: SampleStream, req: GenerateRequest, queue: asyncio.Queue) -> None:
-        outputs = self.tm.generate(req)
-        try:
-            async for out in outputs:
-                msg = stream.delta(out)
+            async for i, out in fan.updates():
+                msg = streams[i].delta(out)
                 if msg is not None:
-                    queue.put_nowait(msg)
-        except Exception as e:               # handed to the writer, which maps it to a status
-            queue.put_nowait(e)
+                    await context.write(msg)
+            return None
+        except Exception as e:               # handed back, mapped to a status by the caller
+            return e
         finally:
-            aclose = getattr(outputs, "aclose", None)
-            if aclose is not None:
-                await aclose()
-            queue.put_nowait(_DONE)
+            fan.close()
 
     # ---- Health, model info, abort ------------------------------------------------------------
     async def Health(self, request: Any, context: grpc.aio.ServicerContext) -> Any:

@@ -16,7 +16,8 @@ from engine.entrypoints.openai.protocol import (ChatChoice, ChatChunkChoice, Cha
                                                 ChatCompletionRequest, ChatCompletionResponse,
                                                 ChatLogprobs, ChatResponseMessage, TokenLogprob,
                                                 TopLogprob, UsageInfo)
-from engine.entrypoints.openai.streaming import SSE_DONE, FanOut, SSEResponse, sse
+from engine.entrypoints.fanout import FanOut
+from engine.entrypoints.openai.streaming import SSE_DONE, SSEResponse, sse
 from engine.entrypoints.openai.tool_calls import plan_tools
 from engine.entrypoints.openai.tool_parsers import ToolCallParser, ToolCallStreamer, extract_tool_calls
 

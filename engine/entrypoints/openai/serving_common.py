@@ -12,7 +12,8 @@ from starlette.requests import Request
 
 from engine.entrypoints.openai.errors import APIError, from_validation_error, from_value_error
 from engine.entrypoints.openai.protocol import PromptItem, PromptTokensDetails, UsageInfo
-from engine.entrypoints.openai.streaming import SSE_DONE, ClientDisconnected, FanOut, sse
+from engine.entrypoints.fanout import ClientDisconnected, FanOut
+from engine.entrypoints.openai.streaming import SSE_DONE, sse, wait_disconnect
 from engine.io_struct import GenerateRequest
 
 logger = logging.getLogger(__name__)
@@ -61,14 +62,14 @@ async def start(fan: FanOut, request: Request) -> None:
     """Start the generations; a ValueError from the TokenizerManager (prompt too long, token
     id out of the vocabulary, ...) becomes a 400 before any response is sent."""
     try:
-        await fan.start(request)
+        await fan.start(lambda: wait_disconnect(request))
     except Exception as e:  # noqa: BLE001 - sorted into 400 / 503 / re-raised
         raise as_api_error(fan.tm, e) from None
 
 
 async def finals(fan: FanOut, request: Request) -> list[dict]:
     try:
-        return await fan.finals(request)
+        return await fan.finals(lambda: wait_disconnect(request))
     except Exception as e:  # noqa: BLE001 - sorted into 400 / 503 / re-raised
         raise as_api_error(fan.tm, e) from None
 

@@ -16,7 +16,8 @@ from engine.entrypoints.openai.context import ApiContext
 from engine.entrypoints.openai.errors import from_value_error
 from engine.entrypoints.openai.protocol import (CompletionChoice, CompletionLogprobs,
                                                 CompletionRequest, CompletionResponse, PromptItem)
-from engine.entrypoints.openai.streaming import SSE_DONE, FanOut, SSEResponse, sse
+from engine.entrypoints.fanout import FanOut
+from engine.entrypoints.openai.streaming import SSE_DONE, SSEResponse, sse
 
 
 async def create_completion(ctx: ApiContext, request: Request) -> Response:
