@@ -119,13 +119,11 @@ def test_matches_reference_head_dims_and_bf16(case, gqa, page_size, head_dim, dt
     check_case(case, gqa, page_size, head_dim, dtype)
 
 
-def test_single_request_extend_and_decode_in_sequence():
-    """A prompt in two extend chunks, then decodes, each step reading what the last one wrote."""
-    backend, pool, req_to_token, rows, g = make_setup(4, 4, 64, torch.float32, batch_size=1)
+def check_steps_in_sequence(backend, req_to_token, rows, g, steps):
+    """One request through several extend/decode steps, each reading the K/V the last wrote;
+    steps: [(mode, prefix_len, new_tokens)]."""
     row = rows[:1]
     ks, vs, outs, refs = [], [], [], []
-    steps = [(ForwardMode.EXTEND, 0, 6), (ForwardMode.EXTEND, 6, 5), (ForwardMode.DECODE, 11, 1),
-             (ForwardMode.DECODE, 12, 1)]
     for mode, prefix, n in steps:
         q = torch.randn(n, 4, 64, generator=g)
         k, v = torch.randn(n, NUM_KV_HEADS, 64, generator=g), torch.randn(n, NUM_KV_HEADS, 64, generator=g)
@@ -141,3 +139,11 @@ def test_single_request_extend_and_decode_in_sequence():
         outs.append(backend.forward(q, k, v, 0, 0.125, batch))
         refs.append(reference_attention(q, [torch.cat(ks)], [torch.cat(vs)], [prefix], [n], 0.125))
     torch.testing.assert_close(torch.cat(outs).double(), torch.cat(refs), atol=2e-5, rtol=2e-5)
+
+
+def test_single_request_extend_and_decode_in_sequence():
+    """A prompt in two extend chunks, then decodes, each step reading what the last one wrote."""
+    backend, pool, req_to_token, rows, g = make_setup(4, 4, 64, torch.float32, batch_size=1)
+    check_steps_in_sequence(backend, req_to_token, rows, g, [
+        (ForwardMode.EXTEND, 0, 6), (ForwardMode.EXTEND, 6, 5), (ForwardMode.DECODE, 11, 1),
+        (ForwardMode.DECODE, 12, 1)])

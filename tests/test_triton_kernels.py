@@ -27,7 +27,7 @@ from backends.triton.layer_ops import TritonLayerOps  # noqa: E402
 from engine.mem_cache.kv_pool import KVPool  # noqa: E402
 from engine.runner.forward_batch import ForwardBatch, ForwardMode  # noqa: E402
 from hal.kernel_config import KernelConfig  # noqa: E402
-from test_torch_attention import CASES, reference_attention  # noqa: E402
+from test_torch_attention import CASES, check_steps_in_sequence, reference_attention  # noqa: E402
 
 NUM_KV_HEADS = 2
 # small tiles and splits so that short test sequences cross many blocks and sequence splits
@@ -155,24 +155,9 @@ def test_triton_decode_split_count_follows_batch_size():
 
 def test_triton_extend_then_decode_in_sequence_reads_what_was_written():
     backend, pool, req_to_token, rows, g = make_setup(4, 4, 64, torch.float32, 1)
-    row = rows[:1]
-    ks, vs, outs, refs = [], [], [], []
-    for mode, prefix, n in [(ForwardMode.EXTEND, 0, 6), (ForwardMode.EXTEND, 6, 21),
-                            (ForwardMode.DECODE, 27, 1), (ForwardMode.DECODE, 28, 1)]:
-        q = torch.randn(n, 4, 64, generator=g)
-        k, v = torch.randn(n, NUM_KV_HEADS, 64, generator=g), torch.randn(n, NUM_KV_HEADS, 64, generator=g)
-        ks.append(k)
-        vs.append(v)
-        batch = ForwardBatch(
-            mode=mode, batch_size=1, input_ids=torch.zeros(n, dtype=torch.int64),
-            positions=torch.arange(prefix, prefix + n), req_pool_indices=row,
-            seq_lens=torch.tensor([prefix + n]), out_cache_loc=req_to_token[row[0], prefix:prefix + n].long(),
-            seq_lens_cpu=[prefix + n], extend_prefix_lens=torch.tensor([prefix]),
-            extend_seq_lens=torch.tensor([n]), extend_prefix_lens_cpu=[prefix], extend_seq_lens_cpu=[n])
-        backend.init_forward_metadata(batch)
-        outs.append(backend.forward(q, k, v, 0, 0.125, batch))
-        refs.append(reference_attention(q, [torch.cat(ks)], [torch.cat(vs)], [prefix], [n], 0.125))
-    torch.testing.assert_close(torch.cat(outs).double(), torch.cat(refs), atol=2e-5, rtol=2e-5)
+    check_steps_in_sequence(backend, req_to_token, rows, g, [
+        (ForwardMode.EXTEND, 0, 6), (ForwardMode.EXTEND, 6, 21), (ForwardMode.DECODE, 27, 1),
+        (ForwardMode.DECODE, 28, 1)])
 
 
 # ---- KV store ----------------------------------------------------------------------------------
