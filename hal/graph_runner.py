@@ -108,7 +108,12 @@ class GraphRunner(ABC):
         with torch.inference_mode():
             for bs in reversed(self.batch_sizes):
                 batch = self.static_batch(bs)
-                self._graphs[bs], self._outputs[bs] = self._capture_one(lambda b=batch: self.forward(b))
+                try:
+                    self._graphs[bs], self._outputs[bs] = self._capture_one(lambda b=batch: self.forward(b))
+                except Exception as e:
+                    raise RuntimeError(f"capturing the decode step at batch size {bs} failed ({e}); "
+                                       "lower --cuda-graph-max-bs, or serve eagerly with "
+                                       "--disable-cuda-graph") from e
         self.capture_seconds = time.perf_counter() - t0
 
     # -- replay ----------------------------------------------------------------------------------

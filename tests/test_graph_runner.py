@@ -124,7 +124,8 @@ def test_decode_replays_and_extend_runs_eager(llama_tiny, fake_graphs, monkeypat
     runner = make_runner(llama_tiny, GraphCpuPlatform(), max_running_requests=4)
     gr = fake_graphs[0]
     eager_calls = []
-    monkeypatch.setattr(runner, "_forward_eager", lambda b: eager_calls.append(b.mode) or torch.zeros(b.batch_size, 3))
+    monkeypatch.setattr(runner, "_forward_eager",
+                        lambda b: eager_calls.append(b.mode) or torch.zeros(b.batch_size, 3))
     monkeypatch.setattr(gr, "replay", lambda b: torch.ones(b.batch_size, 3))
     assert runner.forward(decode_batch(3)).sum() == 9
     too_big = decode_batch(5)

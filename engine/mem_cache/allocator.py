@@ -37,7 +37,8 @@ class PagedAllocator:
 
     def alloc(self, prefix_lens: list[int], seq_lens: list[int],
               last_locs: list[int]) -> Optional[torch.Tensor]:
-        """Slots for positions [prefix_len, seq_len) of each request, concatenated.
+        """Slots for positions [prefix_len, seq_len) of each request, concatenated, on the
+        host (the caller keeps the last slot of each request and copies them to the device).
 
         ``last_locs[i]`` is the slot of position prefix_len - 1 (ignored when prefix_len is
         page-aligned). Returns None, allocating nothing, when there are not enough pages.
@@ -49,7 +50,7 @@ class PagedAllocator:
         if p == 1:  # every position is its own page: one pop for the whole batch
             pages = self._free_pages[len(self._free_pages) - need:][::-1]
             del self._free_pages[len(self._free_pages) - need:]
-            return torch.tensor(pages, dtype=torch.int64).to(self.device, non_blocking=True)
+            return torch.tensor(pages, dtype=torch.int64)
         out: list[torch.Tensor] = []
         for a, b, last in zip(prefix_lens, seq_lens, last_locs):
             if b <= a:
@@ -67,8 +68,8 @@ class PagedAllocator:
                 pieces.append(slots[: b - pos])
             out.append(torch.cat(pieces) if len(pieces) > 1 else pieces[0])
         if not out:
-            return torch.empty(0, dtype=torch.int64, device=self.device)
-        return torch.cat(out).to(self.device, non_blocking=True)
+            return torch.empty(0, dtype=torch.int64)
+        return torch.cat(out)
 
     def free(self, slots: torch.Tensor) -> None:
         """Return the pages holding ``slots``. The caller owns every slot of those pages."""

@@ -40,7 +40,7 @@ class ForwardBatch:
     extend_prefix_lens_cpu: list[int] = field(default_factory=list)
     extend_seq_lens_cpu: list[int] = field(default_factory=list)
     # rows of the final hidden states to turn into logits: [num_logits] int64
-    # (the last token of each request in extend; every token in decode)
+    # (the last token of each request in extend); None: every row (decode, one token per request)
     logits_indices: Optional[torch.Tensor] = None
     attn_backend: Optional["AttentionBackend"] = None
 

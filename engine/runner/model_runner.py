@@ -136,11 +136,13 @@ class ModelRunner:
             runner = entry.factory(forward=self._forward_eager, attn_backend=self.attn_backend,
                                    max_batch_size=max_bs, max_running_requests=self.max_running_requests,
                                    pad_slot=self.pad_slot, pad_req_row=0, device=self.device)
+            free_before, _ = self.platform.memory_info()
             runner.capture()
+            graph_bytes = free_before - self.platform.memory_info()[0]
             self.graph_runner = runner
             self.graphs_reason = f"{runner.describe()} ({why})"
-            logger.info("captured decode graphs for batch sizes %s in %.1f s",
-                        runner.batch_sizes, runner.capture_seconds)
+            logger.info("captured decode graphs for batch sizes %s in %.1f s (%.2f GiB)",
+                        runner.batch_sizes, runner.capture_seconds, graph_bytes / GiB)
 
     # -- one step ----------------------------------------------------------------------------
     @torch.inference_mode()

@@ -84,10 +84,10 @@ class SamplingBatchInfo:
         top_ks = [vocab_size if p.top_k < 1 else min(p.top_k, vocab_size) for p in params]
 
         def floats(values: list[float]) -> torch.Tensor:
-            return torch.tensor(values, dtype=torch.float32, device=device)
+            return _to_device(values, torch.float32, device)
 
         def ints(values: list[int]) -> torch.Tensor:
-            return torch.tensor(values, dtype=torch.int64, device=device)
+            return _to_device(values, torch.int64, device)
 
         wanted = [k if r else 0 for k, r in zip(top_logprobs_nums, return_logprob)]
         info = cls(
@@ -150,6 +150,13 @@ class SamplingBatchInfo:
                 logits.index_copy_(0, rows, sub)
         if self.penalties is not None:
             self.penalties.apply(logits)
+
+
+def _to_device(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A host list on the device without waiting for it: a plain copy would block until the
+    forward pass queued before it has finished (this runs while it does)."""
+    pin = device.type != "cpu" and len(values) > 0
+    return torch.tensor(values, dtype=dtype, pin_memory=pin).to(device, non_blocking=True)
 
 
 def _as_int64(seed: int) -> int:

@@ -47,7 +47,8 @@ class PrefillAdder:
 
     @property
     def out_cache_loc(self) -> torch.Tensor:
-        return torch.cat(self.locs) if self.locs else torch.empty(0, dtype=torch.int64, device=self.s.device)
+        locs = torch.cat(self.locs) if self.locs else torch.empty(0, dtype=torch.int64)
+        return locs.to(self.s.device, non_blocking=True)
 
     def add_chunked(self, req: Req) -> None:
         """Continue the request whose prompt was cut at the last step's chunk boundary."""
@@ -87,7 +88,8 @@ class PrefillAdder:
             s.tree_cache.dec_lock_ref(node)
             return False
         req.req_pool_idx = s.req_to_token_pool.alloc()
-        req.prefix_indices, req.last_node, req.kv_len = prefix, node, prefix.numel()
+        # the prefix is page-aligned, so the next slot starts a fresh page: no last_loc needed
+        req.prefix_indices, req.last_node, req.kv_len, req.last_loc = prefix, node, prefix.numel(), -1
         if prefix.numel():
             s.req_to_token_pool.write(req.req_pool_idx, 0, prefix)
         if not self._alloc(req, take):
@@ -112,10 +114,12 @@ class PrefillAdder:
     def _alloc(self, req: Req, take: int) -> bool:
         s = self.s
         s._ensure_free(take + self.page_slack())
-        locs = s.allocator.alloc([req.kv_len], [req.kv_len + take], [s._last_loc(req)])
+        locs = s.allocator.alloc([req.kv_len], [req.kv_len + take], [req.last_loc])
         if locs is None:
             return False
         s.req_to_token_pool.write(req.req_pool_idx, req.kv_len, locs)
+        if take:
+            req.last_loc = int(locs[-1])
         self.locs.append(locs)
         return True
 

@@ -41,6 +41,7 @@ class Req:
         self.prefix_indices: torch.Tensor = torch.empty(0, dtype=torch.int64)
         self.last_node: Any = None
         self.kv_len = 0
+        self.last_loc = -1           # slot of position kv_len - 1 (kept on the host; -1: none)
         self.extend_len = 0          # new tokens in the current extend step
         self.cached_tokens = 0       # prompt tokens served from the cache (first prefill)
         self.counted_cache = False
@@ -75,6 +76,7 @@ class Req:
         self.prefix_indices = torch.empty(0, dtype=torch.int64)
         self.last_node = None
         self.kv_len = 0
+        self.last_loc = -1
 
     def __repr__(self) -> str:
         return (f"Req(rid={self.rid}, prompt={len(self.origin_input_ids)}, "

@@ -264,11 +264,14 @@ class Scheduler:
         if not self.running:
             return
         reqs = self.running
-        locs = self.allocator.alloc([r.kv_len for r in reqs], [r.kv_len + 1 for r in reqs],
-                                    [self._last_loc(r) for r in reqs])
-        assert locs is not None, "decode allocation failed after making room"
-        rows = torch.tensor([r.req_pool_idx for r in reqs], dtype=torch.int64, device=self.device)
-        cols = torch.tensor([r.kv_len for r in reqs], dtype=torch.int64, device=self.device)
+        host_locs = self.allocator.alloc([r.kv_len for r in reqs], [r.kv_len + 1 for r in reqs],
+                                         [r.last_loc for r in reqs])
+        assert host_locs is not None, "decode allocation failed after making room"
+        for r, loc in zip(reqs, host_locs.tolist()):
+            r.last_loc = loc
+        locs = host_locs.to(self.device, non_blocking=True)
+        rows = torch.tensor([r.req_pool_idx for r in reqs], dtype=torch.int64).to(self.device, non_blocking=True)
+        cols = torch.tensor([r.kv_len for r in reqs], dtype=torch.int64).to(self.device, non_blocking=True)
         self.req_to_token_pool.req_to_token[rows, cols] = locs.to(torch.int32)
         fb = build_decode_batch(reqs, locs, self.device)
         logits = self.runner.forward(fb)
@@ -277,11 +280,6 @@ class Scheduler:
         self._sample_and_process(list(reqs), logits)
         self.forward_ct += 1
         self.new_token_ratio = max(_MIN_NEW_TOKEN_RATIO, self.new_token_ratio - _NEW_TOKEN_RATIO_DECAY)
-
-    def _last_loc(self, req: Req) -> int:
-        if req.kv_len == 0:
-            return -1
-        return int(self.req_to_token_pool.req_to_token[req.req_pool_idx, req.kv_len - 1])
 
     def _make_room_for_decode(self) -> None:
         def pages_needed() -> int:

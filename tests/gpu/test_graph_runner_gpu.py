@@ -101,8 +101,8 @@ def test_graphs_after_abort(llama_tiny):
         tm = eng.tokenizer_manager
 
         async def collect(i):
-            gen = tm.generate(GenerateRequest(input_ids=ps[i], sampling_params={**GREEDY, "max_new_tokens": n_tokens},
-                                              stream=True, rid=f"r{i}"))
+            sp = {**GREEDY, "max_new_tokens": n_tokens}
+            gen = tm.generate(GenerateRequest(input_ids=ps[i], sampling_params=sp, stream=True, rid=f"r{i}"))
             last = None
             while True:
                 try:
@@ -118,7 +118,8 @@ def test_graphs_after_abort(llama_tiny):
     with Engine(model_path=str(llama_tiny), dtype="float32", **ENGINE_KW) as eng:
         replays = count_replays(eng)
         streamed = eng.loop.run_until_complete(run(eng))
-        after = [o["output_ids"] for o in eng.generate(input_ids=later, sampling_params={**GREEDY, "max_new_tokens": 20})]
+        after = [o["output_ids"] for o in eng.generate(input_ids=later,
+                                                        sampling_params={**GREEDY, "max_new_tokens": 20})]
         for _ in range(100):
             stats = eng.get_stats()
             if stats.num_running_reqs == 0:
