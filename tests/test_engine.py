@@ -3,34 +3,21 @@ transformers on the same checkpoint."""
 import random
 
 import pytest
-import torch
 
 from engine import Engine
+from hf_reference import hf_greedy as reference_greedy, hf_model
 
 GREEDY = {"temperature": 0.0, "ignore_eos": True}
 
 
+_HF_MODELS: dict = {}
+
+
 def hf_greedy(model_path, prompt_ids, n_tokens):
-    """Reference: transformers' model, plain greedy loop with its own KV cache (no EOS logic)."""
-    from transformers import AutoModelForCausalLM
-
-    model = hf_greedy.cache.get(model_path)
-    if model is None:
-        model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval()
-        hf_greedy.cache[model_path] = model
-    ids = torch.tensor([prompt_ids])
-    out, past = [], None
-    with torch.inference_mode():
-        for _ in range(n_tokens):
-            res = model(input_ids=ids, past_key_values=past, use_cache=True)
-            past = res.past_key_values
-            nxt = int(res.logits[0, -1].argmax())
-            out.append(nxt)
-            ids = torch.tensor([[nxt]])
-    return out
-
-
-hf_greedy.cache = {}
+    """transformers on the same checkpoint (fp32, loaded once per path)."""
+    if model_path not in _HF_MODELS:
+        _HF_MODELS[model_path] = hf_model(model_path)
+    return reference_greedy(_HF_MODELS[model_path], prompt_ids, n_tokens)
 
 
 def random_prompts(vocab, n, lo, hi, seed=0):

@@ -128,15 +128,19 @@ class Engine:
             if not isinstance(p, dict):
                 raise ValueError(f"sampling_params must be a dict, got {type(p).__name__}")
             n = p.get("n", 1)
+            if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+                raise ValueError(f"n must be an integer >= 1, got {n!r}")
             base = rids[i] or tm.new_rid()
-            for j in range(n if isinstance(n, int) and n > 1 else 1):
-                pj = dict(p, n=1)
-                if n != 1 and pj.get("seed") is not None:
-                    pj["seed"] = pj["seed"] + j
-                r = GenerateRequest(**{key: item}, sampling_params=pj if isinstance(n, int) and n >= 1 else p,
-                                    rid=base if n == 1 else f"{base}-{j}", stream=stream,
-                                    return_logprob=return_logprob, top_logprobs_num=top_logprobs_num)
-                tm.validate(r)  # every request is checked before any is sent
+            for j in range(n):
+                pj = dict(p, n=1)  # samples are separate requests sharing the prompt's KV
+                if n > 1 and pj.get("seed") is not None:
+                    pj["seed"] += j
+                r = GenerateRequest(**{key: item}, sampling_params=pj, rid=base if n == 1 else f"{base}-{j}",
+                                    stream=stream, return_logprob=return_logprob,
+                                    top_logprobs_num=top_logprobs_num)
+                # every request is checked before any is sent; keep the ids so that
+                # generate() does not tokenize the prompt a second time
+                r.input_ids, r.text = tm.validate(r)[0], None
                 reqs.append(r)
         return reqs, single and len(reqs) == 1
 

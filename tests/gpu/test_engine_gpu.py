@@ -7,6 +7,7 @@ import random
 
 import pytest
 import torch
+from hf_reference import hf_greedy, hf_model as reference_model
 
 pytestmark = [
     pytest.mark.gpu,
@@ -24,24 +25,8 @@ def prompts(n, lo=3, hi=60, vocab=2000, seed=0):
     return [[rng.randrange(3, vocab) for _ in range(rng.randint(lo, hi))] for _ in range(n)]
 
 
-def hf_greedy(model, prompt_ids, n_tokens):
-    """transformers' model on the GPU, plain greedy loop with its own KV cache."""
-    ids = torch.tensor([prompt_ids], device="cuda")
-    out, past = [], None
-    with torch.inference_mode():
-        for _ in range(n_tokens):
-            res = model(input_ids=ids, past_key_values=past, use_cache=True)
-            past = res.past_key_values
-            nxt = int(res.logits[0, -1].argmax())
-            out.append(nxt)
-            ids = torch.tensor([[nxt]], device="cuda")
-    return out
-
-
 def hf_model(path, dtype):
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype).to("cuda").eval()
+    return reference_model(path, dtype, device="cuda")
 
 
 def common_prefix(a, b):

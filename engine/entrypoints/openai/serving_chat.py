@@ -105,18 +105,17 @@ async def _stream(fan: FanOut, req: ChatCompletionRequest, head: dict[str, Any],
             yield chunk([ChatChunkChoice(index=i, delta={"role": "assistant", "content": ""})])
         async for i, out in fan.updates():
             meta = metas[i] = out["meta_info"]
-            err = common.abort_error(meta)
-            if err is not None:
-                yield sse(err.body())
-                yield SSE_DONE
+            closing = common.abort_events(meta)
+            if closing is not None:
+                for event in closing:
+                    yield event
                 return
             text = out["text"]
             reason = common.finish_reason(meta)
             if tools[i] is not None:
                 delta, calls = tools[i].update(text, final=reason is not None)
             else:
-                delta = text[len(sent_text[i]):] if text.startswith(sent_text[i]) else text
-                sent_text[i], calls = text, []
+                delta, calls = common.new_text(sent_text, i, text), []
             logprobs = None
             if req.logprobs:
                 logprobs = _logprobs(meta, sent_logprobs[i])

@@ -104,6 +104,19 @@ def finish_reason(meta: dict) -> Optional[str]:
     return fr.get("type", "stop") if isinstance(fr, dict) else str(fr)
 
 
+def new_text(sent: list[str], i: int, text: str) -> str:
+    """The part of choice i's cumulative ``text`` not sent yet (all of it if it was rewritten)."""
+    delta = text[len(sent[i]):] if text.startswith(sent[i]) else text
+    sent[i] = text
+    return delta
+
+
+def abort_events(meta: dict) -> Optional[list[bytes]]:
+    """The closing events of a stream whose request was aborted, or None."""
+    err = abort_error(meta)
+    return None if err is None else [sse(err.body()), SSE_DONE]
+
+
 def abort_error(meta: dict) -> Optional[APIError]:
     """An aborted generation as an error (503 unless the TokenizerManager gave a status:
     the request did not fail because of its input)."""

@@ -112,14 +112,12 @@ async def _stream(fan: FanOut, req: CompletionRequest, head: dict[str, Any],
     try:
         async for k, out in fan.updates():
             meta = metas[k] = out["meta_info"]
-            err = common.abort_error(meta)
-            if err is not None:
-                yield sse(err.body())
-                yield SSE_DONE
+            closing = common.abort_events(meta)
+            if closing is not None:
+                for event in closing:
+                    yield event
                 return
-            text = out["text"]
-            delta = text[len(sent_text[k]):] if text.startswith(sent_text[k]) else text
-            sent_text[k] = text
+            delta = common.new_text(sent_text, k, out["text"])
             echo = echoes[k // req.n]
             logprobs = None
             if not started[k]:
