@@ -17,6 +17,7 @@ def _flag(default: Any, help: str, choices: Optional[list] = None, group: str = 
 
 SCHEDULE_POLICIES = ["lpm", "fcfs", "dfs-weight", "random"]
 DTYPES = ["auto", "float32", "bfloat16", "float16"]
+LOAD_BALANCE_METHODS = ["round_robin", "shortest_queue", "cache_aware"]
 
 
 def device_choices() -> list[str]:
@@ -60,8 +61,35 @@ class ServerArgs:
     disable_overlap_schedule: bool = _flag(
         False, "Run the plain scheduler loop instead of preparing step N+1 while step N runs.",
         group="device")
-    tp_size: int = _flag(1, "Tensor-parallel size (GPUs per replica).", group="device")
-    dp_size: int = _flag(1, "Data-parallel replicas.", group="device")
+    tp_size: int = _flag(1, "Tensor-parallel size: ranks (GPUs, or CPU processes) that split each "
+                         "layer's weights and heads; one scheduler process per rank.", group="parallel")
+    dp_size: int = _flag(1, "Data-parallel replicas, each its own tensor-parallel group, behind the "
+                         "front end's router.", group="parallel")
+    load_balance_method: str = _flag(
+        "round_robin", "How the router picks a data-parallel replica: round_robin, shortest_queue "
+        "(fewest requests in flight) or cache_aware (longest routed prefix unless the load is out "
+        "of balance).", LOAD_BALANCE_METHODS, group="parallel")
+    router_balance_abs_threshold: int = _flag(
+        32, "cache_aware: the load counts as out of balance when the busiest replica has more than "
+        "this many requests in flight above the idlest ...", group="parallel")
+    router_balance_rel_threshold: float = _flag(
+        1.5, "... and more than this many times the idlest's load.", group="parallel")
+    router_cache_threshold: float = _flag(
+        0.5, "cache_aware: below this matched fraction of the prompt, a request goes to the replica "
+        "whose tree is smallest instead of the best match.", group="parallel")
+    router_max_tree_size: int = _flag(
+        1 << 20, "cache_aware: most tokens (or characters) each replica's approximate tree keeps; "
+        "least recently routed leaves are trimmed beyond it.", group="parallel")
+    base_gpu_id: int = _flag(0, "First device index used; rank r of replica d uses "
+                             "base_gpu_id + d * tp_size + r (local to its node).", group="parallel")
+    nnodes: int = _flag(1, "Machines the tensor-parallel group spans.", group="parallel")
+    node_rank: int = _flag(0, "This machine's index among --nnodes; node 0 runs the front end.",
+                           group="parallel")
+    dist_init_addr: Optional[str] = _flag(
+        None, "HOST:PORT of node 0 where the ranks meet (torch.distributed TCP store); needed with "
+        "--nnodes > 1, default a free local port.", group="parallel")
+    dist_timeout: float = _flag(600.0, "Seconds to wait for every rank to join and for one "
+                                "collective.", group="parallel")
     random_seed: int = _flag(0, "Seed of the server's random generator (requests without a seed draw "
                              "theirs from it).", group="device")
 
@@ -123,9 +151,29 @@ class ServerArgs:
             bad("chunked_prefill_size", f"must be -1 or >= 1, got {self.chunked_prefill_size}")
         if self.tp_size < 1 or self.dp_size < 1:
             bad("tp_size", "and --dp-size must be >= 1")
+        if self.nnodes < 1 or not 0 <= self.node_rank < self.nnodes:
+            bad("node_rank", f"must be in [0, --nnodes {self.nnodes}), got {self.node_rank}")
+        if self.nnodes > 1:
+            if self.tp_size % self.nnodes:
+                bad("tp_size", f"({self.tp_size}) must be a multiple of --nnodes ({self.nnodes})")
+            if not self.dist_init_addr:
+                bad("dist_init_addr", "(HOST:PORT of node 0) is needed with --nnodes > 1")
+            if self.dp_size > 1:
+                bad("dp_size", "> 1 with --nnodes > 1 is not supported: run one server per node "
+                    "behind 'anyserve router'")
+        if self.dist_init_addr and ":" not in self.dist_init_addr:
+            bad("dist_init_addr", f"must be HOST:PORT, got {self.dist_init_addr!r}")
+        if self.base_gpu_id < 0:
+            bad("base_gpu_id", f"must be >= 0, got {self.base_gpu_id}")
+        if self.router_balance_abs_threshold < 0 or self.router_balance_rel_threshold < 1.0:
+            bad("router_balance_abs_threshold", "must be >= 0 and --router-balance-rel-threshold >= 1")
+        if not 0.0 <= self.router_cache_threshold <= 1.0:
+            bad("router_cache_threshold", f"must be in [0, 1], got {self.router_cache_threshold}")
+        if self.router_max_tree_size < 1:
+            bad("router_max_tree_size", f"must be >= 1, got {self.router_max_tree_size}")
         if self.context_length is not None and self.context_length < 2:
             bad("context_length", f"must be >= 2, got {self.context_length}")
-        for name in ("dtype", "device", "schedule_policy", "load_format"):
+        for name in ("dtype", "device", "schedule_policy", "load_format", "load_balance_method"):
             choices = _choices(name)
             if getattr(self, name) not in choices:
                 bad(name, f"must be one of {choices}, got {getattr(self, name)!r}")
@@ -144,7 +192,7 @@ class ServerArgs:
                 groups[g] = parser.add_argument_group(f"{g} options")
             flag = "--" + f.name.replace("_", "-")
             default = f.default
-            help_text = meta["help"] + ("" if default in (None, False) else f" (default: {default})")
+            help_text = meta["help"] + ("" if default is None or default is False else f" (default: {default})")
             if f.type in ("bool", bool):
                 if default:
                     groups[g].add_argument(flag, action=argparse.BooleanOptionalAction, default=default,
@@ -154,10 +202,10 @@ class ServerArgs:
                 continue
             typ = _type_of(f)
             choices = _choices(f.name)
-            groups[g].add_argument(flag, type=typ, default=default, choices=choices,
+            # SGLang spells the tensor/data-parallel flags both ways: --tp-size and --tp.
+            aliases = [flag[: -len("-size")]] if f.name in ("tp_size", "dp_size") else []
+            groups[g].add_argument(flag, *aliases, type=typ, default=default, choices=choices,
                                    help=help_text, metavar=None if choices else f.name.upper())
-        # SGLang spells the tensor/data-parallel flags both ways.
-        parser.set_defaults()
 
     @classmethod
     def from_cli_args(cls, args: argparse.Namespace) -> "ServerArgs":
