@@ -86,6 +86,12 @@ class SchedulerStats:
     num_retractions: int = 0
     num_evicted_tokens: int = 0
     gen_throughput: float = 0.0
+    # the raw counts behind cache_hit_rate, so that replicas' rates can be merged exactly
+    prompt_tokens_total: int = 0
+    cached_tokens_total: int = 0
+    # with data parallelism: each replica's own stats, in dp_rank order (the fields above are
+    # their merge); empty otherwise
+    replicas: list["SchedulerStats"] = field(default_factory=list)
 
 
 @dataclass

@@ -1,4 +1,8 @@
-"""The collectives role: all-reduce, all-gather, broadcast and barrier over a process group."""
+"""The collectives role: all-reduce, all-gather, broadcast and barrier over a process group.
+
+Tensor collectives run on the device's own library (NCCL, RCCL, XCCL, gloo); ``broadcast_object``
+carries small Python objects (the scheduler's batch for the other ranks) over a host group.
+"""
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
@@ -12,7 +16,8 @@ class Collectives(ABC):
     rank: int = 0
 
     @abstractmethod
-    def all_reduce(self, t: torch.Tensor) -> torch.Tensor: ...
+    def all_reduce(self, t: torch.Tensor, op: str = "sum") -> torch.Tensor:
+        """In place over every rank; ``op`` is sum, min or max. Returns ``t``."""
 
     @abstractmethod
     def all_gather(self, t: torch.Tensor, dim: int = -1) -> torch.Tensor: ...
@@ -27,7 +32,7 @@ class Collectives(ABC):
 class SingleProcessCollectives(Collectives):
     """World of one: every collective is the identity."""
 
-    def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
+    def all_reduce(self, t: torch.Tensor, op: str = "sum") -> torch.Tensor:
         return t
 
     def all_gather(self, t: torch.Tensor, dim: int = -1) -> torch.Tensor:

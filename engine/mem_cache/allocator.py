@@ -90,6 +90,9 @@ class ReqToTokenPool:
         # [size, max_context_len] int32
         self.req_to_token = torch.zeros(size, max_context_len, dtype=torch.int32, device=device)
         self._free_rows = list(range(size - 1, -1, -1))
+        # With tensor parallelism, rank 0 records its writes here and sends them with the next
+        # batch, so the other ranks' tables (which their attention reads) stay the same.
+        self.journal: Optional[list[tuple]] = None
 
     def available_size(self) -> int:
         return len(self._free_rows)
@@ -102,6 +105,33 @@ class ReqToTokenPool:
 
     def write(self, row: int, start: int, slots: torch.Tensor) -> None:
         self.req_to_token[row, start: start + slots.numel()] = slots.to(torch.int32)
+        if self.journal is not None:
+            self.journal.append(("row", row, start, slots.to("cpu", torch.int32)))
+
+    def write_cells(self, rows: list[int], cols: list[int], slots: torch.Tensor) -> None:
+        """req_to_token[rows[i], cols[i]] = slots[i] (one new token per request); ``slots`` on
+        the host."""
+        index = torch.tensor([rows, cols], dtype=torch.int64)
+        if self.journal is not None:
+            self.journal.append(("cells", index, None, slots.to(torch.int32)))
+        self._write_cells(index, slots)
+
+    def _write_cells(self, index: torch.Tensor, slots: torch.Tensor) -> None:
+        dev = self.req_to_token.device
+        index = index.to(dev, non_blocking=True)
+        self.req_to_token[index[0], index[1]] = slots.to(dev, torch.int32, non_blocking=True)
+
+    def take_journal(self) -> list[tuple]:
+        entries, self.journal = self.journal or [], [] if self.journal is not None else None
+        return entries
+
+    def replay(self, journal: list[tuple]) -> None:
+        """Apply another rank's writes (see ``journal``)."""
+        for kind, a, b, slots in journal:
+            if kind == "row":
+                self.req_to_token[a, b: b + slots.numel()] = slots.to(self.req_to_token.device)
+            else:
+                self._write_cells(a, slots)
 
     def read(self, row: int, start: int, end: int) -> torch.Tensor:
         return self.req_to_token[row, start:end].to(torch.int64)

@@ -8,13 +8,14 @@ import logging
 import os
 import sys
 import time
-from typing import Callable, Iterator, Optional, Union
+from typing import Any, Callable, Iterator, Optional, Union
 
 import torch
 from torch import nn
 from tqdm import tqdm
 
 from engine.layers.layernorm import RMSNorm
+from engine.layers.parallel_state import get_tp_rank, get_tp_size
 from engine.models.config import ModelConfig
 from engine.models.registry import get_model_class
 
@@ -94,10 +95,56 @@ def safetensors_files(path: str) -> list[str]:
     return files
 
 
+_SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                       "F64": torch.float64, "I64": torch.int64, "I32": torch.int32, "I8": torch.int8,
+                       "U8": torch.uint8, "BOOL": torch.bool}
+
+
+class LazyTensor:
+    """A checkpoint tensor not read yet. ``narrow`` reads just those rows or columns from the
+    file, so a tensor-parallel rank reads only its shard; any other torch use reads it whole.
+    Weight loaders take it where they take a tensor."""
+
+    def __init__(self, sl: Any, stats: Optional[dict]) -> None:
+        self._slice = sl
+        self._stats = stats
+        self.shape = torch.Size(sl.get_shape())
+        self.dtype = _SAFETENSORS_DTYPES.get(sl.get_dtype())
+
+    def dim(self) -> int:
+        return len(self.shape)
+
+    def _read(self, index: tuple) -> torch.Tensor:
+        t = self._slice[index]
+        if self._stats is not None:
+            self._stats["bytes"] = self._stats.get("bytes", 0) + t.numel() * t.element_size()
+        return t
+
+    def narrow(self, dim: int, start: int, length: int) -> torch.Tensor:
+        index = [slice(None)] * self.dim()
+        index[dim] = slice(start, start + length)
+        return self._read(tuple(index))
+
+    def materialize(self) -> torch.Tensor:
+        return self._read(tuple(slice(None) for _ in self.shape))
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        def real(x):
+            if isinstance(x, LazyTensor):
+                return x.materialize()
+            if isinstance(x, (list, tuple)):
+                return type(x)(real(v) for v in x)
+            return x
+
+        return func(*real(args), **{k: real(v) for k, v in (kwargs or {}).items()})
+
+
 def iterate_safetensors(files: list[str], wanted: Callable[[str], bool] = lambda n: True,
-                        stats: Optional[dict] = None) -> Iterator[tuple[str, torch.Tensor]]:
+                        stats: Optional[dict] = None, lazy: bool = False
+                        ) -> Iterator[tuple[str, Union[torch.Tensor, LazyTensor]]]:
     """Yield (name, cpu tensor) for the wanted tensors of ``files``, reading only those, with a
-    progress bar over tensors."""
+    progress bar over tensors. ``lazy``: yield LazyTensors, read as the model narrows them."""
     from safetensors import safe_open
 
     names_per_file = []
@@ -110,11 +157,15 @@ def iterate_safetensors(files: list[str], wanted: Callable[[str], bool] = lambda
         for f, names in zip(files, names_per_file):
             with safe_open(f, framework="pt", device="cpu") as fh:
                 for name in names:
-                    t = fh.get_tensor(name)
                     if stats is not None:
                         stats["tensors"] = stats.get("tensors", 0) + 1
-                        stats["bytes"] = stats.get("bytes", 0) + t.numel() * t.element_size()
-                    yield name, t
+                    if lazy:
+                        yield name, LazyTensor(fh.get_slice(name), stats)
+                    else:
+                        t = fh.get_tensor(name)
+                        if stats is not None:
+                            stats["bytes"] = stats.get("bytes", 0) + t.numel() * t.element_size()
+                        yield name, t
                     bar.update(1)
 
 
@@ -125,8 +176,9 @@ def load_safetensors(model: nn.Module, path: str) -> None:
     start = time.perf_counter()
     stats: dict = {}
     wanted = getattr(model, "weight_needed", lambda n: True)
+    lazy = get_tp_size() > 1    # each rank reads only its slices
     try:
-        loaded = model.load_weights(iterate_safetensors(files, wanted, stats))
+        loaded = model.load_weights(iterate_safetensors(files, wanted, stats, lazy=lazy))
     except ValueError as e:
         raise WeightLoadError(f"{path}: {e}") from None
     missing = [n for n, _ in model.named_parameters() if n not in loaded]
@@ -134,5 +186,7 @@ def load_safetensors(model: nn.Module, path: str) -> None:
         raise WeightLoadError(f"{path}: {len(missing)} weight(s) of the model are not in the checkpoint, "
                               f"e.g. {', '.join(missing[:5])}; is it the architecture config.json names, "
                               f"and are all shards present?")
-    logger.info("loaded %d tensors (%.2f GB) from %d safetensors file(s) in %.1f s", stats.get("tensors", 0),
-                stats.get("bytes", 0) / 1e9, len(files), time.perf_counter() - start)
+    logger.info("loaded %d tensors (%.2f GB read%s) from %d safetensors file(s) in %.1f s",
+                stats.get("tensors", 0), stats.get("bytes", 0) / 1e9,
+                f", tensor-parallel rank {get_tp_rank()}'s shards" if lazy else "", len(files),
+                time.perf_counter() - start)

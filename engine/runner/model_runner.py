@@ -1,6 +1,7 @@
 """ModelRunner: loads the model, sizes the KV cache, builds the HAL's attention, sampler and graph
 runner, and runs one step (forward + sample). Decode batches the graph runner captured replay a
-device graph; everything else runs eagerly."""
+device graph; everything else runs eagerly. With tensor parallelism there is one per rank: rank 0
+sends each batch to the others before running it (engine/runner/tp_worker.py)."""
 from __future__ import annotations
 
 import logging
@@ -16,6 +17,8 @@ from engine.mem_cache.kv_pool import KVPool
 from engine.models.config import ModelConfig
 from engine.runner.forward_batch import ForwardBatch
 from engine.runner.model_loader import load_model
+from engine.runner.tp_worker import (TPStep, batch_from_host, batch_to_host, init_tensor_parallel,
+                                     local_device_index)
 from engine.sampling.sampling_batch_info import SamplingBatchInfo
 from engine.server_args import ServerArgs
 from hal.graph_runner import GraphRunner, attention_can_be_captured
@@ -32,11 +35,15 @@ _DEFAULT_MEM_FRACTION = 0.88
 
 
 class ModelRunner:
-    def __init__(self, server_args: ServerArgs, platform: Optional[hal.Platform] = None) -> None:
+    def __init__(self, server_args: ServerArgs, platform: Optional[hal.Platform] = None, tp_rank: int = 0) -> None:
         self.server_args = server_args
         self.platform = platform or hal.get_platform(server_args.device)
-        self.device = self.platform.device(0)
+        self.tp_rank, self.tp_size = tp_rank, server_args.tp_size
+        index = local_device_index(server_args, tp_rank)
+        self.platform.set_device(index)
+        self.device = self.platform.device(index)
         self.platform.manual_seed(server_args.random_seed)
+        self.tp_group = init_tensor_parallel(server_args, self.platform, tp_rank)
 
         self.model_config = ModelConfig.from_pretrained(
             server_args.model_path, context_length=server_args.context_length, dtype=server_args.dtype,
@@ -44,6 +51,10 @@ class ModelRunner:
         self.dtype = self.model_config.dtype
         self.context_len = self.model_config.context_len
         self.vocab_size = self.model_config.vocab_size
+        cfg, tp = self.model_config, self.tp_size
+        # this rank's heads (with fewer KV heads than ranks, each rank keeps a copy of one)
+        self.num_q_heads = cfg.num_attention_heads // tp
+        self.num_kv_heads = max(1, cfg.num_key_value_heads // tp)
 
         # layers take their element-wise kernels (norm, activation, rotary) when they are built
         entry, self.layer_ops_reason = hal.select("layer_ops", self.platform)
@@ -63,11 +74,18 @@ class ModelRunner:
     # -- memory ------------------------------------------------------------------------------
     def _kv_budget_tokens(self, free_before: int) -> int:
         args, cfg = self.server_args, self.model_config
-        per_token = KVPool.bytes_per_token(cfg.num_hidden_layers, cfg.num_key_value_heads,
-                                           cfg.head_dim, self.dtype)
+        per_token = KVPool.bytes_per_token(cfg.num_hidden_layers, self.num_kv_heads, cfg.head_dim, self.dtype)
         self.kv_bytes_per_token = per_token
         if args.max_total_tokens is not None:
             return args.max_total_tokens
+        tokens = self._local_kv_budget_tokens(per_token)
+        if self.tp_size > 1:  # every rank holds the same slots: the smallest rank decides
+            t = torch.tensor([tokens], dtype=torch.int64, device=self.device)
+            tokens = int(self.tp_group.all_reduce(t, op="min").item())
+        return tokens
+
+    def _local_kv_budget_tokens(self, per_token: int) -> int:
+        args = self.server_args
         free_now, total = self.platform.memory_info()
         if self.platform.uses_host_memory:
             fraction = args.mem_fraction_static or 0.3
@@ -96,7 +114,7 @@ class ModelRunner:
             1, min(256, self.max_total_tokens // 16))
         # One page more than the allocator hands out: padded rows of captured decode steps write
         # their K/V to its first slot, which no request ever owns.
-        self.kv_pool = KVPool(num_layers=cfg.num_hidden_layers, num_kv_heads=cfg.num_key_value_heads,
+        self.kv_pool = KVPool(num_layers=cfg.num_hidden_layers, num_kv_heads=self.num_kv_heads,
                               head_dim=cfg.head_dim, dtype=self.dtype, device=self.device,
                               num_pages=num_pages + 1, page_size=page)
         self.pad_slot = num_pages * page
@@ -104,13 +122,15 @@ class ModelRunner:
         # +1 row: a chunked-prefill request that is not yet running
         self.req_to_token_pool = ReqToTokenPool(self.max_running_requests + 1, self.context_len + 1,
                                                 self.device)
+        if self.tp_size > 1 and self.tp_rank == 0:
+            self.req_to_token_pool.journal = []
 
     def _init_backends(self) -> None:
         args, cfg = self.server_args, self.model_config
         entry, why = hal.select("attention", self.platform, args.attention_backend)
         self.attention_backend_name = entry.name
         self.attn_backend = entry.factory(
-            num_q_heads=cfg.num_attention_heads, num_kv_heads=cfg.num_key_value_heads,
+            num_q_heads=self.num_q_heads, num_kv_heads=self.num_kv_heads,
             head_dim=cfg.head_dim, kv_pool=self.kv_pool, req_to_token=self.req_to_token_pool.req_to_token,
             page_size=args.page_size, dtype=self.dtype, device=self.device)
         self.attention_reason = why
@@ -149,9 +169,31 @@ class ModelRunner:
     def forward(self, batch: ForwardBatch) -> torch.Tensor:
         """Logits [num_logits, vocab] fp32. A decode batch the graph runner can run replays its
         graph (the logits are then valid until the next step)."""
+        if self.tp_size > 1 and self.tp_rank == 0:
+            self.tp_group.broadcast_object(TPStep(self.req_to_token_pool.take_journal(), batch_to_host(batch)))
         if self.graph_runner is not None and self.graph_runner.can_run(batch):
             return self.graph_runner.replay(batch)
         return self._forward_eager(batch)
+
+    def serve_rank0(self) -> None:
+        """Ranks > 0: run each batch rank 0 broadcasts, until it sends stop (or goes away)."""
+        assert self.tp_rank > 0
+        while True:
+            step: TPStep = self.tp_group.broadcast_object(None)
+            self.req_to_token_pool.replay(step.journal)
+            if step.batch is None:
+                return
+            batch = batch_from_host(step.batch, self.device)
+            if self.graph_runner is not None and self.graph_runner.can_run(batch):
+                self.graph_runner.replay(batch)
+            else:
+                with torch.inference_mode():
+                    self._forward_eager(batch)
+
+    def shutdown(self) -> None:
+        """Rank 0: tell the other ranks to stop."""
+        if self.tp_size > 1 and self.tp_rank == 0:
+            self.tp_group.broadcast_object(TPStep([], None))
 
     def _forward_eager(self, batch: ForwardBatch) -> torch.Tensor:
         batch.attn_backend = self.attn_backend
@@ -163,7 +205,8 @@ class ModelRunner:
         return self.sampler.sample(logits, info)
 
     def describe(self) -> str:
-        return (f"device={self.platform.description()} dtype={str(self.dtype).replace('torch.', '')} "
+        tp = f"tp_rank={self.tp_rank}/{self.tp_size} " if self.tp_size > 1 else ""
+        return (f"{tp}device={self.platform.description()} dtype={str(self.dtype).replace('torch.', '')} "
                 f"attention={self.attention_backend_name} ({self.attention_reason}) "
                 f"sampling={self.sampling_backend_name} ({self.sampling_reason}) "
                 f"layer_ops={self.layer_ops_name} ({self.layer_ops_reason}) "

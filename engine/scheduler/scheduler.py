@@ -270,9 +270,7 @@ class Scheduler:
         for r, loc in zip(reqs, host_locs.tolist()):
             r.last_loc = loc
         locs = host_locs.to(self.device, non_blocking=True)
-        rows = torch.tensor([r.req_pool_idx for r in reqs], dtype=torch.int64).to(self.device, non_blocking=True)
-        cols = torch.tensor([r.kv_len for r in reqs], dtype=torch.int64).to(self.device, non_blocking=True)
-        self.req_to_token_pool.req_to_token[rows, cols] = locs.to(torch.int32)
+        self.req_to_token_pool.write_cells([r.req_pool_idx for r in reqs], [r.kv_len for r in reqs], host_locs)
         fb = build_decode_batch(reqs, locs, self.device)
         logits = self.runner.forward(fb)
         for r in reqs:
@@ -403,7 +401,8 @@ class Scheduler:
             num_queue_reqs=len(self.waiting), token_usage=(cap - free - evictable) / cap,
             cache_hit_rate=self.cached_tokens_total / max(1, self.prompt_tokens_total),
             max_total_tokens=cap, available_tokens=free + evictable, evictable_tokens=evictable,
-            num_retractions=self.num_retractions, num_evicted_tokens=self.tree_cache.num_evicted_tokens)
+            num_retractions=self.num_retractions, num_evicted_tokens=self.tree_cache.num_evicted_tokens,
+            prompt_tokens_total=self.prompt_tokens_total, cached_tokens_total=self.cached_tokens_total)
 
     def check_memory_whole(self) -> None:
         """When idle, every slot is free or held by the cache (nothing leaked)."""
