@@ -23,6 +23,10 @@ class Collectives(ABC):
     def all_gather(self, t: torch.Tensor, dim: int = -1) -> torch.Tensor: ...
 
     @abstractmethod
+    def broadcast(self, t: torch.Tensor, src: int = 0) -> torch.Tensor:
+        """In place: every rank's ``t`` becomes rank ``src``'s. Returns ``t``."""
+
+    @abstractmethod
     def broadcast_object(self, obj: Any, src: int = 0) -> Any: ...
 
     @abstractmethod
@@ -36,6 +40,9 @@ class SingleProcessCollectives(Collectives):
         return t
 
     def all_gather(self, t: torch.Tensor, dim: int = -1) -> torch.Tensor:
+        return t
+
+    def broadcast(self, t: torch.Tensor, src: int = 0) -> torch.Tensor:
         return t
 
     def broadcast_object(self, obj: Any, src: int = 0) -> Any:

@@ -30,6 +30,9 @@ class Platform:
     dist_backend: str = "gloo"        # torch.distributed backend
     supports_graphs: bool = False     # step capture and replay (CUDA/HIP graphs)
     uses_host_memory: bool = False    # device memory is the machine's RAM (size the KV cache modestly)
+    # Kernels run asynchronously to the host, so the scheduler gains from preparing the next step
+    # while one runs (the overlap scheduler is on by default where this holds).
+    async_execution: bool = True
     attention_preference: tuple[str, ...] = ("torch",)
     sampling_preference: tuple[str, ...] = ("torch",)
     layer_ops_preference: tuple[str, ...] = ("torch",)   # RMSNorm, SiLU-and-mul, rotary
@@ -72,6 +75,22 @@ class Platform:
     def synchronize(self) -> None:
         pass
 
+    def copy_to_host_async(self, tensors: list[Optional[torch.Tensor]]) -> "HostCopy":
+        """Start copying device tensors to the host without waiting for the device; ``wait()``
+        returns the host tensors once the work queued so far (and the copy) is done."""
+        if self.torch_device_type == "cpu":
+            return HostCopy(tensors, None)
+        host = []
+        for t in tensors:
+            if t is None:
+                host.append(None)
+                continue
+            h = torch.empty(t.shape, dtype=t.dtype, device="cpu", pin_memory=True)
+            host.append(h.copy_(t, non_blocking=True))
+        event = torch.Event(device=self.torch_device_type)
+        event.record()
+        return HostCopy(host, event)
+
     def empty_cache(self) -> None:
         pass
 
@@ -86,6 +105,20 @@ class Platform:
     def kernel_config(self) -> KernelConfig:
         """The launch parameters of the portable Triton kernels on this device."""
         return self.default_kernel_config.with_compute_units(self.compute_units())
+
+
+class HostCopy:
+    """Host copies of some device tensors, readable after ``wait()``."""
+
+    def __init__(self, tensors: list[Optional[torch.Tensor]], event: Optional["torch.Event"]) -> None:
+        self._tensors = tensors
+        self._event = event
+
+    def wait(self) -> list[Optional[torch.Tensor]]:
+        if self._event is not None:
+            self._event.synchronize()
+            self._event = None
+        return self._tensors
 
 
 _PLATFORMS: dict[str, type[Platform]] = {}

@@ -301,11 +301,15 @@ class ThreadCollectives(Collectives):
         self._barrier.wait()
         return got
 
-    def all_reduce(self, t):
+    def all_reduce(self, t, op="sum"):
+        assert op == "sum"
         return _sum(self._exchange(t))
 
     def all_gather(self, t, dim=-1):
         return torch.cat(self._exchange(t), dim=dim)
+
+    def broadcast(self, t, src=0):
+        return t.copy_(self._exchange(t)[src])
 
     def broadcast_object(self, obj, src=0):
         return obj

@@ -43,6 +43,10 @@ class TorchDistributedCollectives(Collectives):
         parts = out.chunk(self.world_size, dim=0)
         return torch.cat(parts, dim=dim)
 
+    def broadcast(self, t: torch.Tensor, src: int = 0) -> torch.Tensor:
+        dist.broadcast(t, src=src, group=self.group)
+        return t
+
     def broadcast_object(self, obj: Any, src: int = 0) -> Any:
         box = [obj]
         dist.broadcast_object_list(box, src=src, group=self.object_group)

@@ -25,6 +25,7 @@ class CpuPlatform(Platform):
     dist_backend = "gloo"
     supports_graphs = False
     uses_host_memory = True
+    async_execution = False   # torch ops return when done: nothing to overlap with
     attention_preference = ("torch",)
     sampling_preference = ("torch",)
     default_dtype = torch.float32

@@ -82,13 +82,18 @@ class PagedAllocator:
 
 
 class ReqToTokenPool:
-    """Row per running request: the KV slot of each of its positions."""
+    """Row per running request: the KV slot of each of its positions.
+
+    The device table is what attention reads; a host mirror answers the scheduler's reads, so
+    releasing a request never waits for the device (the overlap scheduler depends on it)."""
 
     def __init__(self, size: int, max_context_len: int, device: torch.device) -> None:
         self.size = size
         self.max_context_len = max_context_len
         # [size, max_context_len] int32
         self.req_to_token = torch.zeros(size, max_context_len, dtype=torch.int32, device=device)
+        self.host = self.req_to_token if device.type == "cpu" else torch.zeros(
+            size, max_context_len, dtype=torch.int32)
         self._free_rows = list(range(size - 1, -1, -1))
         # With tensor parallelism, rank 0 records its writes here and sends them with the next
         # batch, so the other ranks' tables (which their attention reads) stay the same.
@@ -104,22 +109,30 @@ class ReqToTokenPool:
         self._free_rows.append(row)
 
     def write(self, row: int, start: int, slots: torch.Tensor) -> None:
-        self.req_to_token[row, start: start + slots.numel()] = slots.to(torch.int32)
+        """Positions [start, start + len(slots)) of ``row``; ``slots`` on the host."""
+        slots = slots.to(torch.int32)
+        end = start + slots.numel()
+        self.host[row, start:end] = slots
+        if self.host is not self.req_to_token:
+            self.req_to_token[row, start:end] = slots.to(self.req_to_token.device, non_blocking=True)
         if self.journal is not None:
-            self.journal.append(("row", row, start, slots.to("cpu", torch.int32)))
+            self.journal.append(("row", row, start, slots))
 
     def write_cells(self, rows: list[int], cols: list[int], slots: torch.Tensor) -> None:
         """req_to_token[rows[i], cols[i]] = slots[i] (one new token per request); ``slots`` on
         the host."""
         index = torch.tensor([rows, cols], dtype=torch.int64)
+        slots = slots.to(torch.int32)
         if self.journal is not None:
-            self.journal.append(("cells", index, None, slots.to(torch.int32)))
+            self.journal.append(("cells", index, None, slots))
         self._write_cells(index, slots)
 
     def _write_cells(self, index: torch.Tensor, slots: torch.Tensor) -> None:
-        dev = self.req_to_token.device
-        index = index.to(dev, non_blocking=True)
-        self.req_to_token[index[0], index[1]] = slots.to(dev, torch.int32, non_blocking=True)
+        self.host[index[0], index[1]] = slots
+        if self.host is not self.req_to_token:
+            dev = self.req_to_token.device
+            index = index.to(dev, non_blocking=True)
+            self.req_to_token[index[0], index[1]] = slots.to(dev, non_blocking=True)
 
     def take_journal(self) -> list[tuple]:
         entries, self.journal = self.journal or [], [] if self.journal is not None else None
@@ -129,12 +142,13 @@ class ReqToTokenPool:
         """Apply another rank's writes (see ``journal``)."""
         for kind, a, b, slots in journal:
             if kind == "row":
-                self.req_to_token[a, b: b + slots.numel()] = slots.to(self.req_to_token.device)
+                self.write(a, b, slots)
             else:
                 self._write_cells(a, slots)
 
     def read(self, row: int, start: int, end: int) -> torch.Tensor:
-        return self.req_to_token[row, start:end].to(torch.int64)
+        """Host int64 slots of positions [start, end) of ``row``."""
+        return self.host[row, start:end].to(torch.int64)
 
     def clear(self) -> None:
         self._free_rows = list(range(self.size - 1, -1, -1))

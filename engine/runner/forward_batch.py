@@ -42,6 +42,13 @@ class ForwardBatch:
     # rows of the final hidden states to turn into logits: [num_logits] int64
     # (the last token of each request in extend); None: every row (decode, one token per request)
     logits_indices: Optional[torch.Tensor] = None
+    # Overlap scheduling: input ids < 0 are tokens sampled by an earlier step and still on the
+    # device: -(i + 1) is the runner's future-token slot i.
+    has_future_inputs: bool = False
+    # The n tokens sampled from this step's logits go to future-token slots [base, base + n).
+    future_slots: Optional[tuple[int, int]] = None
+    # Host copies of tensor fields, for tensor-parallel rank 0 to send without a device read.
+    host_tensors: dict[str, torch.Tensor] = field(default_factory=dict)
     attn_backend: Optional["AttentionBackend"] = None
 
     @property

@@ -124,6 +124,11 @@ class ModelRunner:
                                                 self.device)
         if self.tp_size > 1 and self.tp_rank == 0:
             self.req_to_token_pool.journal = []
+        # Sampled tokens stay here on the device for the next step's inputs (overlap scheduling
+        # reads them back later); a ring, reserved a batch at a time.
+        self.future_tokens = torch.zeros(4 * (self.max_running_requests + 8), dtype=torch.int64,
+                                         device=self.device)
+        self._future_next = 0
 
     def _init_backends(self) -> None:
         args, cfg = self.server_args, self.model_config
@@ -171,9 +176,25 @@ class ModelRunner:
         graph (the logits are then valid until the next step)."""
         if self.tp_size > 1 and self.tp_rank == 0:
             self.tp_group.broadcast_object(TPStep(self.req_to_token_pool.take_journal(), batch_to_host(batch)))
+        return self._run(batch)
+
+    def _run(self, batch: ForwardBatch) -> torch.Tensor:
+        if batch.has_future_inputs:
+            ids = batch.input_ids
+            batch.input_ids = torch.where(ids < 0, self.future_tokens[(-ids - 1).clamp(min=0)], ids)
         if self.graph_runner is not None and self.graph_runner.can_run(batch):
             return self.graph_runner.replay(batch)
         return self._forward_eager(batch)
+
+    def reserve_future(self, n: int) -> int:
+        """The first of n consecutive future-token slots for the tokens one step samples."""
+        size = self.future_tokens.numel()
+        if n > size // 4:
+            raise ValueError(f"{n} sampled tokens in one step: more than max_running_requests allows")
+        if self._future_next + n > size:
+            self._future_next = 0
+        base, self._future_next = self._future_next, self._future_next + n
+        return base
 
     def serve_rank0(self) -> None:
         """Ranks > 0: run each batch rank 0 broadcasts, until it sends stop (or goes away)."""
@@ -184,11 +205,11 @@ class ModelRunner:
             if step.batch is None:
                 return
             batch = batch_from_host(step.batch, self.device)
-            if self.graph_runner is not None and self.graph_runner.can_run(batch):
-                self.graph_runner.replay(batch)
-            else:
-                with torch.inference_mode():
-                    self._forward_eager(batch)
+            with torch.inference_mode():
+                self._run(batch)
+                if batch.future_slots is not None:   # the tokens rank 0 sampled from it
+                    base, n = batch.future_slots
+                    self.tp_group.broadcast(self.future_tokens[base: base + n])
 
     def shutdown(self) -> None:
         """Rank 0: tell the other ranks to stop."""
@@ -201,8 +222,18 @@ class ModelRunner:
         return self.model.forward(batch.input_ids, batch.positions, batch)
 
     @torch.inference_mode()
-    def sample(self, logits: torch.Tensor, info: SamplingBatchInfo) -> SampleOutput:
-        return self.sampler.sample(logits, info)
+    def sample(self, logits: torch.Tensor, info: SamplingBatchInfo, future_base: Optional[int] = None
+               ) -> SampleOutput:
+        """Draw the next tokens; with ``future_base`` (the batch's ``future_slots``) also keep them
+        on the device for the next step, on every rank."""
+        out = self.sampler.sample(logits, info)
+        if future_base is not None:
+            n = out.next_token_ids.numel()
+            dst = self.future_tokens[future_base: future_base + n]
+            dst.copy_(out.next_token_ids)
+            if self.tp_size > 1:
+                self.tp_group.broadcast(dst)
+        return out
 
     def describe(self) -> str:
         tp = f"tp_rank={self.tp_rank}/{self.tp_size} " if self.tp_size > 1 else ""

@@ -28,7 +28,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 # ForwardBatch fields that travel; attn_backend is each rank's own.
-_BATCH_FIELDS = tuple(f.name for f in fields(ForwardBatch) if f.name != "attn_backend")
+_BATCH_FIELDS = tuple(f.name for f in fields(ForwardBatch) if f.name not in ("attn_backend", "host_tensors"))
 
 
 @dataclass
@@ -66,9 +66,11 @@ def init_tensor_parallel(args: "ServerArgs", platform: hal.Platform, tp_rank: in
 
 
 def batch_to_host(batch: ForwardBatch) -> dict[str, Any]:
+    """The batch's fields on the host: its host copies where the scheduler kept them (no device
+    read, which would wait for the step in flight)."""
     out = {}
     for name in _BATCH_FIELDS:
-        v = getattr(batch, name)
+        v = batch.host_tensors.get(name, getattr(batch, name))
         out[name] = v.cpu() if isinstance(v, torch.Tensor) else v
     return out
 

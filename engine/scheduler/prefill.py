@@ -47,8 +47,8 @@ class PrefillAdder:
 
     @property
     def out_cache_loc(self) -> torch.Tensor:
-        locs = torch.cat(self.locs) if self.locs else torch.empty(0, dtype=torch.int64)
-        return locs.to(self.s.device, non_blocking=True)
+        """Host slots of every new token, in batch order."""
+        return torch.cat(self.locs) if self.locs else torch.empty(0, dtype=torch.int64)
 
     def add_chunked(self, req: Req) -> None:
         """Continue the request whose prompt was cut at the last step's chunk boundary."""

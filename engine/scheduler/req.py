@@ -29,6 +29,10 @@ class Req:
 
         self.output_ids: list[int] = []
         self.finished_reason: Optional[dict[str, Any]] = None
+        # Overlap scheduling: tokens sampled on the device but not read yet (0, 1, or 2 for a
+        # moment), the newest of them in the runner's future-token slot ``future_idx``.
+        self.pending = 0
+        self.future_idx = -1
 
         # Constrained decoding: the compile in flight (the request waits), then the matcher,
         # which has accepted every output token so far (it survives retraction untouched).
@@ -59,8 +63,18 @@ class Req:
         return self.origin_input_ids + self.output_ids
 
     @property
+    def num_out(self) -> int:
+        """Tokens generated so far, counting those not read back from the device yet."""
+        return len(self.output_ids) + self.pending
+
+    @property
     def seq_len(self) -> int:
-        return len(self.origin_input_ids) + len(self.output_ids)
+        return len(self.origin_input_ids) + self.num_out
+
+    @property
+    def next_input_id(self) -> int:
+        """The token to feed next: a known id, or -(slot + 1) naming a future-token slot."""
+        return -(self.future_idx + 1) if self.pending else self.output_ids[-1]
 
     @property
     def finished(self) -> bool:
@@ -69,7 +83,7 @@ class Req:
     @property
     def is_prefilling(self) -> bool:
         """Still has prompt (or resumed) tokens without KV, beyond the last one to feed."""
-        return self.kv_len < self.seq_len - 1 or not self.output_ids
+        return self.kv_len < self.seq_len - 1 or not self.num_out
 
     def reset_kv(self) -> None:
         self.req_pool_idx = None

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import random
 import time
+from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
 import torch
@@ -27,8 +28,16 @@ from engine.scheduler.prefill import PrefillAdder
 from engine.scheduler.req import Req
 from engine.server_args import ServerArgs
 from engine.tokenizer import load_tokenizer
+from hal.platform import HostCopy
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass
+class _InFlight:
+    """A launched step's sampled requests and the host copy of its outputs."""
+    reqs: list[Req]
+    copy: HostCopy
 
 _INIT_NEW_TOKEN_RATIO = 0.7
 _MIN_NEW_TOKEN_RATIO = 0.1
@@ -47,7 +56,8 @@ class Scheduler:
         self.allocator = r.allocator
         self.req_to_token_pool = r.req_to_token_pool
         cache_cls = ChunkCache if server_args.disable_radix_cache else RadixCache
-        self.tree_cache = cache_cls(self.allocator, self.page_size, self.device)
+        # slots in the tree live on the host: matching and releasing never wait for the device
+        self.tree_cache = cache_cls(self.allocator, self.page_size, torch.device("cpu"))
         self.policy = SchedulePolicy(server_args.schedule_policy, self.tree_cache, server_args.random_seed)
         self.tokenizer = load_tokenizer(server_args.tokenizer_path or server_args.model_path,
                                         trust_remote_code=server_args.trust_remote_code)
@@ -67,9 +77,13 @@ class Scheduler:
         self.chunked_req: Optional[Req] = None
         self.reqs_by_rid: dict[str, Req] = {}
         self.outputs: list[Req] = []        # requests with something to send after this step
+        # The overlap scheduler launches step N+1 before reading step N's tokens back.
+        self.overlap = not server_args.disable_overlap_schedule and r.platform.async_execution
+        self.in_flight: Optional[_InFlight] = None
 
         # statistics
         self.num_retractions = 0
+        self.num_overlapped_steps = 0     # steps launched before the previous one was read
         self.prompt_tokens_total = 0
         self.cached_tokens_total = 0
         self.forward_ct = 0
@@ -195,17 +209,41 @@ class Scheduler:
 
     # -- scheduling ----------------------------------------------------------------------------
     def step(self) -> bool:
-        """Run one batch if there is work. Returns whether anything ran."""
+        """Launch one batch if there is work, and read back the tokens of the one before it (the
+        overlap scheduler) or of this one (the plain loop). Returns whether anything ran."""
+        if self.in_flight is not None and (not self.overlap or self._needs_tokens()):
+            self._drain()
+        ran, launched = self._launch()
+        prev, self.in_flight = self.in_flight, launched
+        if prev is not None:      # overlap: the previous step's tokens, read while this one runs
+            self.num_overlapped_steps += ran
+            self._process(prev)
+        if not self.overlap:
+            self._drain()
+        if not ran and prev is None:
+            if self.grammar is not None and self.waiting:
+                self.grammar.wait(self.waiting, _GRAMMAR_WAIT_S)
+            return False
+        return True
+
+    def _drain(self) -> None:
+        """Read back the batch in flight, if any (waits for the device)."""
+        if self.in_flight is not None:
+            flight, self.in_flight = self.in_flight, None
+            self._process(flight)
+
+    def _needs_tokens(self) -> bool:
+        """Whether the next decode must know every token so far on the host: a grammar's mask and
+        the penalties' counts come from them."""
+        return any(r.grammar is not None or r.params.has_penalties for r in self.running)
+
+    def _launch(self) -> tuple[bool, Optional["_InFlight"]]:
         batch, locs = self._schedule_extend()
         if batch:
-            self._run_extend(batch, locs)
-            return True
+            return True, self._launch_extend(batch, locs)
         if self.running:
-            self._run_decode()
-            return True
-        if self.grammar is not None and self.waiting:
-            self.grammar.wait(self.waiting, _GRAMMAR_WAIT_S)
-        return False
+            return self._launch_decode()
+        return False, None
 
     def _poll_grammars(self) -> list[Req]:
         """Attach finished compiles; finish the requests whose compile failed. Returns the
@@ -238,9 +276,8 @@ class Scheduler:
         self.chunked_req = adder.chunked
         return adder.reqs, adder.out_cache_loc
 
-    def _run_extend(self, reqs: list[Req], locs: torch.Tensor) -> None:
+    def _launch_extend(self, reqs: list[Req], locs: torch.Tensor) -> Optional["_InFlight"]:
         fb = build_extend_batch(reqs, locs, self.device)
-        logits = self.runner.forward(fb)
         for r in reqs:
             r.kv_len += r.extend_len
             if not r.counted_cache:
@@ -250,40 +287,55 @@ class Scheduler:
                 self.cached_tokens_total += r.cached_tokens
         done = [i for i, r in enumerate(reqs) if r.kv_len == r.seq_len]  # whole prompt in KV
         if done:
-            self._sample_and_process([reqs[i] for i in done], logits[done])
+            fb.future_slots = (self.runner.reserve_future(len(done)), len(done))
+        logits = self.runner.forward(fb)
+        flight = None
+        if done:
+            rows = logits if len(done) == len(reqs) else logits[torch.tensor(done, device=logits.device)]
+            flight = self._launch_sample([reqs[i] for i in done], rows, fb.future_slots[0])
         for r in reqs:
-            if r.finished:
-                continue
             self._share_prefix(r)
-            if r.kv_len == r.seq_len - 1 and r.output_ids:  # prefill complete, next: decode
+            if r.kv_len == r.seq_len - 1 and r.num_out:  # prefill complete, next: decode
                 self.running.append(r)
         self.forward_ct += 1
+        return flight
 
-    def _run_decode(self) -> None:
+    def _finishes_by_length(self, r: Req) -> bool:
+        """A token still on the device will be this request's last (known without reading it)."""
+        p = r.params
+        return r.pending > 0 and ((p.max_new_tokens is not None and r.num_out >= p.max_new_tokens)
+                                  or r.seq_len >= self.runner.context_len)
+
+    def _launch_decode(self) -> tuple[bool, Optional["_InFlight"]]:
         self._make_room_for_decode()
-        if not self.running:
-            return
-        reqs = self.running
+        reqs = [r for r in self.running if not self._finishes_by_length(r)]
+        if not reqs:
+            return False, None
         host_locs = self.allocator.alloc([r.kv_len for r in reqs], [r.kv_len + 1 for r in reqs],
                                          [r.last_loc for r in reqs])
         assert host_locs is not None, "decode allocation failed after making room"
         for r, loc in zip(reqs, host_locs.tolist()):
             r.last_loc = loc
-        locs = host_locs.to(self.device, non_blocking=True)
         self.req_to_token_pool.write_cells([r.req_pool_idx for r in reqs], [r.kv_len for r in reqs], host_locs)
-        fb = build_decode_batch(reqs, locs, self.device)
+        fb = build_decode_batch(reqs, host_locs, self.device)
+        fb.future_slots = (self.runner.reserve_future(len(reqs)), len(reqs))
         logits = self.runner.forward(fb)
         for r in reqs:
             r.kv_len += 1
-        self._sample_and_process(list(reqs), logits)
+        flight = self._launch_sample(reqs, logits, fb.future_slots[0])
         self.forward_ct += 1
         self.new_token_ratio = max(_MIN_NEW_TOKEN_RATIO, self.new_token_ratio - _NEW_TOKEN_RATIO_DECAY)
+        return True, flight
 
     def _make_room_for_decode(self) -> None:
         def pages_needed() -> int:
-            return sum(1 for r in self.running if r.kv_len % self.page_size == 0) * self.page_size
+            return sum(1 for r in self.running
+                       if r.kv_len % self.page_size == 0 and not self._finishes_by_length(r)) * self.page_size
 
         while self.running and not self._ensure_free(pages_needed()):
+            if self.in_flight is not None:  # finished requests in flight may free enough
+                self._drain()
+                continue
             if len(self.running) == 1:  # one request larger than the whole pool
                 victim = self.running.pop()
                 victim.finished_reason = {"type": "length", "length": len(victim.output_ids),
@@ -304,17 +356,28 @@ class Scheduler:
             logger.debug("retracted %s (pool short)", victim.rid)
 
     # -- results -----------------------------------------------------------------------------
-    def _sample_and_process(self, reqs: list[Req], logits: torch.Tensor) -> None:
+    def _launch_sample(self, reqs: list[Req], logits: torch.Tensor, future_base: int) -> "_InFlight":
+        """Queue the sampling of ``reqs``'s next tokens and their copy to the host."""
         info = build_sampling_info(reqs, self.runner.vocab_size, self.device)
         if self.grammar is not None:    # CPU work that overlaps the device's forward pass
             info.vocab_mask, info.vocab_mask_rows = self.grammar.vocab_mask(reqs, self.device)
-        out = self.runner.sample(logits, info)
-        next_ids = out.next_token_ids.tolist()
-        logprobs = out.logprobs.tolist() if out.logprobs is not None else None
-        top_vals = out.top_logprobs.tolist() if out.top_logprobs is not None else None
-        top_ids = out.top_logprob_ids.tolist() if out.top_logprob_ids is not None else None
+        out = self.runner.sample(logits, info, future_base)
+        for i, r in enumerate(reqs):
+            r.pending += 1
+            r.future_idx = future_base + i
+        copy = self.runner.platform.copy_to_host_async(
+            [out.next_token_ids, out.logprobs, out.top_logprobs, out.top_logprob_ids])
+        return _InFlight(reqs, copy)
+
+    def _process(self, flight: "_InFlight") -> None:
+        """Append a step's tokens, finish the requests they end, queue what to send."""
+        next_ids, logprobs, top_vals, top_ids = (t.tolist() if t is not None else None
+                                                 for t in flight.copy.wait())
         finished = []
-        for i, (r, tok) in enumerate(zip(reqs, next_ids)):
+        for i, (r, tok) in enumerate(zip(flight.reqs, next_ids)):
+            r.pending -= 1
+            if r.finished:   # aborted, or ended by its previous token: this one is one too many
+                continue
             r.output_ids.append(tok)
             if r.grammar is not None and not r.grammar.accept_token(tok):
                 logger.error("request %s: the grammar rejected sampled token %d", r.rid, tok)
@@ -352,7 +415,8 @@ class Scheduler:
         if r.grammar is not None and r.grammar.is_terminated():     # the document is complete
             r.finished_reason = {"type": "stop", "matched": tok}
             return
-        if (p.max_new_tokens is not None and n_out >= p.max_new_tokens) or r.seq_len >= self.runner.context_len:
+        if (p.max_new_tokens is not None and n_out >= p.max_new_tokens) or \
+                len(r.origin_input_ids) + n_out >= self.runner.context_len:
             r.finished_reason = {"type": "length", "length": n_out}
 
     def take_outputs(self) -> Optional[BatchTokenOutput]:
@@ -382,7 +446,8 @@ class Scheduler:
 
     # -- maintenance -------------------------------------------------------------------------
     def is_idle(self) -> bool:
-        return not self.waiting and not self.running and self.chunked_req is None
+        return (not self.waiting and not self.running and self.chunked_req is None
+                and self.in_flight is None)
 
     def flush_cache(self) -> FlushCacheOutput:
         if not self.is_idle():
