@@ -15,7 +15,7 @@ from engine.server_args import ServerArgs
 
 
 def _scheduler(model_path, overlap: bool, **kw) -> Scheduler:
-    args = ServerArgs(model_path=str(model_path), device="cpu", log_level="warning", **kw)
+    args = ServerArgs(model_path=str(model_path), log_level="warning", **{"device": "cpu", **kw})
     s = Scheduler(args)
     s.overlap = overlap
     return s

@@ -21,8 +21,8 @@ from engine.server_args import ServerArgs
 PROMPTS = [[5 + i, 17, 33 + i, 99, 4, 250 + 3 * i] * (i + 1) for i in range(6)] + [[7] * 40, [7] * 40 + [9, 10]]
 
 
-def _generate(model_path, tp: int, max_new_tokens: int = 24, **kw) -> dict[str, list[int]]:
-    args = ServerArgs(model_path=str(model_path), device="cpu", tp_size=tp, max_total_tokens=4096,
+def _generate(model_path, tp: int, max_new_tokens: int = 24, device: str = "cpu", **kw) -> dict[str, list[int]]:
+    args = ServerArgs(model_path=str(model_path), device=device, tp_size=tp, max_total_tokens=4096,
                       log_level="warning", **kw)
     client = ProcessSchedulerClient(args, startup_timeout=180)
     try:

@@ -20,7 +20,7 @@ import httpx
 import numpy as np
 from tqdm import tqdm
 
-from engine.bench.datasets import BenchRequest, random_requests, sample_requests
+from engine.bench.datasets import DATASETS, BenchRequest, length_stats, random_requests, sample_requests
 
 logger = logging.getLogger(__name__)
 
@@ -236,6 +236,8 @@ async def arun_bench_serving(args: argparse.Namespace) -> dict[str, Any]:
     out = {
         "backend": args.backend, "base_url": base_url, "model": model, "dataset": args.dataset,
         "num_prompts": len(requests), "request_rate": _json_number(args.request_rate),
+        "dataset_input_len": length_stats([r.prompt_len for r in requests]),
+        "dataset_output_len": length_stats([r.output_len for r in requests]),
         "max_concurrency": args.max_concurrency, "seed": args.seed,
         **metrics,
         "errors": dict(errors.most_common(20)),
@@ -354,6 +356,11 @@ def format_table(m: dict[str, Any]) -> str:
     ]
     lines = [" Serving benchmark ".center(56, "=")]
     lines += [_row(label, value) for label, value in rows]
+    for side in ("input", "output"):
+        s = m.get(f"dataset_{side}_len")
+        if s:
+            lines.append(_row(f"Dataset {side} len mean/median/p90",
+                              f"{s['mean']:.0f}/{s['median']:.0f}/{s['p90']:.0f}"))
     for title, key, short in (("End-to-end latency", "e2e_latency", "E2E"), ("Time to first token", "ttft", "TTFT"),
                               ("Time per output token (excl. 1st)", "tpot", "TPOT"),
                               ("Inter-token latency", "itl", "ITL")):
@@ -414,12 +421,18 @@ def add_bench_serving_args(parser: argparse.ArgumentParser) -> None:
                         help="Seconds to wait for each response chunk before failing the request. Default: 600")
 
     data = parser.add_argument_group("dataset")
-    data.add_argument("--dataset", choices=["random", "generated-shared-prefix"], default="random")
-    data.add_argument("--num-prompts", type=int, default=1000, help="Prompts of the random dataset. Default: 1000")
+    data.add_argument("--dataset", "--dataset-name", dest="dataset", choices=DATASETS, default="random",
+                      help="random: random lengths; generated-shared-prefix: groups sharing a system prompt; "
+                           "sharegpt-synthetic: ShareGPT's published length statistics (datasets.SHAREGPT_FIT). "
+                           "Default: random")
+    data.add_argument("--num-prompts", type=int, default=1000, help="Prompts of the random and sharegpt-synthetic datasets. Default: 1000")
     data.add_argument("--random-input-len", type=int, default=1024)
     data.add_argument("--random-output-len", type=int, default=1024)
     data.add_argument("--random-range-ratio", type=float, default=0.0,
                       help="Lengths are drawn uniformly from [len * ratio, len]; 1.0 makes them fixed. Default: 0.0")
+    data.add_argument("--sharegpt-context-len", type=int, default=2048,
+                      help="sharegpt-synthetic keeps prompt + output <= this and prompt <= half of it, as the "
+                           "ShareGPT benchmarks do with 2048. Default: 2048")
     data.add_argument("--gsp-num-groups", type=int, default=64, help="Shared system prompts. Default: 64")
     data.add_argument("--gsp-prompts-per-group", type=int, default=16, help="Questions per system prompt. Default: 16")
     data.add_argument("--gsp-system-prompt-len", type=int, default=2048)

@@ -1,0 +1,131 @@
+#!/usr/bin/env bash
+# Issue 4's throughput measurements on one GPU, one named stage per command (each < 9 minutes on
+# an H100 with the Llama-3.1-8B shape and dummy weights):
+#
+#   bash benchmarks/gpu_suite.sh STAGE [STAGE ...]
+#
+#   offline-random       anyserve, 1000 requests, prompts 1024 / outputs 512 tokens (fixed), ignore_eos,
+#                        + transformers generate on the first 64 prompts (batches of 32); ratio. ~4 min
+#   offline-sharegpt     anyserve, 1000 sharegpt-synthetic requests; next to the published
+#                        16,215 tok/s (SGLang, AIMultiple). ~2 min
+#   offline-hf-baseline  anyserve and transformers on the same 128 prompts (1024/512; batches of 64). ~3 min
+#   ratio-overlap        200 requests 1024/512, overlap scheduler on vs --disable-overlap-schedule. ~2.5 min
+#   ratio-graphs         the same, device graphs on vs --disable-cuda-graph. ~3 min
+#   ratios               ratio-overlap then ratio-graphs. ~5.5 min
+#   serving              one server, max concurrency 1/16/64 with 8/64/256 requests of 1024/512. ~3 min
+#   serving-overlap      serving for a server with and one without the overlap scheduler. ~6 min
+#   summary              one markdown table of every result JSON in $OUT (no device work)
+#
+# Estimates assume: model load ~20 s, graph capture ~15 s, anyserve ~10-15k output tok/s at large
+# batch (a 1000 x 1024/512 run: ~45 s of decode + ~25 s of prefill), transformers ~20-30 tok/s per
+# sequence. Results: $OUT/<stage>.json and $OUT/<stage>.log (OUT defaults to ./bench-out); each stage
+# ends with a compact table.
+#
+# Environment:
+#   OUT=DIR                  where results go (default ./bench-out)
+#   MODEL_DIR=DIR            model folder (default: $OUT/llama-3.1-8b, config + tokenizer, made here)
+#   OFFLINE_EXTRA="..."      extra flags for every `anyserve bench offline`, e.g.
+#                            "--server-arg attention_backend=triton --server-arg mem_fraction_static=0.85"
+#   SERVING_EXTRA="..."      extra flags for bench_serving_gpu.py, e.g. "--server-arg cuda_graph_max_bs=256"
+#   ANYSERVE_SUITE_SMOKE=1   CPU wiring check: --device cpu, the tiny llama (make-model), 8 requests of
+#                            32/16 tokens, concurrency 1/4; seconds per stage, figures meaningless.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+OUT=${OUT:-./bench-out}
+PY=${PYTHON:-python}
+SMOKE=${ANYSERVE_SUITE_SMOKE:-0}
+mkdir -p "$OUT"
+
+if [[ "$SMOKE" == "1" ]]; then
+  MODEL_DIR=${MODEL_DIR:-$OUT/llama-tiny}
+  DEVICE=cpu; DTYPE=float32
+  N_BIG=8; N_RATIO=8; N_HF=4; HF_BS=2; N_SAME=4; SAME_BS=2
+  RANDOM_LENS=(--random-input-len 32 --random-output-len 16 --random-range-ratio 1.0)
+  SHAREGPT=(--sharegpt-context-len 256)
+  SERVE_LEVELS=(--concurrency 1,4 --num-prompts 2,8 --random-input-len 32 --random-output-len 16)
+else
+  MODEL_DIR=${MODEL_DIR:-$OUT/llama-3.1-8b}
+  DEVICE=auto; DTYPE=bfloat16
+  N_BIG=1000; N_RATIO=200; N_HF=64; HF_BS=32; N_SAME=128; SAME_BS=64
+  RANDOM_LENS=(--random-input-len 1024 --random-output-len 512 --random-range-ratio 1.0)
+  SHAREGPT=()
+  SERVE_LEVELS=(--concurrency 1,16,64 --num-prompts 8,64,256 --random-input-len 1024 --random-output-len 512)
+fi
+read -r -a OFFLINE_EXTRA_ARR <<< "${OFFLINE_EXTRA:-}"
+read -r -a SERVING_EXTRA_ARR <<< "${SERVING_EXTRA:-}"
+
+model_dir() {
+  if [[ ! -f "$MODEL_DIR/config.json" ]]; then
+    if [[ "$SMOKE" == "1" ]]; then
+      $PY -m engine.entrypoints.cli make-model --arch llama --size tiny "$MODEL_DIR" >/dev/null
+    else
+      $PY benchmarks/make_shape_folder.py llama-3.1-8b "$MODEL_DIR" >/dev/null
+    fi
+  fi
+}
+
+environment() {
+  {
+    date -u +"%Y-%m-%dT%H:%M:%SZ"
+    echo "commit $(git rev-parse --short HEAD 2>/dev/null), $(git status --porcelain --untracked-files=no 2>/dev/null | wc -l) modified files"
+    $PY -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
+    command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+  } > "$OUT/env.txt" 2>&1 || true
+}
+
+# offline NAME ARGS...: `anyserve bench offline` on the model, log and JSON under $OUT
+offline() {
+  local name=$1; shift
+  echo "=== $name ==="
+  $PY -m engine.entrypoints.cli bench offline --model-path "$MODEL_DIR" --device "$DEVICE" --dtype "$DTYPE" \
+    --load-format dummy --output-file "$OUT/$name.json" "$@" ${OFFLINE_EXTRA_ARR[@]+"${OFFLINE_EXTRA_ARR[@]}"} 2>&1 | tee "$OUT/$name.log"
+}
+
+serving() {
+  local name=$1; shift
+  echo "=== $name ==="
+  $PY benchmarks/bench_serving_gpu.py --model-path "$MODEL_DIR" --device "$DEVICE" --dtype "$DTYPE" \
+    --load-format dummy "${SERVE_LEVELS[@]}" --log-dir "$OUT/$name-logs" --output-file "$OUT/$name.json" \
+    "$@" ${SERVING_EXTRA_ARR[@]+"${SERVING_EXTRA_ARR[@]}"} 2>&1 | tee "$OUT/$name.log"
+}
+
+run_stage() {
+  case "$1" in
+    offline-random)
+      offline offline-random --num-prompts "$N_BIG" "${RANDOM_LENS[@]}" \
+        --hf-num-prompts "$N_HF" --hf-batch-size "$HF_BS" --isolate ;;
+    offline-sharegpt)
+      offline offline-sharegpt --dataset sharegpt-synthetic --num-prompts "$N_BIG" ${SHAREGPT[@]+"${SHAREGPT[@]}"} --skip-hf ;;
+    offline-hf-baseline)
+      offline offline-hf-baseline --num-prompts "$N_SAME" "${RANDOM_LENS[@]}" --hf-batch-size "$SAME_BS" --isolate ;;
+    ratio-overlap)
+      offline ratio-overlap --num-prompts "$N_RATIO" "${RANDOM_LENS[@]}" --skip-hf --isolate \
+        --compare disable_overlap_schedule ;;
+    ratio-graphs)
+      offline ratio-graphs --num-prompts "$N_RATIO" "${RANDOM_LENS[@]}" --skip-hf --isolate \
+        --compare disable_cuda_graph ;;
+    ratios)
+      run_stage ratio-overlap; run_stage ratio-graphs ;;
+    serving)
+      serving serving ;;
+    serving-overlap)
+      serving serving-overlap --compare disable_overlap_schedule ;;
+    summary)
+      $PY benchmarks/suite_summary.py "$OUT" ;;
+    *)
+      echo "unknown stage '$1'; stages: offline-random offline-sharegpt offline-hf-baseline ratio-overlap" \
+           "ratio-graphs ratios serving serving-overlap summary" >&2
+      return 2 ;;
+  esac
+}
+
+if [[ $# -eq 0 ]]; then
+  sed -n '2,/^set -euo/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'
+  exit 2
+fi
+model_dir
+environment
+for stage in "$@"; do
+  run_stage "$stage"
+done
