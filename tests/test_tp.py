@@ -107,3 +107,26 @@ def test_req_to_token_journal_replays_on_another_pool():
     dst.replay(src.take_journal())
     assert torch.equal(dst.req_to_token, src.req_to_token)
     assert src.take_journal() == []
+
+
+def test_two_nodes_on_one_machine(llama_tiny):
+    """--nnodes 2: node 1 runs only its rank (no front end) and joins node 0 at --dist-init-addr."""
+    import subprocess
+    import sys
+
+    from engine.entrypoints.scheduler_process import free_port
+
+    addr = f"127.0.0.1:{free_port()}"
+    node1 = subprocess.Popen([sys.executable, "-m", "engine.entrypoints.cli", "serve", "--model-path", str(llama_tiny),
+                              "--device", "cpu", "--tp", "2", "--nnodes", "2", "--node-rank", "1",
+                              "--dist-init-addr", addr, "--max-total-tokens", "4096"],
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        got = _generate(llama_tiny, 2, nnodes=2, node_rank=0, dist_init_addr=addr)
+        assert got == _generate(llama_tiny, 1)
+        # node 0 is gone: node 1's rank loses its peer and the command ends
+        out, _ = node1.communicate(timeout=60)
+        assert "node 1 of 2" in out, out
+    finally:
+        if node1.poll() is None:
+            node1.kill()

@@ -8,6 +8,7 @@ from typing import Optional
 _DESCRIPTION = """anyserve: one LLM serving engine for every accelerator vendor and plain CPUs.
 
   anyserve serve [--model-path DIR] [--device auto|DEVICE] ...
+  anyserve router --worker-urls URL [URL ...] [--load-balance-method cache_aware] ...
   anyserve make-model --arch llama --size tiny OUT_DIR
   anyserve bench offline ...        anyserve bench serving ...
 
@@ -26,6 +27,17 @@ def _parser() -> argparse.ArgumentParser:
                            description="Start the server: HTTP (OpenAI /v1 and SGLang-native routes) and "
                            "gRPC in front of a scheduler process that owns the device.")
     ServerArgs.add_cli_args(serve)
+
+    router = sub.add_parser(
+        "router", help="Route requests over several 'anyserve serve' workers (cache-aware).",
+        description="Serve the OpenAI and native APIs in front of several 'anyserve serve' workers: "
+        "each generation goes to one worker picked by --load-balance-method (streams pass through), "
+        "workers failing GET /health are taken out of rotation until they recover, and a worker "
+        "failing mid-request ends that request with a 502 error. GET /workers lists the workers "
+        "with their health and load; /metrics has the router's own counters.")
+    from engine.router.args import RouterArgs
+
+    RouterArgs.add_cli_args(router)
 
     mm = sub.add_parser("make-model", help="Write a random-weight checkpoint of a real architecture.",
                         description="Write a Hugging Face checkpoint with random weights and a locally "
@@ -63,6 +75,15 @@ def main(argv: Optional[list[str]] = None) -> int:
         except ValueError as e:
             parser.error(str(e))
         return launch_server(server_args)
+    if args.command == "router":
+        from engine.router.args import RouterArgs
+        from engine.router.server import run_router
+
+        try:
+            router_args = RouterArgs.from_cli_args(args)
+        except ValueError as e:
+            parser.error(str(e))
+        return run_router(router_args)
     if args.command == "make-model":
         from engine.models.make_model import run_make_model
 

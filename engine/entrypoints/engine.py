@@ -1,6 +1,7 @@
 """The offline Engine, shaped like SGLang's: ``Engine(model_path=..., **server_args)``,
 ``generate``, ``async_generate``, streaming, ``shutdown``. The scheduler runs in a thread of
-this process; the same TokenizerManager as the server handles text."""
+this process (with dp_size > 1, one process per replica); the same TokenizerManager as the
+server handles text."""
 from __future__ import annotations
 
 import asyncio
@@ -9,7 +10,7 @@ import os
 from typing import Any, AsyncIterator, Iterator, Optional, Union
 
 from engine.entrypoints.fanout import FanOut
-from engine.entrypoints.scheduler_client import ThreadSchedulerClient
+from engine.entrypoints.dp_client import make_scheduler_client
 from engine.entrypoints.tokenizer_manager import TokenizerManager
 from engine.io_struct import GenerateRequest
 from engine.server_args import ServerArgs
@@ -42,7 +43,9 @@ class Engine:
         self.server_args = ServerArgs.from_kwargs(model_path=resolve_model_path(model_path),
                                                   device=device, **kwargs)
         setup_logging(self.server_args.log_level)
-        self._client = ThreadSchedulerClient(self.server_args)
+        # Data-parallel replicas run in processes: threads would share one interpreter lock.
+        self._client = make_scheduler_client(self.server_args,
+                                             "thread" if self.server_args.dp_size == 1 else "process")
         self.loop = asyncio.new_event_loop()
         self.tokenizer_manager = TokenizerManager(self.server_args, self._client, self._client.info)
         self.tokenizer_manager.attach_loop(self.loop)
@@ -52,6 +55,9 @@ class Engine:
     # the scheduler object, for tests and tools that inspect the cache
     @property
     def scheduler(self):
+        if not hasattr(self._client, "scheduler"):
+            raise AttributeError("Engine.scheduler is only there with dp_size=1 (the scheduler runs "
+                                 "in this process); data-parallel replicas run in their own processes")
         return self._client.scheduler
 
     # -- public API ----------------------------------------------------------------------------

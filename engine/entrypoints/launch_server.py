@@ -24,10 +24,18 @@ def launch_server(args: ServerArgs) -> int:
     except (FileNotFoundError, ValueError) as e:
         logger.error("%s", e)
         return 1
-    from engine.entrypoints.scheduler_process import ProcessSchedulerClient
+    if args.node_rank > 0:   # a later node of a multi-node tensor-parallel group: ranks only
+        from engine.entrypoints.scheduler_process import run_node_workers
+
+        return run_node_workers(args)
+    from engine.entrypoints.dp_client import make_scheduler_client
 
     logger.info("starting the scheduler for %s", args.model_path)
-    client = ProcessSchedulerClient(args)
+    try:
+        client = make_scheduler_client(args, "process")
+    except (RuntimeError, TimeoutError) as e:
+        logger.error("%s", e)
+        return 1
     try:
         return asyncio.run(_serve(args, client))
     finally:

@@ -48,6 +48,18 @@ class ServerMetrics:
         self.cached_tokens = counter("cached_tokens", "Prompt tokens served from the prefix cache.")
         self.num_requests = counter("num_requests", "Finished requests (aborted ones included).")
         self.num_aborted_requests = counter("num_aborted_requests", "Aborted requests.")
+        # Data parallelism: the gauges above are the merge of the replicas; these are each one's.
+        self.replica_num_running_reqs = Gauge("anyserve:replica_num_running_reqs",
+                                              "Requests decoding now, per data-parallel replica.",
+                                              ["dp_rank"], registry=r)
+        self.replica_num_queue_reqs = Gauge("anyserve:replica_num_queue_reqs",
+                                            "Requests waiting, per data-parallel replica.", ["dp_rank"], registry=r)
+        self.replica_token_usage = Gauge("anyserve:replica_token_usage",
+                                         "Fraction of KV cache slots in use, per data-parallel replica.",
+                                         ["dp_rank"], registry=r)
+        self.replica_cache_hit_rate = Gauge("anyserve:replica_cache_hit_rate",
+                                            "Cached prompt tokens / prompt tokens since the start, per "
+                                            "data-parallel replica.", ["dp_rank"], registry=r)
         self.ttft = histogram("time_to_first_token_seconds", "Time to first token.", TTFT_BUCKETS)
         self.itl = histogram("inter_token_latency_seconds", "Time between output tokens.", ITL_BUCKETS)
         self.e2e = histogram("e2e_request_latency_seconds", "Request latency, arrival to finish.",
@@ -78,6 +90,12 @@ class ServerMetrics:
         self.token_usage.set(stats.token_usage)
         self.cache_hit_rate.set(stats.cache_hit_rate)
         self.gen_throughput.set(stats.gen_throughput)
+        for rank, rs in enumerate(stats.replicas):
+            label = str(rank)
+            self.replica_num_running_reqs.labels(label).set(rs.num_running_reqs)
+            self.replica_num_queue_reqs.labels(label).set(rs.num_queue_reqs)
+            self.replica_token_usage.labels(label).set(rs.token_usage)
+            self.replica_cache_hit_rate.labels(label).set(rs.cache_hit_rate)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
