@@ -1,0 +1,152 @@
+"""FlashInferAttentionBackend: the HAL attention role on FlashInfer's paged decode/extend kernels.
+
+FlashInfer reads a paged KV cache through a page table in CSR form: ``kv_indptr`` (each
+request's range in ``kv_indices``), ``kv_indices`` (page ids in position order) and
+``kv_last_page_len``. Our pool ``[num_pages * page_size, Hkv, D]`` is FlashInfer's NHD layout
+``[num_pages, page_size, Hkv, D]`` as it is, and a request's position ``i`` always sits at
+offset ``i % page_size`` of its page (engine/mem_cache/kv_pool.py), so request r's j-th page is
+``req_to_token[r, j * page_size] // page_size``. Each step builds the page ids on the device
+from ``req_to_token`` with torch ops (no host sync: the host lengths give every size), and the
+indptr and last-page lengths on the host from ``seq_lens_cpu``, which FlashInfer's ``plan``
+needs there anyway to split the work.
+
+Not capturable in device graphs: ``plan`` runs on the host every step and its split of the work
+is baked into the launches it prepares, so a replayed graph would use the split of the step it
+captured. The backend therefore offers no ``reserve`` (hal/graph_runner.py); the runner decodes
+eagerly with it.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from engine.runner.forward_batch import ForwardBatch
+from hal.attention import AttentionBackend
+
+logger = logging.getLogger(__name__)
+
+# FlashInfer's split-k scratch, shared by all wrappers (they run in stream order). 128 MiB is
+# FlashInfer's recommendation; it holds the split-k partials of batch sizes in the hundreds.
+WORKSPACE_BYTES = 128 << 20
+SUPPORTED_HEAD_DIMS = (64, 128, 256)
+# The CUDA-core decode kernel is instantiated for these query heads per KV head; larger or other
+# groups use the tensor-core (prefill-kernel) decode, which is also faster there.
+CUDA_CORE_DECODE_GROUPS = (1, 2, 3, 4)
+# Extend kernels: "fa2" (Ampere-style, compiles in a few minutes), "fa3" (Hopper wgmma/TMA, sm90a
+# only, longer to compile) or "auto" (FlashInfer picks fa3 on sm90a).
+DEFAULT_PREFILL_BACKEND = "fa2"
+
+
+def import_flashinfer() -> Any:
+    """The flashinfer module, or a clear error when it is installed but cannot be imported."""
+    try:
+        import flashinfer
+    except Exception as e:  # ImportError, or a dependency that fails at import time
+        raise RuntimeError(f"--attention-backend/--sampling-backend flashinfer: flashinfer-python is "
+                           f"installed but failed to import ({type(e).__name__}: {e})") from e
+    return flashinfer
+
+
+@dataclass
+class _Wrappers:
+    """One decode and one extend wrapper; each keeps its own pinned host buffer for plan data."""
+    decode: Any
+    extend: Any
+
+
+class FlashInferAttentionBackend(AttentionBackend):
+    def __init__(self, *, prefill_backend: str = DEFAULT_PREFILL_BACKEND, **kw) -> None:
+        super().__init__(**kw)
+        if self.num_q_heads % self.num_kv_heads:
+            raise ValueError(f"num_q_heads ({self.num_q_heads}) must be a multiple of num_kv_heads "
+                             f"({self.num_kv_heads})")
+        if self.dtype not in (torch.float16, torch.bfloat16):
+            raise ValueError(f"--attention-backend flashinfer runs float16 and bfloat16, not "
+                             f"{str(self.dtype).replace('torch.', '')}; pass --dtype bfloat16 or "
+                             "--attention-backend triton")
+        if self.head_dim not in SUPPORTED_HEAD_DIMS:
+            raise ValueError(f"--attention-backend flashinfer supports head_dim {SUPPORTED_HEAD_DIMS}, "
+                             f"this model has {self.head_dim}; use --attention-backend triton")
+        flashinfer = import_flashinfer()
+        group = self.num_q_heads // self.num_kv_heads
+        self.use_tensor_cores = group not in CUDA_CORE_DECODE_GROUPS
+        self.prefill_backend = prefill_backend
+        workspace = torch.zeros(WORKSPACE_BYTES, dtype=torch.uint8, device=self.device)   # zeroed: FlashInfer asks
+
+        def wrappers() -> _Wrappers:
+            return _Wrappers(
+                decode=flashinfer.BatchDecodeWithPagedKVCacheWrapper(
+                    workspace, "NHD", use_tensor_cores=self.use_tensor_cores, backend="fa2"),
+                extend=flashinfer.BatchPrefillWithPagedKVCacheWrapper(
+                    workspace, "NHD", backend=prefill_backend))
+
+        # Two sets, used on alternate steps: plan() copies its host data to the device from the
+        # wrapper's pinned buffer asynchronously, and with the overlap scheduler the host plans
+        # step N+1 while step N may not have started. Step N+2 plans only after step N finished.
+        self._sets = (wrappers(), wrappers())
+        self._steps = 0
+        self._wrapper: Any = None
+        self._planned_scaling = self.head_dim ** -0.5
+        logger.info("flashinfer %s attention: %s decode (group %d), %s extend kernels", flashinfer.__version__,
+                    "tensor-core" if self.use_tensor_cores else "CUDA-core", group, prefill_backend)
+
+    # -- metadata ------------------------------------------------------------------------------
+    def init_forward_metadata(self, batch: ForwardBatch) -> None:
+        wrappers = self._sets[self._steps % 2]
+        self._steps += 1
+        kv_indptr, kv_last_page_len = host_page_table(batch.seq_lens_cpu, self.page_size)
+        kv_indices = page_indices(self.req_to_token, batch.req_pool_indices, batch.seq_lens,
+                                  int(kv_indptr[-1]), self.page_size)
+        common = dict(q_data_type=self.dtype, kv_data_type=self.dtype, sm_scale=self._planned_scaling)
+        if batch.mode.is_decode:
+            wrappers.decode.plan(kv_indptr, kv_indices, kv_last_page_len, self.num_q_heads,
+                                 self.num_kv_heads, self.head_dim, self.page_size, **common)
+            self._wrapper = wrappers.decode
+        else:
+            qo_indptr = _indptr(torch.tensor(batch.extend_seq_lens_cpu, dtype=torch.int32))
+            wrappers.extend.plan(qo_indptr, kv_indptr, kv_indices, kv_last_page_len, self.num_q_heads,
+                                 self.num_kv_heads, self.head_dim, self.page_size, causal=True, **common)
+            self._wrapper = wrappers.extend
+
+    # -- per layer -----------------------------------------------------------------------------
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer_id: int, scaling: float,
+                batch: ForwardBatch) -> torch.Tensor:
+        """q: [T, Hq, D]; k, v: [T, Hkv, D] -> [T, Hq, D]."""
+        self.kv_pool.set_kv(layer_id, batch.out_cache_loc, k, v)
+        shape = (-1, self.page_size, self.num_kv_heads, self.head_dim)             # NHD pages
+        kv_cache = (self.kv_pool.k_buffers[layer_id].view(shape), self.kv_pool.v_buffers[layer_id].view(shape))
+        q = q.contiguous()
+        # plan() fixed the softmax scale at 1/sqrt(head_dim); FlashInfer folds q_scale into it
+        q_scale = None if scaling == self._planned_scaling else scaling / self._planned_scaling
+        return self._wrapper.run(q, kv_cache, q_scale=q_scale, out=torch.empty_like(q))
+
+
+def host_page_table(seq_lens: list[int], page_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """kv_indptr [B + 1] and kv_last_page_len [B], int32 on the host."""
+    lens = torch.tensor(seq_lens, dtype=torch.int32)
+    pages = (lens + page_size - 1) // page_size
+    return _indptr(pages), lens - (pages - 1) * page_size
+
+
+def page_indices(req_to_token: torch.Tensor, req_pool_indices: torch.Tensor, seq_lens: torch.Tensor,
+                 total_pages: int, page_size: int) -> torch.Tensor:
+    """[total_pages] int32 page ids of the requests' positions, request by request in position order,
+    computed where the inputs live. ``total_pages`` (known on the host) spares a device read."""
+    dev = seq_lens.device
+    pages = (seq_lens + page_size - 1) // page_size                                 # [B]
+    first = torch.cumsum(pages, 0) - pages                                          # [B]
+    req = torch.repeat_interleave(torch.arange(pages.numel(), device=dev), pages,
+                                  output_size=total_pages)                          # [P] request of each page
+    page_no = torch.arange(total_pages, device=dev) - first[req]                    # [P] page within request
+    slots = req_to_token[req_pool_indices[req], page_no * page_size]                # [P] slot of offset 0
+    return (slots // page_size if page_size > 1 else slots).to(torch.int32)
+
+
+def _indptr(counts: torch.Tensor) -> torch.Tensor:
+    """[n + 1] int32 exclusive prefix sums of counts [n] (host)."""
+    out = torch.zeros(counts.numel() + 1, dtype=torch.int32)
+    out[1:] = torch.cumsum(counts, 0)
+    return out

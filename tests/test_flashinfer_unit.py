@@ -1,0 +1,147 @@
+"""FlashInfer on CUDA without a GPU: registered exactly where the flashinfer package is installed,
+a clear error when asked for without it, the attention backend's own checks that run before it
+touches the package or the device, and the page table it builds from req_to_token."""
+from __future__ import annotations
+
+import importlib.util
+import re
+
+import pytest
+import torch
+
+import backends.cuda as cuda_backends
+import hal
+import hal.registry as registry
+from backends.cuda.flashinfer_attention import FlashInferAttentionBackend, host_page_table, page_indices
+from backends.cuda.platform import CudaPlatform
+from backends.triton.attention_backend import TritonAttentionBackend
+from hal.graph_runner import attention_can_be_captured
+from hal.registry import BackendSelectionError, entries
+
+ROLES = ("attention", "sampling")
+
+
+@pytest.fixture
+def registries(monkeypatch):
+    """The attention and sampling registries as they are now, restored after the test; the
+    FlashInfer entries (if this machine has the package) removed."""
+    entries("attention")   # load every backend first
+    for role in ROLES:
+        table = {name: e for name, e in registry._REGISTRY[role].items() if name != "flashinfer"}
+        monkeypatch.setitem(registry._REGISTRY, role, table)
+
+
+def pretend_installed(monkeypatch, installed: bool) -> None:
+    real = importlib.util.find_spec
+
+    def find_spec(name, *args, **kw):
+        if name == "flashinfer":
+            return real("json") if installed else None   # any spec stands for "found"
+        return real(name, *args, **kw)
+
+    monkeypatch.setattr(importlib.util, "find_spec", find_spec)
+
+
+def test_registered_exactly_when_the_package_is_installed():
+    installed = importlib.util.find_spec("flashinfer") is not None
+    for role in ROLES:
+        assert ("flashinfer" in entries(role)) == installed
+
+
+def test_without_the_package_asking_for_flashinfer_is_a_clear_error(registries, monkeypatch):
+    pretend_installed(monkeypatch, False)
+    assert cuda_backends.register_flashinfer() is False
+    cuda = CudaPlatform()
+    for role in ROLES:
+        assert "flashinfer" not in entries(role)
+        known = ", ".join(sorted(entries(role)))
+        flag = f"--{role}-backend flashinfer"
+        with pytest.raises(BackendSelectionError,
+                           match=re.escape(f"{flag}: unknown {role} backend; registered: {known}")):
+            hal.select(role, cuda, "flashinfer")
+    # the platform prefers flashinfer, and without it quietly takes the next name
+    assert hal.select("attention", cuda)[0].name != "flashinfer"
+
+
+def test_with_the_package_both_roles_register_on_cuda_only(registries, monkeypatch):
+    pretend_installed(monkeypatch, True)
+    assert cuda_backends.register_flashinfer() is True
+    cuda = CudaPlatform()
+    for role in ROLES:
+        assert entries(role)["flashinfer"].platforms == {"cuda"}
+        entry, why = hal.select(role, cuda, "flashinfer")
+        assert entry.name == "flashinfer" and why == "requested"
+        flag = f"--{role}-backend flashinfer"
+        with pytest.raises(BackendSelectionError, match=re.escape(f"{flag}: does not run on cpu (runs on cuda)")):
+            hal.select(role, hal.get_platform("cpu"), "flashinfer")
+    # CUDA's attention preference puts it first; sampling stays on torch unless asked for
+    assert hal.select("attention", cuda)[0].name == "triton"   # graphs first; flashinfer on request
+    assert hal.select("sampling", cuda)[0].name == "torch"
+
+
+def test_flashinfer_attention_cannot_be_captured_in_device_graphs():
+    """Its per-step plan runs on the host, so the graph runner must leave decode eager."""
+    assert not attention_can_be_captured(FlashInferAttentionBackend)
+    assert attention_can_be_captured(TritonAttentionBackend)
+
+
+def backend_kwargs(**over):
+    kw = dict(num_q_heads=32, num_kv_heads=8, head_dim=128, kv_pool=None,
+              req_to_token=torch.zeros(2, 8, dtype=torch.int32), page_size=16, dtype=torch.bfloat16,
+              device=torch.device("cpu"))
+    kw.update(over)
+    return kw
+
+
+@pytest.mark.parametrize("over, message", [
+    (dict(dtype=torch.float32), "--attention-backend flashinfer runs float16 and bfloat16, not float32"),
+    (dict(head_dim=32), "--attention-backend flashinfer supports head_dim (64, 128, 256), this model has 32"),
+    (dict(num_q_heads=12), "num_q_heads (12) must be a multiple of num_kv_heads (8)"),
+])
+def test_unsupported_model_shapes_are_clear_errors(over, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        FlashInferAttentionBackend(**backend_kwargs(**over))
+
+
+def test_installed_but_broken_package_is_a_clear_error(monkeypatch):
+    """find_spec finds it, the import fails: the error says so instead of a bare ImportError."""
+    import builtins
+
+    real_import = builtins.__import__
+
+    def fake_import(name, *args, **kw):
+        if name == "flashinfer":
+            raise ImportError("libcudart.so.13: cannot open shared object file")
+        return real_import(name, *args, **kw)
+
+    monkeypatch.setattr(builtins, "__import__", fake_import)
+    with pytest.raises(RuntimeError, match="flashinfer-python is installed but failed to import "
+                                           r"\(ImportError: libcudart"):
+        FlashInferAttentionBackend(**backend_kwargs())
+
+
+@pytest.mark.parametrize("page_size", [1, 4, 16])
+def test_page_table_lists_each_requests_pages_in_position_order(page_size):
+    """Against a loop over positions, with pages handed out in shuffled order and request rows
+    that are not 0..B-1."""
+    g = torch.Generator().manual_seed(page_size)
+    lens = [1, page_size, page_size + 1, 3 * page_size - 1, 70, 5]
+    max_pages = -(-max(lens) // page_size)
+    pages = torch.randperm(len(lens) * max_pages + 9, generator=g)[: len(lens) * max_pages].view(len(lens), -1)
+    pos = torch.arange(max_pages * page_size)
+    rows = torch.tensor([4, 0, 7, 2, 5, 1])
+    req_to_token = torch.full((8, max_pages * page_size), -1, dtype=torch.int32)
+    req_to_token[rows] = (pages[:, pos // page_size] * page_size + pos % page_size).int()
+
+    indptr, last_page_len = host_page_table(lens, page_size)
+    indices = page_indices(req_to_token, rows, torch.tensor(lens), int(indptr[-1]), page_size)
+
+    expected = []
+    for r, n in zip(rows.tolist(), lens):
+        for p in range(0, n, page_size):   # each page of the request, by its first position
+            expected.append(int(req_to_token[r, p]) // page_size)
+    assert indices.dtype == torch.int32 and indices.tolist() == expected
+    assert indptr.dtype == torch.int32
+    assert indptr.tolist() == [0] + torch.tensor([-(-n // page_size) for n in lens]).cumsum(0).tolist()
+    assert last_page_len.tolist() == [n - (-(-n // page_size) - 1) * page_size for n in lens]
+    assert all(1 <= x <= page_size for x in last_page_len.tolist())
