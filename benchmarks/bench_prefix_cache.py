@@ -1,7 +1,9 @@
-"""Radix cache on vs off, served: `anyserve bench serving --dataset generated-shared-prefix`
-against a server with the radix cache and one with --disable-radix-cache, in one run.
+"""Shared-prefix serving: `anyserve bench serving --dataset generated-shared-prefix` against several
+server configurations in one run (default: the radix cache on, then --disable-radix-cache).
 
     python benchmarks/bench_prefix_cache.py [--model-path DIR] [--output-file out.json]
+    python benchmarks/bench_prefix_cache.py --config "dp1=" --config "dp2 round_robin=--dp 2 \
+        --load-balance-method round_robin" --config "dp2 cache_aware=--dp 2 --load-balance-method cache_aware"
 
 Default model: the `small` qwen2 checkpoint (Qwen2.5-0.5B's shape, random weights, bf16),
 made in the cache on first use. Prints throughput of each, the ratio and the cache hit rate.
@@ -11,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import signal
 import socket
 import subprocess
@@ -56,6 +59,7 @@ def stop_server(proc: subprocess.Popen) -> None:
 
 
 def run_one(model_path: str, label: str, extra: list[str], args: argparse.Namespace) -> dict:
+    extra = [*shlex.split(args.server_flags), *extra]
     from engine.bench.serving import bench_serving_args, fetch_cache_hit_rate, run_bench_serving
     import asyncio
 
@@ -87,30 +91,34 @@ def main() -> None:
     p.add_argument("--output-len", type=int, default=32, help="tokens (default 32)")
     p.add_argument("--max-concurrency", type=int, default=16)
     p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--config", action="append", default=[], metavar="LABEL=FLAGS",
+                   help="a server configuration to run (repeatable), e.g. 'dp2 cache_aware=--dp 2 "
+                   "--load-balance-method cache_aware'; default: radix cache on, then off")
+    p.add_argument("--server-flags", default="", help="flags for every server, e.g. '--load-format dummy'")
     p.add_argument("--output-file", default=None)
     args = p.parse_args()
     if args.model_path is None:
         from engine.models.make_model import cached_model_path
 
         args.model_path = str(cached_model_path("qwen2", "small", dtype="bfloat16"))
-    on = run_one(args.model_path, "radix cache", [], args)
-    off = run_one(args.model_path, "--disable-radix-cache", ["--disable-radix-cache"], args)
-    ratio = on["output_throughput"] / off["output_throughput"]
-    rows = [("server", "req/s", "input tok/s", "output tok/s", "mean TTFT ms", "cache hit rate")]
-    for name, r in (("radix cache", on), ("no radix cache", off)):
+    configs = [c.split("=", 1) for c in args.config] or [["radix cache", ""],
+                                                         ["no radix cache", "--disable-radix-cache"]]
+    results = [(label, run_one(args.model_path, label, shlex.split(flags), args)) for label, flags in configs]
+    base = results[0][1]["output_throughput"]
+    rows = [("server", "req/s", "input tok/s", "output tok/s", "mean TTFT ms", "cache hit rate", "ratio")]
+    for name, r in results:
         rows.append((name, f"{r['request_throughput']:.2f}", f"{r['input_throughput']:.0f}",
-                     f"{r['output_throughput']:.1f}", f"{r['mean_ttft_ms']:.0f}", f"{r['cache_hit_rate']:.2%}"))
+                     f"{r['output_throughput']:.1f}", f"{r['mean_ttft_ms']:.0f}", f"{r['cache_hit_rate']:.2%}",
+                     f"{r['output_throughput'] / base:.2f}x"))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     print()
     for row in rows:
         print("  ".join(c.ljust(w) for c, w in zip(row, widths)))
-    print(f"radix / no radix throughput: {ratio:.2f}x")
+    print(f"throughput ratios are against '{results[0][0]}'")
     if args.output_file:
-        slim = {k: {m: v for m, v in r.items() if not isinstance(v, list)} for k, r in
-                (("radix", on), ("no_radix", off))}
+        slim = {label: {m: v for m, v in r.items() if not isinstance(v, list)} for label, r in results}
         with open(args.output_file, "w") as f:
-            json.dump({"workload": vars(args), **slim, "ratio": ratio}, f, indent=2)
-
+            json.dump({"workload": vars(args), **slim}, f, indent=2)
 
 if __name__ == "__main__":
     main()

@@ -57,7 +57,8 @@ class ServerArgs:
         group="device")
     disable_cuda_graph: bool = _flag(False, "Do not capture decode steps as device graphs "
                                      "(CUDA/HIP graphs).", group="device")
-    cuda_graph_max_bs: int = _flag(160, "Largest decode batch captured as a device graph.", group="device")
+    cuda_graph_max_bs: int = _flag(512, "Largest decode batch captured as a device graph (larger batches run "
+                                   "eagerly).", group="device")
     disable_overlap_schedule: bool = _flag(
         False, "Run the plain scheduler loop instead of preparing step N+1 while step N runs.",
         group="device")
@@ -101,7 +102,7 @@ class ServerArgs:
         None, "KV cache capacity in tokens; overrides --mem-fraction-static.", group="memory")
     page_size: int = _flag(1, "Tokens per KV page; prefixes are shared in whole pages.", group="memory")
     max_running_requests: Optional[int] = _flag(
-        None, "Most requests decoding at once (default: from KV capacity, at most 256).", group="memory")
+        None, "Most requests decoding at once (default: from KV capacity, at most 512).", group="memory")
     max_prefill_tokens: int = _flag(16384, "Most new prompt tokens in one prefill batch.", group="memory")
     chunked_prefill_size: int = _flag(
         8192, "Longest prompt chunk computed in one step; longer prompts are split. -1 disables "

@@ -10,6 +10,8 @@ from typing import Optional
 
 import torch
 
+from engine.runner.host_to_device import to_device
+
 
 class PagedAllocator:
     def __init__(self, num_pages: int, page_size: int, device: torch.device) -> None:
@@ -114,7 +116,7 @@ class ReqToTokenPool:
         end = start + slots.numel()
         self.host[row, start:end] = slots
         if self.host is not self.req_to_token:
-            self.req_to_token[row, start:end] = slots.to(self.req_to_token.device, non_blocking=True)
+            self.req_to_token[row, start:end] = to_device(slots, self.req_to_token.device)
         if self.journal is not None:
             self.journal.append(("row", row, start, slots))
 
@@ -131,8 +133,8 @@ class ReqToTokenPool:
         self.host[index[0], index[1]] = slots
         if self.host is not self.req_to_token:
             dev = self.req_to_token.device
-            index = index.to(dev, non_blocking=True)
-            self.req_to_token[index[0], index[1]] = slots.to(dev, non_blocking=True)
+            index = to_device(index, dev)
+            self.req_to_token[index[0], index[1]] = to_device(slots, dev)
 
     def take_journal(self) -> list[tuple]:
         entries, self.journal = self.journal or [], [] if self.journal is not None else None

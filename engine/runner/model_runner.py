@@ -111,7 +111,7 @@ class ModelRunner:
             raise RuntimeError(f"KV cache would hold {tokens} tokens, less than one page of {page}")
         self.max_total_tokens = num_pages * page
         self.max_running_requests = args.max_running_requests or max(
-            1, min(256, self.max_total_tokens // 16))
+            1, min(512, self.max_total_tokens // 16))
         # One page more than the allocator hands out: padded rows of captured decode steps write
         # their K/V to its first slot, which no request ever owns.
         self.kv_pool = KVPool(num_layers=cfg.num_hidden_layers, num_kv_heads=self.num_kv_heads,

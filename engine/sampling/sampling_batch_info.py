@@ -10,6 +10,7 @@ from typing import Optional, Sequence, Union
 
 import torch
 
+from engine.runner.host_to_device import to_device
 from engine.sampling.penalties import PenaltyBatch
 from engine.sampling.sampling_params import SamplingParams
 
@@ -123,14 +124,14 @@ class SamplingBatchInfo:
                 if 0 <= t < vocab]
         if bias:
             rows, cols, vals = zip(*bias)
-            self.bias_rows = torch.tensor(rows, dtype=torch.int64, device=device)
-            self.bias_cols = torch.tensor(cols, dtype=torch.int64, device=device)
-            self.bias_vals = torch.tensor(vals, dtype=torch.float32, device=device)
+            self.bias_rows = _to_device(rows, torch.int64, device)
+            self.bias_cols = _to_device(cols, torch.int64, device)
+            self.bias_vals = _to_device(vals, torch.float32, device)
         banned = [(i, t) for i, ids in enumerate(banned_token_ids) for t in ids if 0 <= t < vocab]
         if banned:
             rows, cols = zip(*banned)
-            self.banned_rows = torch.tensor(rows, dtype=torch.int64, device=device)
-            self.banned_cols = torch.tensor(cols, dtype=torch.int64, device=device)
+            self.banned_rows = _to_device(rows, torch.int64, device)
+            self.banned_cols = _to_device(cols, torch.int64, device)
 
     def apply_logit_adjustments(self, logits: torch.Tensor) -> None:
         """logits: [B, vocab] float32, changed in place, in this order: logit_bias, banned ids,
@@ -153,10 +154,7 @@ class SamplingBatchInfo:
 
 
 def _to_device(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """A host list on the device without waiting for it: a plain copy would block until the
-    forward pass queued before it has finished (this runs while it does)."""
-    pin = device.type != "cpu" and len(values) > 0
-    return torch.tensor(values, dtype=dtype, pin_memory=pin).to(device, non_blocking=True)
+    return to_device(values, device, dtype)
 
 
 def _as_int64(seed: int) -> int:

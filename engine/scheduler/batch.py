@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 
 from engine.runner.forward_batch import ForwardBatch, ForwardMode
+from engine.runner.host_to_device import to_device
 from engine.sampling.sampling_batch_info import SamplingBatchInfo
 from engine.scheduler.req import Req
 
@@ -27,7 +28,7 @@ def build_extend_batch(reqs: list[Req], out_cache_loc: torch.Tensor, device: tor
             "seq_lens": torch.tensor(seq_lens, dtype=torch.int64), "out_cache_loc": out_cache_loc,
             "extend_prefix_lens": torch.tensor(prefix_lens, dtype=torch.int64), "extend_seq_lens": ext,
             "logits_indices": torch.cumsum(ext, 0) - 1}
-    dev = {k: v.to(device, non_blocking=True) for k, v in host.items()}
+    dev = {k: to_device(v, device) for k, v in host.items()}
     return ForwardBatch(
         mode=ForwardMode.EXTEND, batch_size=len(reqs), seq_lens_cpu=seq_lens,
         extend_prefix_lens_cpu=prefix_lens, extend_seq_lens_cpu=extend_lens, host_tensors=host, **dev)
@@ -40,10 +41,10 @@ def build_decode_batch(reqs: list[Req], out_cache_loc: torch.Tensor, device: tor
     seq_lens = [r.seq_len for r in reqs]
     input_ids = [r.next_input_id for r in reqs]
     rows = [input_ids, [s - 1 for s in seq_lens], [r.req_pool_idx for r in reqs], seq_lens, out_cache_loc.tolist()]
-    packed = torch.tensor(rows, dtype=torch.int64, pin_memory=device.type != "cpu")  # [5, B]
+    packed = torch.tensor(rows, dtype=torch.int64)  # [5, B]
     names = ("input_ids", "positions", "req_pool_indices", "seq_lens", "out_cache_loc")
     host = dict(zip(names, packed))
-    dev = dict(zip(names, packed.to(device, non_blocking=True)))
+    dev = dict(zip(names, to_device(packed, device)))
     return ForwardBatch(
         mode=ForwardMode.DECODE, batch_size=len(reqs), seq_lens_cpu=seq_lens, host_tensors=host,
         has_future_inputs=min(input_ids) < 0, logits_indices=None, **dev)  # None: every row

@@ -20,6 +20,7 @@ from engine.constrained.grammar_manager import GrammarManager
 from engine.io_struct import (AbortReq, BatchTokenOutput, FlushCacheOutput, FlushCacheReq, GetStatsReq,
                               SchedulerInfo, SchedulerStats, TokenizedGenerateReq)
 from engine.mem_cache.radix_cache import ChunkCache, RadixCache
+from engine.runner.host_to_device import to_device
 from engine.runner.model_runner import ModelRunner
 from engine.sampling.stop import find_stop_in_tail, stop_tail_tokens
 from engine.scheduler.batch import build_decode_batch, build_extend_batch, build_sampling_info
@@ -291,7 +292,7 @@ class Scheduler:
         logits = self.runner.forward(fb)
         flight = None
         if done:
-            rows = logits if len(done) == len(reqs) else logits[torch.tensor(done, device=logits.device)]
+            rows = logits if len(done) == len(reqs) else logits[to_device(done, logits.device)]
             flight = self._launch_sample([reqs[i] for i in done], rows, fb.future_slots[0])
         for r in reqs:
             self._share_prefix(r)
