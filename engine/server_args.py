@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 
 def _flag(default: Any, help: str, choices: Optional[list] = None, group: str = "model") -> Any:
@@ -166,12 +166,7 @@ class ServerArgs:
             bad("dist_init_addr", f"must be HOST:PORT, got {self.dist_init_addr!r}")
         if self.base_gpu_id < 0:
             bad("base_gpu_id", f"must be >= 0, got {self.base_gpu_id}")
-        if self.router_balance_abs_threshold < 0 or self.router_balance_rel_threshold < 1.0:
-            bad("router_balance_abs_threshold", "must be >= 0 and --router-balance-rel-threshold >= 1")
-        if not 0.0 <= self.router_cache_threshold <= 1.0:
-            bad("router_cache_threshold", f"must be in [0, 1], got {self.router_cache_threshold}")
-        if self.router_max_tree_size < 1:
-            bad("router_max_tree_size", f"must be >= 1, got {self.router_max_tree_size}")
+        check_router_thresholds(self, bad)
         if self.context_length is not None and self.context_length < 2:
             bad("context_length", f"must be >= 2, got {self.context_length}")
         for name in ("dtype", "device", "schedule_policy", "load_format", "load_balance_method"):
@@ -220,6 +215,16 @@ class ServerArgs:
         if unknown:
             raise TypeError(f"unknown server argument(s): {', '.join(unknown)}")
         return cls(**kwargs)
+
+
+def check_router_thresholds(args: Any, bad: Callable[[str, str], None]) -> None:
+    """The --router-* thresholds, shared by `serve --dp` and `anyserve router`."""
+    if args.router_balance_abs_threshold < 0 or args.router_balance_rel_threshold < 1.0:
+        bad("router_balance_abs_threshold", "must be >= 0 and --router-balance-rel-threshold >= 1")
+    if not 0.0 <= args.router_cache_threshold <= 1.0:
+        bad("router_cache_threshold", f"must be in [0, 1], got {args.router_cache_threshold}")
+    if args.router_max_tree_size < 1:
+        bad("router_max_tree_size", f"must be >= 1, got {args.router_max_tree_size}")
 
 
 _FIELDS = {f.name: f for f in dataclasses.fields(ServerArgs)}

@@ -6,7 +6,7 @@ carries small Python objects (the scheduler's batch for the other ranks) over a 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Any, Optional
+from typing import Any
 
 import torch
 

@@ -16,7 +16,7 @@ import bisect
 import logging
 import time
 from abc import ABC, abstractmethod
-from typing import Any, Callable, Optional
+from typing import Any, Callable
 
 import torch
 

@@ -6,7 +6,7 @@ Vendor folders under ``backends/`` subclass ``Platform`` and register it with
 from __future__ import annotations
 
 import logging
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 

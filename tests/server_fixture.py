@@ -112,9 +112,14 @@ class ServerProcess:
     def log_tail(self) -> str:
         return self.log()[-_LOG_TAIL_CHARS:]
 
+    def scheduler_pids(self) -> list[int]:
+        """The scheduler children (spawned by multiprocessing; the resource tracker is the other
+        child): one per data-parallel replica and tensor-parallel rank."""
+        return [p for p in children_of(self.pid) if "spawn_main" in cmdline(p)]
+
     def scheduler_pid(self) -> int:
-        """The scheduler child (spawned by multiprocessing; the resource tracker is the other child)."""
-        pids = [p for p in children_of(self.pid) if "spawn_main" in cmdline(p)]
+        """The scheduler child of a server with one."""
+        pids = self.scheduler_pids()
         assert len(pids) == 1, f"expected one scheduler child of {self.pid}, found {pids}: " \
                                f"{[cmdline(p) for p in children_of(self.pid)]}"
         return pids[0]
@@ -184,7 +189,8 @@ def _wait_healthy(srv: ServerProcess, timeout: float) -> None:
 
 
 def start_server(model_path: str | Path, *extra: str, api_key: Optional[str] = None,
-                 cache_dir: Optional[Path] = None, startup_timeout: float = STARTUP_TIMEOUT_S) -> ServerProcess:
+                 cache_dir: Optional[Path] = None, startup_timeout: float = STARTUP_TIMEOUT_S,
+                 num_schedulers: int = 1) -> ServerProcess:
     """Launch a server and return once /health answers 200 (raises with the log otherwise).
     The caller must `stop()` it (or use `running_server`)."""
     port, grpc_port = free_port(), free_port()
@@ -203,7 +209,8 @@ def start_server(model_path: str | Path, *extra: str, api_key: Optional[str] = N
     srv = ServerProcess(proc, port, grpc_port, work, cache_dir, api_key)
     try:
         _wait_healthy(srv, startup_timeout)
-        srv.scheduler_pid()         # asserts there is exactly one
+        pids = srv.scheduler_pids()
+        assert len(pids) == num_schedulers, f"expected {num_schedulers} scheduler children, found {pids}"
         srv.child_pids = children_of(srv.pid)
     except BaseException:
         srv.child_pids = children_of(srv.pid)
@@ -214,11 +221,11 @@ def start_server(model_path: str | Path, *extra: str, api_key: Optional[str] = N
 
 @contextlib.contextmanager
 def running_server(model_path: str | Path, *extra: str, api_key: Optional[str] = None,
-                   expect_exit: Optional[int] = 0) -> Iterator[ServerProcess]:
+                   expect_exit: Optional[int] = 0, num_schedulers: int = 1) -> Iterator[ServerProcess]:
     """A server for the duration of the block; on exit SIGTERM, and the exit code must be
     `expect_exit` within STOP_TIMEOUT_S (None: whatever it is, e.g. a test already stopped it).
     Its folder (log, cache) is removed after a clean stop and kept otherwise."""
-    srv = start_server(model_path, *extra, api_key=api_key)
+    srv = start_server(model_path, *extra, api_key=api_key, num_schedulers=num_schedulers)
     try:
         yield srv
         code = srv.stop()

@@ -18,7 +18,7 @@ from engine.io_struct import (AbortReq, BatchTokenOutput, FlushCacheOutput, Flus
 from engine.router.policy import make_load_balancer
 from engine.sampling.sampling_params import SamplingParams
 from engine.server_args import ServerArgs
-from server_fixture import ServerProcess, children_of, cmdline, metric, running_server
+from server_fixture import ServerProcess, metric, running_server
 
 
 class FakeReplica(SchedulerClient):
@@ -213,20 +213,12 @@ def _group_prefixes() -> list[str]:
     return [f"Group {g}: " + " ".join(rng.choice(_WORDS) for _ in range(60)) for g in range(GROUPS)]
 
 
-def _schedulers_pid(self: ServerProcess) -> int:
-    pids = [p for p in children_of(self.pid) if "spawn_main" in cmdline(p)]
-    assert len(pids) == 2, f"expected two scheduler replicas, found {pids}"
-    return pids[0]
-
-
 @contextlib.contextmanager
 def dp_server(model, method: str):
-    """`anyserve serve --dp 2` (server_fixture expects one scheduler child: told two here)."""
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(ServerProcess, "scheduler_pid", _schedulers_pid)
-        with running_server(model, "--dp", "2", "--load-balance-method", method, "--max-total-tokens", "2048",
-                            "--grpc-port", "0") as srv:
-            yield srv
+    """`anyserve serve --dp 2`: two scheduler processes behind the front end's router."""
+    with running_server(model, "--dp", "2", "--load-balance-method", method, "--max-total-tokens", "2048",
+                        "--grpc-port", "0", num_schedulers=2) as srv:
+        yield srv
 
 
 def _run_groups(srv: ServerProcess) -> tuple[list[list[dict]], float, str]:

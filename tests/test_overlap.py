@@ -123,3 +123,21 @@ def test_overlap_abort_in_flight_frees_everything(llama_tiny):
     assert out["r1"]["finish"]["type"] == "abort" and out["r2"]["finish"]["type"] == "abort"
     assert out["r0"]["finish"]["type"] == "length" and len(out["r0"]["ids"]) == 50
     assert len(out["r1"]["ids"]) < 50
+
+
+def test_flush_right_after_the_last_output(llama_tiny):
+    """A request ended by a stop token leaves one step in flight after its last output (it was
+    launched before the token was read); a flush then drains it instead of refusing."""
+    prompt = [30, 31, 32]
+    plain = _run(_scheduler(llama_tiny, overlap=False),
+                 [_req("p", prompt, max_new_tokens=8, temperature=0, ignore_eos=True)])["p"]["ids"]
+    s = _scheduler(llama_tiny, overlap=True)
+    s.handle(_req("a", prompt, max_new_tokens=50, temperature=0, stop_token_ids=[plain[3]]))
+    done = False
+    while not done:
+        s.step()
+        o = s.take_outputs()
+        done = o is not None and o.finished_reasons[0] is not None
+    assert s.in_flight is not None and not s.is_idle()
+    assert s.flush_cache().success
+    s.check_memory_whole()

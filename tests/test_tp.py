@@ -130,3 +130,19 @@ def test_two_nodes_on_one_machine(llama_tiny):
     finally:
         if node1.poll() is None:
             node1.kill()
+
+
+def test_served_with_tp2(llama_tiny):
+    """`anyserve serve --tp 2`: two scheduler processes; answers match one rank; all gone at stop."""
+    import httpx
+    from server_fixture import running_server
+
+    body = {"text": "hello there", "sampling_params": {"max_new_tokens": 12, "temperature": 0, "ignore_eos": True}}
+    texts = []
+    for tp, n in ((1, 1), (2, 2)):
+        with running_server(llama_tiny, "--tp", str(tp), "--max-total-tokens", "2048", "--grpc-port", "0",
+                            num_schedulers=n) as srv:
+            r = httpx.post(srv.base_url + "/generate", json=body, timeout=60)
+            assert r.status_code == 200, r.text
+            texts.append(r.json()["text"])
+    assert texts[0] == texts[1]

@@ -10,7 +10,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from engine.server_args import LOAD_BALANCE_METHODS, ServerArgs
+from engine.server_args import LOAD_BALANCE_METHODS, ServerArgs, check_router_thresholds
 
 _SERVER_FIELDS = {f.name: f for f in dataclasses.fields(ServerArgs)}
 
@@ -69,12 +69,7 @@ class RouterArgs:
             bad("worker_urls", f"lists a worker twice: {self.worker_urls}")
         if self.load_balance_method not in LOAD_BALANCE_METHODS:
             bad("load_balance_method", f"must be one of {LOAD_BALANCE_METHODS}, got {self.load_balance_method!r}")
-        if self.router_balance_abs_threshold < 0 or self.router_balance_rel_threshold < 1.0:
-            bad("router_balance_abs_threshold", "must be >= 0 and --router-balance-rel-threshold >= 1")
-        if not 0.0 <= self.router_cache_threshold <= 1.0:
-            bad("router_cache_threshold", f"must be in [0, 1], got {self.router_cache_threshold}")
-        if self.router_max_tree_size < 1:
-            bad("router_max_tree_size", f"must be >= 1, got {self.router_max_tree_size}")
+        check_router_thresholds(self, bad)
         for name in ("health_check_interval", "health_check_timeout", "request_timeout"):
             if not getattr(self, name) > 0:
                 bad(name, f"must be > 0, got {getattr(self, name)}")

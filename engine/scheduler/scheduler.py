@@ -11,7 +11,7 @@ import logging
 import random
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import torch
 
@@ -451,6 +451,7 @@ class Scheduler:
                 and self.in_flight is None)
 
     def flush_cache(self) -> FlushCacheOutput:
+        self._drain()   # a step still in flight after the last request finished holds nothing
         if not self.is_idle():
             return FlushCacheOutput(False, "cannot flush the cache while requests are running")
         self.tree_cache.reset()

@@ -14,9 +14,9 @@ import shutil
 import pytest
 import torch
 from test_sampling import DIST_CASES, FIXED_LOGITS, MIXED_PARAMS, analytic, sp
-from test_triton_kernels_gpu import LLAMA_8B, make_setup, reference
+from test_triton_kernels_gpu import LLAMA_8B, make_case, reference
 
-from engine.runner.forward_batch import ForwardBatch, ForwardMode
+from engine.runner.forward_batch import ForwardMode
 from engine.sampling.sampling_batch_info import SamplingBatchInfo
 
 pytestmark = [
@@ -33,23 +33,10 @@ def make_step(mode, prefix_lens, ext_lens, page_size, shapes=LLAMA_8B, **backend
     from backends.cuda.flashinfer_attention import FlashInferAttentionBackend
 
     hq, hkv, d, dtype = shapes["num_q_heads"], shapes["num_kv_heads"], shapes["head_dim"], torch.bfloat16
-    seq = [p + n for p, n in zip(prefix_lens, ext_lens)]
-    pool, req_to_token, rows, g = make_setup(seq, page_size, hq, hkv, d, dtype)
+    pool, req_to_token, rows, batch, (q, k, v) = make_case(mode, prefix_lens, ext_lens, page_size, dtype, shapes)
     backend = FlashInferAttentionBackend(num_q_heads=hq, num_kv_heads=hkv, head_dim=d, kv_pool=pool,
                                          req_to_token=req_to_token, page_size=page_size, dtype=dtype,
                                          device=DEVICE, **backend_kw)
-    t = sum(ext_lens)
-    q = torch.randn(t, hq, d, device=DEVICE, generator=g).to(dtype)
-    k = torch.randn(t, hkv, d, device=DEVICE, generator=g).to(dtype)
-    v = torch.randn(t, hkv, d, device=DEVICE, generator=g).to(dtype)
-    loc = torch.cat([req_to_token[r, p:s].long() for r, p, s in zip(rows.tolist(), prefix_lens, seq)])
-    batch = ForwardBatch(
-        mode=mode, batch_size=len(seq), input_ids=torch.zeros(t, dtype=torch.int64, device=DEVICE),
-        positions=torch.zeros(t, dtype=torch.int64, device=DEVICE), req_pool_indices=rows,
-        seq_lens=torch.tensor(seq, device=DEVICE), out_cache_loc=loc, seq_lens_cpu=seq,
-        extend_prefix_lens=torch.tensor(prefix_lens, device=DEVICE),
-        extend_seq_lens=torch.tensor(ext_lens, device=DEVICE), extend_prefix_lens_cpu=list(prefix_lens),
-        extend_seq_lens_cpu=list(ext_lens))
     return backend, pool, req_to_token, rows, batch, (q, k, v)
 
 

@@ -61,11 +61,11 @@ def reference(q, pool, req_to_token, rows, prefix_lens, ext_lens, scaling):
     return torch.cat(outs)
 
 
-def run(mode, prefix_lens, ext_lens, page_size, dtype=torch.bfloat16, shapes=LLAMA_8B):
+def make_case(mode, prefix_lens, ext_lens, page_size, dtype=torch.bfloat16, shapes=LLAMA_8B):
+    """A filled KV pool and one step's batch and q/k/v at these lengths (any attention backend)."""
     hq, hkv, d = shapes["num_q_heads"], shapes["num_kv_heads"], shapes["head_dim"]
     seq = [p + n for p, n in zip(prefix_lens, ext_lens)]
     pool, req_to_token, rows, g = make_setup(seq, page_size, hq, hkv, d, dtype)
-    backend = make_backend(pool, req_to_token, page_size, hq, hkv, d, dtype)
     t = sum(ext_lens)
     q = torch.randn(t, hq, d, device=DEVICE, generator=g).to(dtype)
     k = torch.randn(t, hkv, d, device=DEVICE, generator=g).to(dtype)
@@ -78,6 +78,14 @@ def run(mode, prefix_lens, ext_lens, page_size, dtype=torch.bfloat16, shapes=LLA
         extend_prefix_lens=torch.tensor(prefix_lens, device=DEVICE),
         extend_seq_lens=torch.tensor(ext_lens, device=DEVICE), extend_prefix_lens_cpu=list(prefix_lens),
         extend_seq_lens_cpu=list(ext_lens))
+    return pool, req_to_token, rows, batch, (q, k, v)
+
+
+def run(mode, prefix_lens, ext_lens, page_size, dtype=torch.bfloat16, shapes=LLAMA_8B):
+    hq, hkv, d = shapes["num_q_heads"], shapes["num_kv_heads"], shapes["head_dim"]
+    pool, req_to_token, rows, batch, (q, k, v) = make_case(mode, prefix_lens, ext_lens, page_size, dtype, shapes)
+    loc = batch.out_cache_loc
+    backend = make_backend(pool, req_to_token, page_size, hq, hkv, d, dtype)
     backend.init_forward_metadata(batch)
     out = backend.forward(q, k, v, 0, d ** -0.5, batch)
     assert torch.equal(pool.k_buffers[0][loc], k) and torch.equal(pool.v_buffers[0][loc], v)
