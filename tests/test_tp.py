@@ -56,6 +56,15 @@ def test_tp2_greedy_tokens_equal_tp1(make_tiny, arch):
     assert two == one
 
 
+def test_tp2_with_the_overlap_scheduler(llama_tiny, monkeypatch):
+    """Overlap on (as on GPUs): rank 0 feeds tokens still on the device, the other ranks take
+    them from their own future slots, filled by rank 0's broadcast after each sampling."""
+    monkeypatch.setenv("ANYSERVE_OVERLAP", "1")     # inherited by the spawned ranks
+    overlapped = _generate(llama_tiny, 2)
+    monkeypatch.delenv("ANYSERVE_OVERLAP")
+    assert overlapped == _generate(llama_tiny, 1)
+
+
 def test_tp4_replicates_kv_heads_and_chunked_prefill(llama_tiny):
     # tiny has 2 KV heads: with 4 ranks each keeps a copy of one; chunked prefill and the radix
     # cache (the last two prompts share 40 tokens) exercise the req_to_token journal.

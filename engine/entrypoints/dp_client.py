@@ -213,7 +213,8 @@ def make_scheduler_client(args: ServerArgs, kind: str = "process") -> SchedulerC
     started: list[Optional[SchedulerClient]] = [None] * n
 
     def start(rank: int) -> SchedulerClient:
-        started[rank] = cls(replica_args(args, rank))
+        kw = {"name": f"anyserve-dp{rank}"} if cls is ProcessSchedulerClient else {}  # log names
+        started[rank] = cls(replica_args(args, rank), **kw)
         return started[rank]
 
     try:

@@ -99,7 +99,7 @@ def with_dist_addr(server_args: ServerArgs) -> ServerArgs:
     return dataclasses.replace(server_args, dist_init_addr=f"127.0.0.1:{free_port()}")
 
 
-def start_tp_workers(server_args: ServerArgs, mp_ctx: Any) -> list:
+def start_tp_workers(server_args: ServerArgs, mp_ctx: Any, name: str = "anyserve") -> list:
     """Start this machine's tensor-parallel ranks other than 0 (rank 0 is the scheduler)."""
     from engine.runner.tp_worker import ranks_per_node
 
@@ -107,7 +107,7 @@ def start_tp_workers(server_args: ServerArgs, mp_ctx: Any) -> list:
     first = server_args.node_rank * per_node
     procs = []
     for rank in range(max(1, first), first + per_node):
-        p = mp_ctx.Process(target=_tp_worker_main, name=f"anyserve-tp{rank}",
+        p = mp_ctx.Process(target=_tp_worker_main, name=f"{name}-tp{rank}",
                            args=(server_args, rank, os.getpid()), daemon=True)
         p.start()
         procs.append(p)
@@ -137,7 +137,8 @@ def run_node_workers(server_args: ServerArgs) -> int:
 class ProcessSchedulerClient(SchedulerClient):
     """Starts the scheduler process and waits until its model is loaded."""
 
-    def __init__(self, server_args: ServerArgs, startup_timeout: float = 1800.0) -> None:
+    def __init__(self, server_args: ServerArgs, startup_timeout: float = 1800.0,
+                 name: str = "anyserve-scheduler") -> None:
         server_args = with_dist_addr(server_args)
         self._dir = tempfile.mkdtemp(prefix="anyserve-ipc-")
         in_addr, out_addr = f"ipc://{self._dir}/in", f"ipc://{self._dir}/out"
@@ -150,10 +151,11 @@ class ProcessSchedulerClient(SchedulerClient):
         # same cores (measured on 2 cores: 64 streams took 5-9 s spinning, 0.9-1.7 s passive).
         os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
         mp_ctx = mp.get_context("spawn")
-        self.process = mp_ctx.Process(target=_scheduler_main, name="anyserve-scheduler",
+        self.process = mp_ctx.Process(target=_scheduler_main, name=name,
                                       args=(server_args, in_addr, out_addr, os.getpid()), daemon=True)
         self.process.start()
-        self.tp_processes = start_tp_workers(server_args, mp_ctx) if server_args.tp_size > 1 else []
+        prefix = "anyserve" if name == "anyserve-scheduler" else name   # replicas: anyserve-dp1-tp1
+        self.tp_processes = start_tp_workers(server_args, mp_ctx, prefix) if server_args.tp_size > 1 else []
         try:
             self.info = self._wait_ready(startup_timeout)
         except BaseException:

@@ -8,6 +8,7 @@ requests are retracted to the waiting queue (their computed KV goes to the radix
 from __future__ import annotations
 
 import logging
+import os
 import random
 import time
 from dataclasses import dataclass
@@ -79,7 +80,10 @@ class Scheduler:
         self.reqs_by_rid: dict[str, Req] = {}
         self.outputs: list[Req] = []        # requests with something to send after this step
         # The overlap scheduler launches step N+1 before reading step N's tokens back.
-        self.overlap = not server_args.disable_overlap_schedule and r.platform.async_execution
+        # ANYSERVE_OVERLAP=1 turns it on where the device is synchronous too (the CPU), which
+        # gains nothing there but runs the same bookkeeping: tests use it.
+        self.overlap = not server_args.disable_overlap_schedule and (
+            r.platform.async_execution or os.environ.get("ANYSERVE_OVERLAP") == "1")
         self.in_flight: Optional[_InFlight] = None
 
         # statistics
@@ -89,7 +93,9 @@ class Scheduler:
         self.cached_tokens_total = 0
         self.forward_ct = 0
         self.last_step_time = time.monotonic()
-        logger.info("scheduler ready: %s", r.describe())
+        logger.info("scheduler ready: %s overlap_schedule=%s", r.describe(), "on" if self.overlap else (
+            "off (--disable-overlap-schedule)" if server_args.disable_overlap_schedule
+            else f"off ({r.platform.name} runs synchronously)"))
 
     @property
     def info(self) -> SchedulerInfo:
