@@ -53,7 +53,9 @@ class ServerArgs:
         None, "Attention implementation (e.g. torch, triton, flashinfer). Default: the platform's "
         "first available preference.", group="device")
     sampling_backend: Optional[str] = _flag(
-        None, "Sampling implementation (e.g. torch, flashinfer). Default: the platform's preference.",
+        None, "Sampling implementation (e.g. torch, flashinfer). Default: the platform's preference. "
+        "torch draws the same tokens for a seed in any batch; flashinfer (faster at large batch) only "
+        "at the same row of the batch.",
         group="device")
     disable_cuda_graph: bool = _flag(False, "Do not capture decode steps as device graphs "
                                      "(CUDA/HIP graphs).", group="device")
