@@ -14,7 +14,7 @@ from engine.layers.ops import get_layer_ops
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     """x: [num_tokens, 2 * d] -> [num_tokens, d] = silu(gate) * up."""
     d = x.shape[-1] // 2
-    return F.silu(x[..., :d]) * x[..., d:]
+    return F.silu(x[..., :d]).mul_(x[..., d:])   # in place: one [num_tokens, d] buffer, not two
 
 
 class SiluAndMul(nn.Module):

@@ -20,9 +20,9 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: Option
         x = x + residual
         residual = x
     dtype = x.dtype
-    h = x.float()
-    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
-    out = weight * h.to(dtype)
+    h = x.float()   # a new fp32 buffer (or x itself in fp32: the next line then writes into x)
+    h = h * torch.rsqrt(h.square().mean(-1, keepdim=True).add_(eps))
+    out = h.to(dtype).mul_(weight) if dtype != torch.float32 else h.mul_(weight)
     return out if residual is None else (out, residual)
 
 
