@@ -4,6 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from attention_case import step_inputs
 from backends.cpu.torch_attention import TorchAttentionBackend
 from engine.mem_cache.kv_pool import KVPool
 from engine.runner.forward_batch import ForwardBatch, ForwardMode
@@ -55,19 +56,9 @@ def run_step(mode, prefix_lens, ext_lens, page_size, num_q_heads, head_dim, dtyp
     backend, pool, req_to_token, rows, g = make_setup(page_size, num_q_heads, head_dim, dtype,
                                                       batch_size=len(prefix_lens))
     seq_lens = [p + n for p, n in zip(prefix_lens, ext_lens)]
-    t = sum(ext_lens)
-    q = torch.randn(t, num_q_heads, head_dim, generator=g).to(dtype)
-    k = torch.randn(t, NUM_KV_HEADS, head_dim, generator=g).to(dtype)
-    v = torch.randn(t, NUM_KV_HEADS, head_dim, generator=g).to(dtype)
-    loc = torch.cat([req_to_token[r, p:s].long() for r, p, s in zip(rows, prefix_lens, seq_lens)])
-    batch = ForwardBatch(
-        mode=mode, batch_size=len(prefix_lens), input_ids=torch.zeros(t, dtype=torch.int64),
-        positions=torch.zeros(t, dtype=torch.int64), req_pool_indices=rows,
-        seq_lens=torch.tensor(seq_lens), out_cache_loc=loc, seq_lens_cpu=seq_lens,
-        attn_backend=backend)
-    if mode.is_extend:
-        batch.extend_prefix_lens, batch.extend_seq_lens = torch.tensor(prefix_lens), torch.tensor(ext_lens)
-        batch.extend_prefix_lens_cpu, batch.extend_seq_lens_cpu = list(prefix_lens), list(ext_lens)
+    batch, (q, k, v) = step_inputs(mode, req_to_token, rows, prefix_lens, ext_lens, num_q_heads, NUM_KV_HEADS,
+                                   head_dim, dtype, g)
+    batch.attn_backend, loc = backend, batch.out_cache_loc
     scaling = head_dim ** -0.5
     backend.init_forward_metadata(batch)
     out = backend.forward(q, k, v, layer_id, scaling, batch)

@@ -20,6 +20,7 @@ import torch  # noqa: E402
 
 pytest.importorskip("triton")
 
+from attention_case import step_inputs  # noqa: E402
 from backends.cpu.torch_layer_ops import TorchLayerOps  # noqa: E402
 from backends.triton.attention_backend import TritonAttentionBackend  # noqa: E402
 from backends.triton.kv_store import store_kv  # noqa: E402
@@ -89,17 +90,9 @@ def run_step(mode, prefix_lens, ext_lens, page_size, num_q_heads, head_dim, dtyp
     backend, pool, req_to_token, rows, g = make_setup(page_size, num_q_heads, head_dim, dtype,
                                                       len(prefix_lens), max_context, config)
     seq_lens = [p + n for p, n in zip(prefix_lens, ext_lens)]
-    t = sum(ext_lens)
-    q = torch.randn(t, num_q_heads, head_dim, generator=g).to(dtype)
-    k = torch.randn(t, NUM_KV_HEADS, head_dim, generator=g).to(dtype)
-    v = torch.randn(t, NUM_KV_HEADS, head_dim, generator=g).to(dtype)
-    loc = torch.cat([req_to_token[r, p:s].long() for r, p, s in zip(rows, prefix_lens, seq_lens)])
-    batch = ForwardBatch(
-        mode=mode, batch_size=len(prefix_lens), input_ids=torch.zeros(t, dtype=torch.int64),
-        positions=torch.zeros(t, dtype=torch.int64), req_pool_indices=rows, seq_lens=torch.tensor(seq_lens),
-        out_cache_loc=loc, seq_lens_cpu=seq_lens, extend_prefix_lens=torch.tensor(prefix_lens),
-        extend_seq_lens=torch.tensor(ext_lens), extend_prefix_lens_cpu=list(prefix_lens),
-        extend_seq_lens_cpu=list(ext_lens), attn_backend=backend)
+    batch, (q, k, v) = step_inputs(mode, req_to_token, rows, prefix_lens, ext_lens, num_q_heads, NUM_KV_HEADS,
+                                   head_dim, dtype, g)
+    batch.attn_backend, loc = backend, batch.out_cache_loc
     backend.init_forward_metadata(batch)
     out = backend.forward(q, k, v, layer_id, head_dim ** -0.5, batch)
     assert torch.equal(pool.k_buffers[layer_id][loc], k) and torch.equal(pool.v_buffers[layer_id][loc], v)

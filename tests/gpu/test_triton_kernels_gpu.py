@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from attention_case import step_inputs
 from engine.mem_cache.kv_pool import KVPool
 from engine.runner.forward_batch import ForwardBatch, ForwardMode
 
@@ -66,19 +67,8 @@ def make_case(mode, prefix_lens, ext_lens, page_size, dtype=torch.bfloat16, shap
     hq, hkv, d = shapes["num_q_heads"], shapes["num_kv_heads"], shapes["head_dim"]
     seq = [p + n for p, n in zip(prefix_lens, ext_lens)]
     pool, req_to_token, rows, g = make_setup(seq, page_size, hq, hkv, d, dtype)
-    t = sum(ext_lens)
-    q = torch.randn(t, hq, d, device=DEVICE, generator=g).to(dtype)
-    k = torch.randn(t, hkv, d, device=DEVICE, generator=g).to(dtype)
-    v = torch.randn(t, hkv, d, device=DEVICE, generator=g).to(dtype)
-    loc = torch.cat([req_to_token[r, p:s].long() for r, p, s in zip(rows.tolist(), prefix_lens, seq)])
-    batch = ForwardBatch(
-        mode=mode, batch_size=len(seq), input_ids=torch.zeros(t, dtype=torch.int64, device=DEVICE),
-        positions=torch.zeros(t, dtype=torch.int64, device=DEVICE), req_pool_indices=rows,
-        seq_lens=torch.tensor(seq, device=DEVICE), out_cache_loc=loc, seq_lens_cpu=seq,
-        extend_prefix_lens=torch.tensor(prefix_lens, device=DEVICE),
-        extend_seq_lens=torch.tensor(ext_lens, device=DEVICE), extend_prefix_lens_cpu=list(prefix_lens),
-        extend_seq_lens_cpu=list(ext_lens))
-    return pool, req_to_token, rows, batch, (q, k, v)
+    batch, qkv = step_inputs(mode, req_to_token, rows, prefix_lens, ext_lens, hq, hkv, d, dtype, g, DEVICE)
+    return pool, req_to_token, rows, batch, qkv
 
 
 def run(mode, prefix_lens, ext_lens, page_size, dtype=torch.bfloat16, shapes=LLAMA_8B):
