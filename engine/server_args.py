@@ -104,7 +104,8 @@ class ServerArgs:
         None, "KV cache capacity in tokens; overrides --mem-fraction-static.", group="memory")
     page_size: int = _flag(1, "Tokens per KV page; prefixes are shared in whole pages.", group="memory")
     max_running_requests: Optional[int] = _flag(
-        None, "Most requests decoding at once (default: from KV capacity, at most 512).", group="memory")
+        None, "Most requests decoding at once (default: KV capacity / 16 tokens, at most 2048 on "
+        "accelerators and 512 on the CPU).", group="memory")
     max_prefill_tokens: int = _flag(16384, "Most new prompt tokens in one prefill batch.", group="memory")
     chunked_prefill_size: int = _flag(
         8192, "Longest prompt chunk computed in one step; longer prompts are split. -1 disables "

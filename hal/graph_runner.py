@@ -16,7 +16,7 @@ import bisect
 import logging
 import time
 from abc import ABC, abstractmethod
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import torch
 
@@ -73,7 +73,9 @@ class GraphRunner(ABC):
                                  device=device)[:, None].expand(-1, n).contiguous()
         self._inputs.copy_(self._pad)
         self._graphs: dict[int, Any] = {}
-        self._outputs: dict[int, torch.Tensor] = {}   # batch size -> logits [bs, vocab] fp32
+        # logits [max_bs, vocab] fp32: the largest captured step's output, which every smaller
+        # step writes the first rows of (one buffer, not one per batch size)
+        self._logits: Optional[torch.Tensor] = None
         self.capture_seconds = 0.0
 
     # -- vendor hooks ----------------------------------------------------------------------------
@@ -97,7 +99,8 @@ class GraphRunner(ABC):
         return ForwardBatch(mode=ForwardMode.DECODE, batch_size=batch_size, input_ids=v["input_ids"],
                             positions=v["positions"], req_pool_indices=v["req_pool_indices"],
                             seq_lens=v["seq_lens"], out_cache_loc=v["out_cache_loc"],
-                            seq_lens_cpu=[1] * batch_size, logits_indices=None)
+                            seq_lens_cpu=[1] * batch_size, logits_indices=None,
+                            logits_out=None if self._logits is None else self._logits[:batch_size])
 
     def capture(self) -> None:
         """Capture every batch size, largest first (the smaller ones then reuse its memory)."""
@@ -109,11 +112,14 @@ class GraphRunner(ABC):
             for bs in reversed(self.batch_sizes):
                 batch = self.static_batch(bs)
                 try:
-                    self._graphs[bs], self._outputs[bs] = self._capture_one(lambda b=batch: self.forward(b))
+                    self._graphs[bs], out = self._capture_one(lambda b=batch: self.forward(b))
                 except Exception as e:
                     raise RuntimeError(f"capturing the decode step at batch size {bs} failed ({e}); "
                                        "lower --cuda-graph-max-bs, or serve eagerly with "
                                        "--disable-cuda-graph") from e
+                if self._logits is None:
+                    self._logits = out
+                assert out.data_ptr() == self._logits.data_ptr(), "a captured step wrote its own logits"
         self.capture_seconds = time.perf_counter() - t0
 
     # -- replay ----------------------------------------------------------------------------------
@@ -134,7 +140,7 @@ class GraphRunner(ABC):
             src = torch.cat([src, self._pad[:, : padded - bs]], dim=1)     # [5, padded]
         self._inputs[:, :padded].copy_(src)
         self._replay(self._graphs[padded])
-        return self._outputs[padded][:bs]
+        return self._logits[:bs]
 
     def describe(self) -> str:
         sizes = self.batch_sizes

@@ -143,7 +143,10 @@ def test_replay_pads_to_the_next_size_with_the_padding_slot_and_row():
     def forward(b: ForwardBatch) -> torch.Tensor:
         seen.append(b)
         cols = [b.input_ids, b.positions, b.req_pool_indices, b.seq_lens, b.out_cache_loc]
-        return torch.stack(cols, dim=1).float()                        # [bs, 5]
+        out = torch.stack(cols, dim=1).float()                         # [bs, 5]
+        if b.logits_out is not None:                                   # as LogitsProcessor does
+            return b.logits_out.copy_(out)
+        return out
 
     gr = RerunGraphRunner(forward=forward, attn_backend=AttentionStub(), max_batch_size=8,
                           max_running_requests=12, pad_slot=999, pad_req_row=7, device=torch.device("cpu"))
@@ -156,7 +159,8 @@ def test_replay_pads_to_the_next_size_with_the_padding_slot_and_row():
         out = gr.replay(decode_batch(3))
     assert out.shape == (3, 5)
     assert out[:, 0].tolist() == [100, 101, 102] and out[:, 4].tolist() == [500, 501, 502]
-    graph_out = gr._outputs[4]                                         # what the padded row computed
+    assert all(b.logits_out is not None for b in seen[1:4]), "smaller steps write the largest one's logits"
+    graph_out = gr._logits                                             # row 3: what the padded row computed
     assert graph_out[3].tolist() == [0, 0, 7, 1, 999], "a stale row of the larger batch leaked into padding"
     assert gr.padded_size(3) == 4 and gr.padded_size(5) == 8 and gr.padded_size(1) == 1
     assert gr.can_run(decode_batch(8)) and not gr.can_run(decode_batch(9))

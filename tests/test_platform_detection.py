@@ -138,9 +138,13 @@ def test_triton_attention_on_the_cpu_stops_the_model_runner(llama_tiny):
         ModelRunner(args)
 
 
-def test_unimplemented_vendor_backends_are_not_registered():
-    """FlashInfer and aiter are in the preference lists but have no implementation yet: they must
-    not be registered (asking for them names the registered ones instead)."""
+def test_vendor_backends_without_their_package_are_not_registered():
+    """FlashInfer and aiter are in the preference lists but register only where their package is
+    installed; here neither is, so asking for them names the registered ones instead."""
+    import importlib.util
+
+    if importlib.util.find_spec("flashinfer") or importlib.util.find_spec("aiter"):
+        pytest.skip("flashinfer or aiter is installed here")
     assert "flashinfer" not in entries("attention") and "aiter" not in entries("attention")
     with pytest.raises(BackendSelectionError, match="unknown attention backend; registered: torch, triton"):
         hal.select("attention", hal.get_platform("cpu"), "flashinfer")

@@ -14,9 +14,14 @@ from safetensors.torch import save_file
 from engine.entrypoints.scheduler_process import ProcessSchedulerClient
 from engine.io_struct import BatchTokenOutput, SchedulerError, TokenizedGenerateReq
 from engine.mem_cache.allocator import ReqToTokenPool
-from engine.runner.model_loader import iterate_safetensors
+from engine.layers import parallel_state
+from engine.layers.linear import ColumnParallelLinear, MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
+from engine.layers.vocab_embedding import VocabParallelEmbedding
+from engine.models.config import ModelConfig
+from engine.runner.model_loader import dummy_tensor, fill_dummy_weights, iterate_safetensors, load_model
 from engine.sampling.sampling_params import SamplingParams
 from engine.server_args import ServerArgs
+from hal.collectives import SingleProcessCollectives
 
 PROMPTS = [[5 + i, 17, 33 + i, 99, 4, 250 + 3 * i] * (i + 1) for i in range(6)] + [[7] * 40, [7] * 40 + [9, 10]]
 
@@ -70,6 +75,102 @@ def test_tp4_replicates_kv_heads_and_chunked_prefill(llama_tiny):
     # cache (the last two prompts share 40 tokens) exercise the req_to_token journal.
     kw = dict(chunked_prefill_size=16)
     assert _generate(llama_tiny, 4, max_new_tokens=12, **kw) == _generate(llama_tiny, 1, max_new_tokens=12, **kw)
+
+
+def test_dummy_weights_give_the_same_tokens_at_tp1_and_tp2(llama_tiny):
+    """--load-format dummy draws each full checkpoint tensor from its own seed and every rank keeps
+    its slice, so tp2 computes the tp1 model (real-shape GPU runs check token identity this way)."""
+    one = _generate(llama_tiny, 1, max_new_tokens=12, load_format="dummy")
+    assert len({t for v in one.values() for t in v}) > 3      # random weights, not a constant answer
+    assert _generate(llama_tiny, 2, max_new_tokens=12, load_format="dummy") == one
+
+
+def _sharded(build, tp: int) -> list[torch.nn.Module]:
+    """``build(tp_rank, tp_size)`` for every rank of ``tp``, each filled with dummy weights."""
+    ranks = []
+    for rank in range(tp):
+        m = build(rank, tp)
+        fill_dummy_weights(m)
+        ranks.append(m)
+    return ranks
+
+
+class _Layers(torch.nn.Module):
+    def __init__(self, tp_rank: int, tp_size: int) -> None:
+        super().__init__()
+        kw = dict(tp_rank=tp_rank, tp_size=tp_size)
+        self.column = ColumnParallelLinear(16, 24, bias=True, **kw)
+        self.row = RowParallelLinear(24, 16, bias=True, **kw)
+        self.embed = VocabParallelEmbedding(37, 16, **kw)     # 37 rows: the last rank's are padded
+
+
+def test_dummy_full_tensor_is_tp1_and_the_concatenation_of_tp2_shards():
+    (one,), two = _sharded(_Layers, 1), _sharded(_Layers, 2)
+    full = {name: dummy_tensor(name, None, shape, torch.float32, "cpu")
+            for name, shape in [("column.weight", (24, 16)), ("column.bias", (24,)), ("row.weight", (16, 24)),
+                                ("row.bias", (16,)), ("embed.weight", (37, 16))]}
+    w = full["column.weight"]
+    assert w.std() > 0.01 and not torch.equal(w[:12], w[12:])
+    for name in ("column.weight", "column.bias", "row.bias", "embed.weight"):
+        assert torch.equal(one.get_parameter(name), full[name]), name
+    assert torch.equal(torch.cat([m.column.weight for m in two]), full["column.weight"])
+    assert torch.equal(torch.cat([m.column.bias for m in two]), full["column.bias"])
+    assert torch.equal(torch.cat([m.row.weight for m in two], dim=1), full["row.weight"])
+    assert all(torch.equal(m.row.bias, full["row.bias"]) for m in two)    # added once, not split
+    assert torch.equal(torch.cat([m.embed.weight for m in two])[:37], full["embed.weight"])
+    assert torch.all(two[1].embed.weight[18:] == 0)
+
+
+def test_dummy_fused_shards_split_like_a_checkpoint():
+    """q/k/v and gate/up are drawn as separate checkpoint tensors, so each rank's fused matrix
+    holds its slice of each; with 4 ranks over 2 KV heads, ranks share a KV head's copy."""
+    def build(rank, tp):
+        m = torch.nn.Module()
+        m.qkv = QKVParallelLinear(16, 4, num_heads=4, num_kv_heads=2, tp_rank=rank, tp_size=tp)
+        m.gate_up = MergedColumnParallelLinear(16, [8, 8], tp_rank=rank, tp_size=tp)
+        return m
+
+    (one,), four = _sharded(build, 1), _sharded(build, 4)
+    q, k, v = one.qkv.weight.split([16, 8, 8])
+    gate, up = one.gate_up.weight.split([8, 8])
+    for rank, m in enumerate(four):
+        rq, rk, rv = m.qkv.weight.split([4, 4, 4])
+        kv = rank // 2
+        assert torch.equal(rq, q[4 * rank:4 * rank + 4])
+        assert torch.equal(rk, k[4 * kv:4 * kv + 4]) and torch.equal(rv, v[4 * kv:4 * kv + 4])
+        rg, ru = m.gate_up.weight.split([2, 2])
+        assert torch.equal(rg, gate[2 * rank:2 * rank + 2]) and torch.equal(ru, up[2 * rank:2 * rank + 2])
+    assert not torch.equal(q[:8], k) and not torch.equal(gate, up)
+
+
+def test_dummy_llama_tp2_shards_concatenate_to_tp1(llama_tiny):
+    cfg = ModelConfig.from_pretrained(str(llama_tiny), dtype="float32")
+    one = load_model(cfg, "dummy", "cpu")
+    two = []
+    try:
+        for rank in range(2):
+            parallel_state.set_tp(rank, 2, SingleProcessCollectives())
+            two.append(load_model(cfg, "dummy", "cpu"))
+    finally:
+        parallel_state.set_tp(0, 1)
+    row_parallel = ("o_proj", "down_proj")
+    for name, p in one.named_parameters():
+        shards = [m.get_parameter(name) for m in two]
+        if "norm" in name:
+            assert all(torch.equal(s, p) for s in shards) and torch.all(p == 1), name
+        elif any(r in name for r in row_parallel):
+            assert torch.equal(torch.cat(shards, dim=1), p), name
+        elif "embed_tokens" in name:
+            assert torch.equal(torch.cat(shards)[:cfg.vocab_size], p), name
+        elif "gate_up" in name:
+            parts = [s.chunk(2) for s in shards]     # [gate | up] per rank
+            assert torch.equal(torch.cat([h[0] for h in parts] + [h[1] for h in parts]), p), name
+        elif "qkv" in name:
+            q, kv = cfg.num_attention_heads * cfg.head_dim // 2, cfg.num_key_value_heads * cfg.head_dim // 2
+            parts = [s.split([q, kv, kv]) for s in shards]     # [q | k | v] per rank
+            assert torch.equal(torch.cat([h[i] for i in range(3) for h in parts]), p), name
+        else:
+            pytest.fail(f"{name}: no sharding rule in this test")
 
 
 def test_dying_rank_is_reported(llama_tiny):

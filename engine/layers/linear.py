@@ -47,6 +47,12 @@ class LinearBase(nn.Module):
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: Optional[ShardId] = None) -> None:
         raise NotImplementedError
 
+    def checkpoint_shapes(self, param: nn.Parameter) -> dict[Optional[ShardId], tuple[int, ...]]:
+        """The full (unsharded) shape of each checkpoint tensor ``weight_loader`` takes for
+        ``param``, by shard id (None: a single tensor). Dummy weights are made at these shapes so
+        that every tensor-parallel size slices the same full tensors."""
+        raise NotImplementedError
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight, self.bias)
 
@@ -66,6 +72,9 @@ class ColumnParallelLinear(LinearBase):
         _check_shape(param, (self.output_size, *param.shape[1:]), loaded, "column-parallel linear")
         param.data.copy_(loaded.narrow(0, self.tp_rank * rows, rows))
 
+    def checkpoint_shapes(self, param):
+        return {None: (self.output_size, *param.shape[1:])}
+
 
 class MergedColumnParallelLinear(ColumnParallelLinear):
     """Several column-parallel matrices stacked on the output dim (gate_proj and up_proj)."""
@@ -84,6 +93,9 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
         rows = full // self.tp_size
         offset = sum(self.output_sizes[:shard_id]) // self.tp_size
         param.data.narrow(0, offset, rows).copy_(loaded.narrow(0, self.tp_rank * rows, rows))
+
+    def checkpoint_shapes(self, param):
+        return {i: (size, *param.shape[1:]) for i, size in enumerate(self.output_sizes)}
 
 
 class QKVParallelLinear(ColumnParallelLinear):
@@ -121,6 +133,9 @@ class QKVParallelLinear(ColumnParallelLinear):
             rows, head_index = self.kv_size, self.tp_rank // self.kv_replicas
         param.data.narrow(0, offset, rows).copy_(loaded.narrow(0, head_index * rows, rows))
 
+    def checkpoint_shapes(self, param):
+        return {s: (self.total_heads[s] * self.head_dim, *param.shape[1:]) for s in self.shard_ids}
+
 
 class RowParallelLinear(LinearBase):
     """Y = X W^T with W split along its input columns; partial sums are all-reduced."""
@@ -141,6 +156,11 @@ class RowParallelLinear(LinearBase):
         cols = param.shape[1]
         _check_shape(param, (param.shape[0], self.input_size), loaded, "row-parallel linear")
         param.data.copy_(loaded.narrow(1, self.tp_rank * cols, cols))
+
+    def checkpoint_shapes(self, param):
+        if param.dim() == 1:
+            return {None: tuple(param.shape)}
+        return {None: (param.shape[0], self.input_size)}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.tp_size == 1:

@@ -37,6 +37,10 @@ class VocabParallelEmbedding(nn.Module):
         param.data[rows:].zero_()
         param.data[:rows].copy_(loaded.narrow(0, self.vocab_start, rows))
 
+    def checkpoint_shapes(self, param: nn.Parameter) -> dict[None, tuple[int, int]]:
+        """The full [vocab_size, hidden_size] table of which ``weight_loader`` keeps this rank's rows."""
+        return {None: (self.vocab_size, param.shape[1])}
+
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         """input_ids: [num_tokens] -> [num_tokens, hidden_size]."""
         if self.tp_size == 1:

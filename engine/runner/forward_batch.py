@@ -49,6 +49,9 @@ class ForwardBatch:
     future_slots: Optional[tuple[int, int]] = None
     # Host copies of tensor fields, for tensor-parallel rank 0 to send without a device read.
     host_tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+    # Where to write the fp32 logits ([num_logits, vocab]); None: a fresh tensor. Captured decode
+    # steps of every batch size share one such buffer (hal/graph_runner.py).
+    logits_out: Optional[torch.Tensor] = None
     attn_backend: Optional["AttentionBackend"] = None
 
     @property

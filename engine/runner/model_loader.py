@@ -3,6 +3,7 @@ index), or random of the real shape (``--load-format dummy``, for benchmarks).""
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import os
@@ -58,20 +59,48 @@ def load_model(config: ModelConfig, load_format: str = "auto", device: Union[str
 
 @torch.no_grad()
 def fill_dummy_weights(model: nn.Module, std: float = 0.02, seed: int = 0) -> None:
-    """Random weights of the real shapes, no file read: N(0, std), RMSNorm weights 1."""
+    """Random weights of the real shapes, no file read: N(0, std), RMSNorm weights 1.
+
+    Each checkpoint tensor is drawn whole (unsharded) from a generator seeded by (seed, parameter
+    name, shard id), on the parameter's device, and handed to the parameter's ``weight_loader``,
+    which keeps this rank's slice as it does for a real checkpoint: every tensor-parallel size
+    computes the same model."""
     start = time.perf_counter()
-    gen: dict[torch.device, torch.Generator] = {}
     norms = {id(m.weight) for m in model.modules() if isinstance(m, RMSNorm)}
+    params = list(model.named_parameters())
     numel = 0
-    for _, p in model.named_parameters():
+    bar = tqdm(params, desc="dummy weights", unit="tensor", disable=not sys.stderr.isatty())
+    for name, p in bar:
         numel += p.numel()
         if id(p) in norms:
             p.fill_(1.0)
             continue
-        g = gen.setdefault(p.device, torch.Generator(device=p.device).manual_seed(seed))
-        p.normal_(0.0, std, generator=g)
+        loader = getattr(p, "weight_loader", None)
+        for shard_id, shape in _checkpoint_shapes(model, name, p).items():
+            full = dummy_tensor(name, shard_id, shape, p.dtype, p.device, std, seed)
+            if loader is None:
+                p.copy_(full)
+            else:
+                loader(p, full, shard_id)
     logger.info("dummy weights: %.2fB parameters filled at random in %.1f s", numel / 1e9,
                 time.perf_counter() - start)
+
+
+def _checkpoint_shapes(model: nn.Module, name: str, param: nn.Parameter) -> dict[Any, tuple[int, ...]]:
+    """Full checkpoint shape(s) of a parameter, by shard id, from the layer that owns it; a
+    parameter no parallel layer owns is its own checkpoint tensor."""
+    module = model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model
+    shapes = getattr(module, "checkpoint_shapes", None)
+    return shapes(param) if shapes is not None else {None: tuple(param.shape)}
+
+
+def dummy_tensor(name: str, shard_id: Any, shape: tuple[int, ...], dtype: torch.dtype,
+                 device: Union[str, torch.device], std: float = 0.02, seed: int = 0) -> torch.Tensor:
+    """The full dummy checkpoint tensor for (parameter ``name``, ``shard_id``): N(0, std) from a
+    generator seeded by those and ``seed`` alone, so every rank draws the same values."""
+    digest = hashlib.blake2b(f"{seed}/{name}/{shard_id}".encode(), digest_size=8).digest()
+    gen = torch.Generator(device=device).manual_seed(int.from_bytes(digest, "little") >> 1)
+    return torch.empty(shape, dtype=dtype, device=device).normal_(0.0, std, generator=gen)
 
 
 def safetensors_files(path: str) -> list[str]:

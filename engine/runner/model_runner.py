@@ -32,6 +32,10 @@ GiB = 1 << 30
 _HOST_KV_CAP_BYTES = 2 * GiB
 _HOST_KV_CAP_CONTEXTS = 64
 _DEFAULT_MEM_FRACTION = 0.88
+# Default cap on requests decoding at once (also bounded by the KV capacity / 16): an accelerator
+# admits a whole burst at once (SGLang's default is 2048 to 4096); a CPU's step time grows with the batch.
+_MAX_RUNNING_DEVICE = 2048
+_MAX_RUNNING_HOST = 512
 
 
 class ModelRunner:
@@ -110,8 +114,8 @@ class ModelRunner:
         if num_pages < 1:
             raise RuntimeError(f"KV cache would hold {tokens} tokens, less than one page of {page}")
         self.max_total_tokens = num_pages * page
-        self.max_running_requests = args.max_running_requests or max(
-            1, min(512, self.max_total_tokens // 16))
+        cap = _MAX_RUNNING_HOST if self.platform.uses_host_memory else _MAX_RUNNING_DEVICE
+        self.max_running_requests = args.max_running_requests or max(1, min(cap, self.max_total_tokens // 16))
         # One page more than the allocator hands out: padded rows of captured decode steps write
         # their K/V to its first slot, which no request ever owns.
         self.kv_pool = KVPool(num_layers=cfg.num_hidden_layers, num_kv_heads=self.num_kv_heads,
