@@ -75,6 +75,40 @@ class FlushCacheOutput:
 
 
 @dataclass
+class StepTotals:
+    """Seconds, steps and tokens (new prompt tokens, or decoded sequences) per kind of step."""
+    prefill_seconds: float = 0.0
+    decode_seconds: float = 0.0
+    prefill_steps: int = 0
+    decode_steps: int = 0
+    prefill_tokens: int = 0
+    decode_tokens: int = 0
+
+    def add(self, kind: str, seconds: float, tokens: int) -> None:
+        setattr(self, f"{kind}_seconds", getattr(self, f"{kind}_seconds") + seconds)
+        setattr(self, f"{kind}_steps", getattr(self, f"{kind}_steps") + 1)
+        setattr(self, f"{kind}_tokens", getattr(self, f"{kind}_tokens") + tokens)
+
+    def __add__(self, other: "StepTotals") -> "StepTotals":
+        return StepTotals(**{k: getattr(self, k) + getattr(other, k) for k in self.__dataclass_fields__})
+
+    def __sub__(self, other: "StepTotals") -> "StepTotals":
+        return StepTotals(**{k: getattr(self, k) - getattr(other, k) for k in self.__dataclass_fields__})
+
+    def describe(self) -> str:
+        """One line: prefill and decode time, steps and rates."""
+        parts = []
+        if self.prefill_steps:
+            parts.append(f"prefill {self.prefill_seconds:.2f} s in {self.prefill_steps} steps "
+                         f"({self.prefill_tokens / max(self.prefill_seconds, 1e-9):,.0f} prompt tok/s)")
+        if self.decode_steps:
+            parts.append(f"decode {self.decode_seconds:.2f} s in {self.decode_steps} steps "
+                         f"({1e3 * self.decode_seconds / self.decode_steps:.2f} ms/step, mean batch "
+                         f"{self.decode_tokens / self.decode_steps:.1f})")
+        return "; ".join(parts) or "no steps"
+
+
+@dataclass
 class SchedulerStats:
     num_running_reqs: int
     num_queue_reqs: int
@@ -89,6 +123,7 @@ class SchedulerStats:
     # the raw counts behind cache_hit_rate, so that replicas' rates can be merged exactly
     prompt_tokens_total: int = 0
     cached_tokens_total: int = 0
+    step_totals: StepTotals = field(default_factory=StepTotals)   # where the time went, since start
     # with data parallelism: each replica's own stats, in dp_rank order (the fields above are
     # their merge); empty otherwise
     replicas: list["SchedulerStats"] = field(default_factory=list)

@@ -124,6 +124,9 @@ class ServerArgs:
     api_key: Optional[str] = _flag(None, "Require this bearer token (HTTP) or 'authorization' "
                                    "metadata (gRPC).", group="server")
     log_requests: bool = _flag(False, "Log one line per finished request.", group="server")
+    decode_log_interval: int = _flag(40, "Log a 'Decode batch' line (running requests, KV usage, recent "
+                                     "generation throughput) every this many decode steps; 0 turns it "
+                                     "off. Every prefill batch is logged too.", group="server")
     enable_metrics: bool = _flag(True, "Serve Prometheus metrics at /metrics.", group="server")
     watchdog_timeout: float = _flag(300.0, "Seconds a single scheduler step may take before the server "
                                     "is declared stuck and exits.", group="server")
@@ -149,6 +152,8 @@ class ServerArgs:
             bad("max_total_tokens", f"must be >= page_size ({self.page_size}), got {self.max_total_tokens}")
         if self.max_running_requests is not None and self.max_running_requests < 1:
             bad("max_running_requests", f"must be >= 1, got {self.max_running_requests}")
+        if self.decode_log_interval < 0:
+            bad("decode_log_interval", f"must be >= 0, got {self.decode_log_interval}")
         if self.max_prefill_tokens < 1:
             bad("max_prefill_tokens", f"must be >= 1, got {self.max_prefill_tokens}")
         if self.chunked_prefill_size == 0 or self.chunked_prefill_size < -1:

@@ -141,3 +141,34 @@ def test_flush_right_after_the_last_output(llama_tiny):
     assert s.in_flight is not None and not s.is_idle()
     assert s.flush_cache().success
     s.check_memory_whole()
+
+
+@pytest.mark.parametrize("overlap", [False, True])
+def test_step_clock_counts_every_step_and_logs_batches(llama_tiny, overlap, caplog):
+    """Every sampled step is timed as prefill or decode; decoded tokens add up to what was
+    generated; the SGLang-style 'Prefill batch' / 'Decode batch' lines are logged; gen_throughput
+    is set while requests run and 0 once idle."""
+    s = _scheduler(llama_tiny, overlap, decode_log_interval=5)
+    prompts = [[(3 * i + j) % 1500 + 10 for j in range(6 + 4 * i)] for i in range(4)]
+    reqs = [_req(f"r{i}", p, max_new_tokens=12 + 3 * i, temperature=0, ignore_eos=True)
+            for i, p in enumerate(prompts)]
+    for r in reqs:
+        s.handle(r)
+    throughput_while_running = 0.0
+    with caplog.at_level("INFO", logger="engine.scheduler"):
+        while not s.is_idle():
+            s.step()
+            s.take_outputs()
+            throughput_while_running = max(throughput_while_running, s.stats().gen_throughput)
+    t = s.stats().step_totals
+    generated = sum(12 + 3 * i for i in range(4))
+    assert t.prefill_steps >= 1 and t.prefill_tokens == sum(map(len, prompts))
+    # each request's first token comes from its prefill, the rest from decode steps
+    assert t.decode_tokens == generated - len(reqs)
+    assert t.decode_steps >= max(12 + 3 * i for i in range(4)) - 1
+    assert t.prefill_seconds > 0 and t.decode_seconds > 0
+    assert "prefill" in t.describe() and "ms/step" in t.describe()
+    lines = [r.getMessage() for r in caplog.records]
+    assert any(m.startswith("Prefill batch. #new-seq: 4, #new-token: %d" % sum(map(len, prompts))) for m in lines)
+    assert sum(m.startswith("Decode batch. #running-req:") for m in lines) == t.decode_steps // 5
+    assert throughput_while_running > 0 and s.stats().gen_throughput == 0.0

@@ -48,10 +48,13 @@ def kernel_cases(cfg: KernelConfig, dt: str, head_dim: int, num_q_heads: int = 3
                            "QOut", "KOut")}
     types = {**ptrs, **idx}
     ew = cfg.elementwise_num_warps
+    decode = dict(GROUP=group, HEAD_DIM=head_dim, MIN_SPLIT=max(dn, cfg.min_split_tokens),
+                  BLOCK_H=max(16, next_pow2(group)), BLOCK_D=d, BLOCK_N=dn, FP32_DOT=fp32)
     return [
-        (_decode_partial_kernel, types, dict(GROUP=group, HEAD_DIM=head_dim, MIN_SPLIT=max(dn, cfg.min_split_tokens),
-                                             BLOCK_H=max(16, next_pow2(group)), BLOCK_D=d, BLOCK_N=dn,
-                                             FP32_DOT=fp32), cfg.decode_num_warps, dstages),
+        (_decode_partial_kernel, types, dict(decode, DIRECT=False), cfg.decode_num_warps, dstages),
+        # one split: stage 1 writes the output (PartialO is then the output, in the model's dtype)
+        (_decode_partial_kernel, {**types, "PartialO": p}, dict(decode, DIRECT=True), cfg.decode_num_warps,
+         dstages),
         (_decode_reduce_kernel, types, dict(HEAD_DIM=head_dim, MIN_SPLIT=max(dn, cfg.min_split_tokens), BLOCK_N=dn,
                                             MAX_SPLITS=cfg.max_kv_splits, BLOCK_D=d), 4, 1),
         (_extend_kernel, types, dict(GROUP=group, HEAD_DIM=head_dim, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=d,

@@ -2,7 +2,8 @@
 
 Stage 1: one program per (request, KV head, split) attends the split's KV positions with every
 q head of the group at once and writes a partial output and its log-sum-exp. Stage 2: one
-program per (request, q head) merges the splits. A request's split count grows with its length
+program per (request, q head) merges the splits. With one split (large batches) stage 1 writes
+the output itself and stage 2 is not launched. A request's split count grows with its length
 (at least ``min_split_tokens`` positions per split) up to ``num_splits``, a host number fixed
 per batch size, so the launch grid never depends on device values. Position i of request b
 lives at KV slot ``req_to_token[req_pool_indices[b], i]``; page size plays no role here.
@@ -38,7 +39,8 @@ def _decode_partial_kernel(
         stride_qt, stride_qh, stride_buf_t, stride_buf_h, stride_r2t,
         stride_po_b, stride_po_h, stride_po_s, stride_pl_b, stride_pl_h,
         GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, MIN_SPLIT: tl.constexpr,
-        BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, FP32_DOT: tl.constexpr):
+        BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, FP32_DOT: tl.constexpr,
+        DIRECT: tl.constexpr):
     b = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -74,13 +76,18 @@ def _decode_partial_kernel(
         acc = acc * alpha[:, None] + mma(p.to(v.dtype), v, FP32_DOT)
         m_i = m_new
 
-    # splits past the request's end write nothing and are skipped in stage 2
-    row_mask = h_mask & ((offs_h * 0 + start) < end)
     l_safe = tl.where(l_i > 0, l_i, 1.0)
-    po = PartialO + b * stride_po_b + heads[:, None] * stride_po_h + split * stride_po_s + offs_d[None, :]
-    tl.store(po, acc / l_safe[:, None], mask=row_mask[:, None] & d_mask[None, :])
-    pl = PartialLse + b * stride_pl_b + heads * stride_pl_h + split
-    tl.store(pl, m_i + tl.log2(l_safe), mask=row_mask)
+    if DIRECT:  # one split: the output itself, no stage 2
+        po = PartialO + b.to(tl.int64) * stride_po_b + heads[:, None] * stride_po_h + offs_d[None, :]
+        tl.store(po, (acc / l_safe[:, None]).to(PartialO.dtype.element_ty),
+                 mask=h_mask[:, None] & d_mask[None, :])
+    else:
+        # splits past the request's end write nothing and are skipped in stage 2
+        row_mask = h_mask & ((offs_h * 0 + start) < end)
+        po = PartialO + b * stride_po_b + heads[:, None] * stride_po_h + split * stride_po_s + offs_d[None, :]
+        tl.store(po, acc / l_safe[:, None], mask=row_mask[:, None] & d_mask[None, :])
+        pl = PartialLse + b * stride_pl_b + heads * stride_pl_h + split
+        tl.store(pl, m_i + tl.log2(l_safe), mask=row_mask)
 
 
 @triton.jit
@@ -125,14 +132,19 @@ def decode_attention(q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, 
     max_splits = max(2, next_pow2(num_splits))
     min_split = max(block_n, min_split_tokens)
     qk_scale = scaling * LOG2E
+    direct = num_splits == 1
+    dest, dest_strides = (out, (out.stride(0), out.stride(1), 0)) if direct else (
+        partial_o, (partial_o.stride(0), partial_o.stride(1), partial_o.stride(2)))
     _decode_partial_kernel[(batch, num_kv_heads, num_splits)](
-        q, k_buf, v_buf, req_to_token, req_pool_indices, seq_lens, partial_o, partial_lse,
+        q, k_buf, v_buf, req_to_token, req_pool_indices, seq_lens, dest, partial_lse,
         qk_scale, num_splits,
         q.stride(0), q.stride(1), k_buf.stride(0), k_buf.stride(1), req_to_token.stride(0),
-        partial_o.stride(0), partial_o.stride(1), partial_o.stride(2), partial_lse.stride(0),
-        partial_lse.stride(1),
+        *dest_strides, partial_lse.stride(0), partial_lse.stride(1),
         GROUP=group, HEAD_DIM=head_dim, MIN_SPLIT=min_split, BLOCK_H=max(16, next_pow2(group)),
-        BLOCK_D=block_d, BLOCK_N=block_n, FP32_DOT=fp32_dot, num_warps=num_warps, num_stages=num_stages)
+        BLOCK_D=block_d, BLOCK_N=block_n, FP32_DOT=fp32_dot, DIRECT=direct, num_warps=num_warps,
+        num_stages=num_stages)
+    if direct:
+        return
     _decode_reduce_kernel[(batch, num_q_heads)](
         partial_o, partial_lse, out, seq_lens, num_splits,
         partial_o.stride(0), partial_o.stride(1), partial_o.stride(2), partial_lse.stride(0),

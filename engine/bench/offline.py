@@ -272,10 +272,12 @@ def run_anyserve(model_path: str, workload: Workload, args: argparse.Namespace,
         engine.generate(input_ids=workload.prompts[:warm],
                         sampling_params=[{**p, "max_new_tokens": min(4, p["max_new_tokens"])} for p in params[:warm]])
         engine.flush_cache()  # the warm-up prompts are the workload's first ones
+        before = engine.get_stats().step_totals
         t0 = time.perf_counter()
         outs = engine.generate(input_ids=workload.prompts, sampling_params=params)
         elapsed = time.perf_counter() - t0
         stats = engine.get_stats()
+        steps = stats.step_totals - before
     finally:
         engine.shutdown()
         del engine
@@ -287,7 +289,8 @@ def run_anyserve(model_path: str, workload: Workload, args: argparse.Namespace,
               "input_tokens": in_tokens, "output_tokens": out_tokens,
               "output_tokens_per_s": out_tokens / elapsed, "total_tokens_per_s": (in_tokens + out_tokens) / elapsed,
               "requests_per_s": len(workload.prompts) / elapsed,
-              "retractions": getattr(stats, "num_retractions", None), "server_args": overrides, **info}
+              "retractions": stats.num_retractions, "steps": dataclasses.asdict(steps),
+              "steps_summary": steps.describe(), "server_args": overrides, **info}
     if not platform.uses_host_memory:
         free_after = platform.memory_info()[0]
         result["device_free_gib_before"] = free_before / GiB
@@ -399,6 +402,7 @@ def run_bench_offline(args: argparse.Namespace) -> dict[str, Any]:
         run = _call(args.isolate, run_anyserve, model_path, workload, args, overrides)
         runs.append({"label": label, **run})
         print(f"{label}: {run['output_tokens_per_s']:.1f} output tok/s in {run['seconds']:.1f} s", flush=True)
+        print(f"  where the time went: {run['steps_summary']}", flush=True)
     result["anyserve"] = runs[0]
     if args.compare:
         result["compare"] = {"flag": variants[0][0].split("=")[0], "runs": runs,

@@ -16,7 +16,7 @@ from typing import Any, Callable, Optional
 
 from engine.entrypoints.scheduler_client import OnOutput, SchedulerClient
 from engine.io_struct import (AbortReq, BatchTokenOutput, FlushCacheOutput, FlushCacheReq, GetStatsReq,
-                              SchedulerError, SchedulerInfo, SchedulerStats, TokenizedGenerateReq)
+                              SchedulerError, SchedulerInfo, SchedulerStats, StepTotals, TokenizedGenerateReq)
 from engine.router.policy import LoadBalancer, make_load_balancer
 from engine.server_args import ServerArgs
 
@@ -42,7 +42,8 @@ def merge_stats(replies: list[SchedulerStats]) -> SchedulerStats:
         num_retractions=sum(s.num_retractions for s in replies),
         num_evicted_tokens=sum(s.num_evicted_tokens for s in replies),
         gen_throughput=sum(s.gen_throughput for s in replies),
-        prompt_tokens_total=prompt, cached_tokens_total=cached, replicas=list(replies))
+        prompt_tokens_total=prompt, cached_tokens_total=cached,
+        step_totals=sum((s.step_totals for s in replies), StepTotals()), replicas=list(replies))
 
 
 def merge_flush(replies: list[FlushCacheOutput]) -> FlushCacheOutput:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import random
+import dataclasses
 import time
 from dataclasses import dataclass
 from typing import Any, Optional
@@ -28,6 +29,7 @@ from engine.scheduler.batch import build_decode_batch, build_extend_batch, build
 from engine.scheduler.policy import SchedulePolicy
 from engine.scheduler.prefill import PrefillAdder
 from engine.scheduler.req import Req
+from engine.scheduler.step_log import DECODE, PREFILL, StepClock, log_prefill
 from engine.server_args import ServerArgs
 from engine.tokenizer import load_tokenizer
 from hal.platform import HostCopy
@@ -40,6 +42,8 @@ class _InFlight:
     """A launched step's sampled requests and the host copy of its outputs."""
     reqs: list[Req]
     copy: HostCopy
+    kind: str           # PREFILL or DECODE, for the step clock
+    tokens: int         # new prompt tokens, or decoded sequences
 
 _INIT_NEW_TOKEN_RATIO = 0.7
 _MIN_NEW_TOKEN_RATIO = 0.1
@@ -93,6 +97,7 @@ class Scheduler:
         self.cached_tokens_total = 0
         self.forward_ct = 0
         self.last_step_time = time.monotonic()
+        self.clock = StepClock(server_args.decode_log_interval)
         logger.info("scheduler ready: %s overlap_schedule=%s", r.describe(), "on" if self.overlap else (
             "off (--disable-overlap-schedule)" if server_args.disable_overlap_schedule
             else f"off ({r.platform.name} runs synchronously)"))
@@ -220,7 +225,9 @@ class Scheduler:
         overlap scheduler) or of this one (the plain loop). Returns whether anything ran."""
         if self.in_flight is not None and (not self.overlap or self._needs_tokens()):
             self._drain()
+        self.clock.starting_step()
         ran, launched = self._launch()
+        self.clock.step_ran(ran)
         prev, self.in_flight = self.in_flight, launched
         if prev is not None:      # overlap: the previous step's tokens, read while this one runs
             self.num_overlapped_steps += ran
@@ -285,6 +292,9 @@ class Scheduler:
 
     def _launch_extend(self, reqs: list[Req], locs: torch.Tensor) -> Optional["_InFlight"]:
         fb = build_extend_batch(reqs, locs, self.device)
+        new_tokens = sum(r.extend_len for r in reqs)
+        log_prefill(len(reqs), new_tokens, sum(len(r.prefix_indices) for r in reqs), self._token_usage(),
+                    len(self.running), len(self.waiting))
         for r in reqs:
             r.kv_len += r.extend_len
             if not r.counted_cache:
@@ -299,7 +309,8 @@ class Scheduler:
         flight = None
         if done:
             rows = logits if len(done) == len(reqs) else logits[to_device(done, logits.device)]
-            flight = self._launch_sample([reqs[i] for i in done], rows, fb.future_slots[0])
+            flight = self._launch_sample([reqs[i] for i in done], rows, fb.future_slots[0], PREFILL,
+                                         new_tokens)
         for r in reqs:
             self._share_prefix(r)
             if r.kv_len == r.seq_len - 1 and r.num_out:  # prefill complete, next: decode
@@ -329,8 +340,10 @@ class Scheduler:
         logits = self.runner.forward(fb)
         for r in reqs:
             r.kv_len += 1
-        flight = self._launch_sample(reqs, logits, fb.future_slots[0])
+        flight = self._launch_sample(reqs, logits, fb.future_slots[0], DECODE, len(reqs))
         self.forward_ct += 1
+        self.clock.decode_launched(len(self.running), self.runner.max_total_tokens - self.available_tokens(),
+                                   self._token_usage(), len(self.waiting))
         self.new_token_ratio = max(_MIN_NEW_TOKEN_RATIO, self.new_token_ratio - _NEW_TOKEN_RATIO_DECAY)
         return True, flight
 
@@ -363,7 +376,8 @@ class Scheduler:
             logger.debug("retracted %s (pool short)", victim.rid)
 
     # -- results -----------------------------------------------------------------------------
-    def _launch_sample(self, reqs: list[Req], logits: torch.Tensor, future_base: int) -> "_InFlight":
+    def _launch_sample(self, reqs: list[Req], logits: torch.Tensor, future_base: int, kind: str,
+                       tokens: int) -> "_InFlight":
         """Queue the sampling of ``reqs``'s next tokens and their copy to the host."""
         info = build_sampling_info(reqs, self.runner.vocab_size, self.device)
         if self.grammar is not None:    # CPU work that overlaps the device's forward pass
@@ -374,12 +388,13 @@ class Scheduler:
             r.future_idx = future_base + i
         copy = self.runner.platform.copy_to_host_async(
             [out.next_token_ids, out.logprobs, out.top_logprobs, out.top_logprob_ids])
-        return _InFlight(reqs, copy)
+        return _InFlight(reqs, copy, kind, tokens)
 
     def _process(self, flight: "_InFlight") -> None:
         """Append a step's tokens, finish the requests they end, queue what to send."""
         next_ids, logprobs, top_vals, top_ids = (t.tolist() if t is not None else None
                                                  for t in flight.copy.wait())
+        self.clock.done(flight.kind, flight.tokens)
         finished = []
         for i, (r, tok) in enumerate(zip(flight.reqs, next_ids)):
             r.pending -= 1
@@ -465,6 +480,11 @@ class Scheduler:
         self.req_to_token_pool.clear()
         return FlushCacheOutput(True)
 
+    def _token_usage(self) -> float:
+        """Fraction of the KV slots held by requests (not free, not evictable cache)."""
+        cap = self.runner.max_total_tokens
+        return (cap - self.available_tokens()) / cap
+
     def stats(self) -> SchedulerStats:
         cap = self.runner.max_total_tokens
         free = self.allocator.available_size()
@@ -472,6 +492,8 @@ class Scheduler:
         return SchedulerStats(
             num_running_reqs=len(self.running) + (self.chunked_req is not None),
             num_queue_reqs=len(self.waiting), token_usage=(cap - free - evictable) / cap,
+            gen_throughput=self.clock.gen_throughput if self.running else 0.0,
+            step_totals=dataclasses.replace(self.clock.totals),
             cache_hit_rate=self.cached_tokens_total / max(1, self.prompt_tokens_total),
             max_total_tokens=cap, available_tokens=free + evictable, evictable_tokens=evictable,
             num_retractions=self.num_retractions, num_evicted_tokens=self.tree_cache.num_evicted_tokens,

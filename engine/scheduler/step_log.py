@@ -1,0 +1,63 @@
+"""Where the scheduler's time goes: wall time per kind of step, and SGLang-style log lines.
+
+A step's time is the host's view of the device: the gap between one step's tokens arriving and
+the next's, while steps run back to back (the clock restarts when the device was left idle).
+With the overlap scheduler that gap is the device time of the step read back; a prefill chunk
+that samples nothing is counted with the step read after it.
+"""
+from __future__ import annotations
+
+import logging
+import time
+
+from engine.io_struct import StepTotals
+
+logger = logging.getLogger("engine.scheduler")
+
+PREFILL, DECODE = "prefill", "decode"
+
+
+class StepClock:
+    """Accumulates StepTotals and writes the periodic decode log line."""
+
+    def __init__(self, decode_log_interval: int) -> None:
+        self.totals = StepTotals()
+        self.decode_log_interval = decode_log_interval
+        self._last_done = time.perf_counter()
+        self._busy = False
+        self._decode_launched = 0
+        self._window_start = time.perf_counter()
+        self._window_tokens = 0
+        self.gen_throughput = 0.0        # decoded tokens/s over the last log window
+
+    def starting_step(self) -> None:
+        """Before a step launches: a device left idle starts the clock again."""
+        if not self._busy:
+            self._last_done = time.perf_counter()
+
+    def step_ran(self, ran: bool) -> None:
+        self._busy = ran
+
+    def done(self, kind: str, tokens: int) -> None:
+        """A step's tokens are on the host."""
+        now = time.perf_counter()
+        self.totals.add(kind, now - self._last_done, tokens)
+        self._last_done = now
+        if kind == DECODE:
+            self._window_tokens += tokens
+
+    def decode_launched(self, running: int, used_tokens: int, usage: float, queued: int) -> None:
+        self._decode_launched += 1
+        if self.decode_log_interval <= 0 or self._decode_launched % self.decode_log_interval:
+            return
+        now = time.perf_counter()
+        self.gen_throughput = self._window_tokens / max(now - self._window_start, 1e-9)
+        self._window_start, self._window_tokens = now, 0
+        logger.info("Decode batch. #running-req: %d, #token: %d, token usage: %.2f, gen throughput "
+                    "(token/s): %.2f, #queue-req: %d", running, used_tokens, usage, self.gen_throughput, queued)
+
+
+def log_prefill(new_seqs: int, new_tokens: int, cached_tokens: int, usage: float, running: int,
+                queued: int) -> None:
+    logger.info("Prefill batch. #new-seq: %d, #new-token: %d, #cached-token: %d, token usage: %.2f, "
+                "#running-req: %d, #queue-req: %d", new_seqs, new_tokens, cached_tokens, usage, running, queued)
