@@ -12,7 +12,8 @@ import torch
 import backends.cuda as cuda_backends
 import hal
 import hal.registry as registry
-from backends.cuda.flashinfer_attention import FlashInferAttentionBackend, host_page_table, page_indices
+from backends.cuda.flashinfer_attention import FlashInferAttentionBackend, host_page_table
+from hal.attention import page_indices
 from backends.cuda.platform import CudaPlatform
 from backends.triton.attention_backend import TritonAttentionBackend
 from hal.graph_runner import attention_can_be_captured

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from engine.runner.forward_batch import ForwardBatch
-from hal.attention import AttentionBackend
+from hal.attention import AttentionBackend, page_indices
 
 logger = logging.getLogger(__name__)
 
@@ -129,20 +129,6 @@ def host_page_table(seq_lens: list[int], page_size: int) -> tuple[torch.Tensor, 
     lens = torch.tensor(seq_lens, dtype=torch.int32)
     pages = (lens + page_size - 1) // page_size
     return _indptr(pages), lens - (pages - 1) * page_size
-
-
-def page_indices(req_to_token: torch.Tensor, req_pool_indices: torch.Tensor, seq_lens: torch.Tensor,
-                 total_pages: int, page_size: int) -> torch.Tensor:
-    """[total_pages] int32 page ids of the requests' positions, request by request in position order,
-    computed where the inputs live. ``total_pages`` (known on the host) spares a device read."""
-    dev = seq_lens.device
-    pages = (seq_lens + page_size - 1) // page_size                                 # [B]
-    first = torch.cumsum(pages, 0) - pages                                          # [B]
-    req = torch.repeat_interleave(torch.arange(pages.numel(), device=dev), pages,
-                                  output_size=total_pages)                          # [P] request of each page
-    page_no = torch.arange(total_pages, device=dev) - first[req]                    # [P] page within request
-    slots = req_to_token[req_pool_indices[req], page_no * page_size]                # [P] slot of offset 0
-    return (slots // page_size if page_size > 1 else slots).to(torch.int32)
 
 
 def _indptr(counts: torch.Tensor) -> torch.Tensor:

@@ -38,9 +38,8 @@ from typing import Any, Optional
 import torch
 import torch.nn.functional as F
 
-from backends.cuda.flashinfer_attention import page_indices
 from engine.runner.forward_batch import ForwardBatch
-from hal.attention import AttentionBackend
+from hal.attention import AttentionBackend, page_indices
 
 logger = logging.getLogger(__name__)
 
