@@ -43,11 +43,31 @@ class AttentionBackend(ABC):
         ``seq_lens[i]`` tokens (the new one included).
         """
 
+    # -- device graphs (hal/graph_runner.py) ------------------------------------------------------
+    # A backend offers capture with ``reserve(max_batch_size)``. One whose decode kernels read only
+    # device tensors computed inside the step needs nothing more. One that prepares each step on
+    # the host (a plan written to fixed device buffers) overrides the three hooks below.
+    def begin_graph_capture(self, batch: "ForwardBatch") -> None:
+        """Before the decode step of ``batch`` (the graph runner's static batch of one captured size)
+        is captured: set up, outside the capture, what the captured kernels will read."""
+
+    def end_graph_capture(self) -> None:
+        """After that step was captured."""
+
+    def fits_graph(self, batch: "ForwardBatch") -> bool:
+        """Whether a captured step can run ``batch`` (else it runs eagerly)."""
+        return True
+
+    def prepare_graph_replay(self, batch: "ForwardBatch") -> None:
+        """Before a captured step replays ``batch``: the static batch of the captured size, its inputs
+        already written (padded rows included) and ``seq_lens_cpu`` its host lengths."""
+
 
 def page_indices(req_to_token: torch.Tensor, req_pool_indices: torch.Tensor, seq_lens: torch.Tensor,
                  total_pages: int, page_size: int) -> torch.Tensor:
     """For backends that read the KV pool by page (FlashInfer, aiter): [total_pages] int32 page ids
-    of the requests' positions, request by request in position order, computed where the inputs live. ``total_pages`` (known on the host) spares a device read."""
+    of the requests' positions, request by request in position order, computed where the inputs
+    live. ``total_pages`` (known on the host) spares a device read."""
     dev = seq_lens.device
     pages = (seq_lens + page_size - 1) // page_size                                 # [B]
     first = torch.cumsum(pages, 0) - pages                                          # [B]

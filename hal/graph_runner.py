@@ -21,6 +21,7 @@ from typing import Any, Callable, Optional
 import torch
 
 from engine.runner.forward_batch import ForwardBatch, ForwardMode
+from hal.attention import AttentionBackend
 
 logger = logging.getLogger(__name__)
 
@@ -60,6 +61,9 @@ class GraphRunner(ABC):
                  device: torch.device) -> None:
         self.forward = forward
         self.attn_backend = attn_backend
+        # whether the backend prepares each replay on the host (hal/attention.py's graph hooks)
+        self._plans_on_host = (type(attn_backend).prepare_graph_replay
+                               is not AttentionBackend.prepare_graph_replay)
         self.batch_sizes = capture_batch_sizes(max_batch_size)
         self.max_running_requests = max_running_requests
         self.device = device
@@ -112,7 +116,11 @@ class GraphRunner(ABC):
             for bs in reversed(self.batch_sizes):
                 batch = self.static_batch(bs)
                 try:
-                    self._graphs[bs], out = self._capture_one(lambda b=batch: self.forward(b))
+                    self.attn_backend.begin_graph_capture(batch)
+                    try:
+                        self._graphs[bs], out = self._capture_one(lambda b=batch: self.forward(b))
+                    finally:
+                        self.attn_backend.end_graph_capture()
                 except Exception as e:
                     raise RuntimeError(f"capturing the decode step at batch size {bs} failed ({e}); "
                                        "lower --cuda-graph-max-bs, or serve eagerly with "
@@ -128,7 +136,7 @@ class GraphRunner(ABC):
 
     def can_run(self, batch: ForwardBatch) -> bool:
         return (batch.mode.is_decode and bool(self._graphs) and 1 <= batch.batch_size <= self.max_batch_size
-                and batch.num_tokens == batch.batch_size)
+                and batch.num_tokens == batch.batch_size and self.attn_backend.fits_graph(batch))
 
     def replay(self, batch: ForwardBatch) -> torch.Tensor:
         """Logits [batch_size, vocab] fp32 of a decode batch. The tensor is the graph's own output:
@@ -139,6 +147,10 @@ class GraphRunner(ABC):
         if padded > bs:
             src = torch.cat([src, self._pad[:, : padded - bs]], dim=1)     # [5, padded]
         self._inputs[:, :padded].copy_(src)
+        if self._plans_on_host:
+            static = self.static_batch(padded)
+            static.seq_lens_cpu = list(batch.seq_lens_cpu) + [1] * (padded - bs)   # padded rows: 1 position
+            self.attn_backend.prepare_graph_replay(static)
         self._replay(self._graphs[padded])
         return self._logits[:bs]
 

@@ -80,10 +80,85 @@ def test_with_the_package_both_roles_register_on_cuda_only(registries, monkeypat
     assert hal.select("sampling", cuda)[0].name == "torch"
 
 
-def test_flashinfer_attention_cannot_be_captured_in_device_graphs():
-    """Its per-step plan runs on the host, so the graph runner must leave decode eager."""
-    assert not attention_can_be_captured(FlashInferAttentionBackend)
+def test_both_attention_backends_can_be_captured_in_device_graphs():
+    assert attention_can_be_captured(FlashInferAttentionBackend)
     assert attention_can_be_captured(TritonAttentionBackend)
+
+
+class FakeWrapper:
+    """Records what the backend asks of FlashInfer's wrappers."""
+
+    def __init__(self, workspace, layout, use_cuda_graph=False, paged_kv_indptr_buffer=None,
+                 paged_kv_indices_buffer=None, paged_kv_last_page_len_buffer=None, **kw):
+        self.graph = use_cuda_graph
+        self.buffers = (paged_kv_indptr_buffer, paged_kv_indices_buffer, paged_kv_last_page_len_buffer)
+        self.plans: list[tuple] = []
+
+    def plan(self, indptr, indices, last_page_len, *args, **kw):
+        self.plans.append((indptr.tolist(), indices.tolist(), last_page_len.tolist()))
+
+
+class FakeEvent:
+    log: list[str] = []
+
+    def record(self):
+        FakeEvent.log.append("record")
+
+    def synchronize(self):
+        FakeEvent.log.append("synchronize")
+
+
+@pytest.fixture
+def fake_flashinfer(monkeypatch):
+    import sys
+    import types
+
+    mod = types.ModuleType("flashinfer")
+    mod.__version__ = "fake"
+    mod.BatchDecodeWithPagedKVCacheWrapper = mod.BatchPrefillWithPagedKVCacheWrapper = FakeWrapper
+    monkeypatch.setitem(sys.modules, "flashinfer", mod)
+    monkeypatch.setattr(torch.cuda, "Event", FakeEvent)
+    FakeEvent.log = []
+    return mod
+
+
+def test_captured_decode_has_one_wrapper_per_size_over_fixed_buffers(fake_flashinfer):
+    """begin_graph_capture plans a wrapper of that size outside the capture (init_forward_metadata
+    inside it plans nothing); each replay plans that wrapper with the batch's own lengths, after
+    the previous plan's copy left the pinned buffer."""
+    from engine.runner.forward_batch import ForwardBatch, ForwardMode
+
+    class Pool:
+        capacity = 64
+
+    page = 4
+    req_to_token = torch.arange(8 * 32, dtype=torch.int32).view(8, 32)   # row r, position i -> 32r + i
+    backend = FlashInferAttentionBackend(**backend_kwargs(kv_pool=Pool(), req_to_token=req_to_token, page_size=page))
+    backend.reserve(4)
+    assert backend._graph_indices.numel() == 64 // page + 4
+
+    def batch(rows, lens):
+        return ForwardBatch(mode=ForwardMode.DECODE, batch_size=len(rows), input_ids=torch.zeros(len(rows)),
+                            positions=torch.zeros(len(rows)), req_pool_indices=torch.tensor(rows),
+                            seq_lens=torch.tensor(lens), out_cache_loc=torch.zeros(len(rows)),
+                            seq_lens_cpu=list(lens))
+
+    for bs in (4, 2):
+        static = batch([0] * bs, [1] * bs)
+        backend.begin_graph_capture(static)
+        backend.init_forward_metadata(static)                  # inside the capture: no plan
+        backend.end_graph_capture()
+        w = backend._graph_wrappers[bs]
+        assert w.graph and w.plans == [([*range(bs + 1)], [0] * bs, [1] * bs)]
+        indptr, indices, last = w.buffers
+        assert indptr.numel() == bs + 1 and last.numel() == bs and indices is backend._graph_indices
+    assert all(not s.decode.plans for s in backend._sets)
+
+    replay = batch([3, 1, 0, 0], [9, 4, 1, 1])                 # two real rows, two padded rows
+    backend.prepare_graph_replay(replay)
+    assert backend._graph_wrappers[4].plans[-1] == ([0, 3, 4, 5, 6], [24, 25, 26, 8, 0, 0], [1, 4, 1, 1])
+    assert FakeEvent.log == ["record", "record", "synchronize", "record"]
+    assert backend.fits_graph(replay) and not backend.fits_graph(batch([1] * 4, [17] * 4))
 
 
 def backend_kwargs(**over):

@@ -14,6 +14,7 @@ from backends.cpu.platform import CpuPlatform
 from backends.cpu.torch_attention import TorchAttentionBackend
 from engine.runner.forward_batch import ForwardBatch, ForwardMode
 from engine.server_args import ServerArgs
+from hal.attention import AttentionBackend
 from hal.graph_runner import GraphRunner, capture_batch_sizes
 from hal.registry import Entry, _REGISTRY
 
@@ -42,12 +43,20 @@ class RerunGraphRunner(GraphRunner):
         graph()
 
 
-class AttentionStub:
+class AttentionStub(AttentionBackend):
     """Only what the graph runner asks of an attention backend."""
     reserved = 0
 
+    def __init__(self) -> None:
+        pass
+
     def reserve(self, n: int) -> None:
         self.reserved = n
+
+    def init_forward_metadata(self, batch) -> None:
+        raise AssertionError("the graph runner never prepares a step itself")
+
+    forward = init_forward_metadata
 
 
 @pytest.fixture
@@ -164,6 +173,56 @@ def test_replay_pads_to_the_next_size_with_the_padding_slot_and_row():
     assert graph_out[3].tolist() == [0, 0, 7, 1, 999], "a stale row of the larger batch leaked into padding"
     assert gr.padded_size(3) == 4 and gr.padded_size(5) == 8 and gr.padded_size(1) == 1
     assert gr.can_run(decode_batch(8)) and not gr.can_run(decode_batch(9))
+
+
+class HostPlanStub(AttentionStub):
+    """A backend that plans each step on the host (as FlashInfer does): records the graph hooks."""
+
+    def __init__(self) -> None:
+        self.events: list[tuple] = []
+
+    def begin_graph_capture(self, batch) -> None:
+        self.events.append(("begin", batch.batch_size, list(batch.seq_lens_cpu)))
+
+    def end_graph_capture(self) -> None:
+        self.events.append(("end",))
+
+    def prepare_graph_replay(self, batch) -> None:
+        self.events.append(("replay", batch.batch_size, list(batch.seq_lens_cpu),
+                            batch.req_pool_indices.tolist(), batch.seq_lens.tolist()))
+
+
+def test_graph_hooks_frame_each_capture_and_precede_each_replay():
+    stub = HostPlanStub()
+    captured = []
+
+    def forward(b: ForwardBatch) -> torch.Tensor:
+        captured.append(stub.events[-1])                               # inside begin ... end
+        out = torch.zeros(b.batch_size, 2)
+        return b.logits_out.copy_(out) if b.logits_out is not None else out
+
+    gr = RerunGraphRunner(forward=forward, attn_backend=stub, max_batch_size=4, max_running_requests=4,
+                          pad_slot=99, pad_req_row=5, device=torch.device("cpu"))
+    gr.capture()
+    assert stub.events == [e for bs in (4, 2, 1) for e in (("begin", bs, [1] * bs), ("end",))]
+    assert captured == [("begin", 4, [1] * 4), ("begin", 2, [1] * 2), ("begin", 1, [1])]
+    stub.events.clear()
+    b = decode_batch(3)
+    b.seq_lens_cpu = [400, 401, 402]
+    gr._replay = lambda graph: stub.events.append(("launch",))
+    gr.replay(b)
+    # the replay hook sees the padded batch: host lengths, and the device rows already written
+    assert stub.events == [("replay", 4, [400, 401, 402, 1], [300, 301, 302, 5], [400, 401, 402, 1]),
+                           ("launch",)]
+
+
+def test_backends_that_plan_inside_the_step_skip_the_replay_hook():
+    gr = RerunGraphRunner(forward=lambda b: torch.zeros(b.batch_size, 1), attn_backend=AttentionStub(),
+                          max_batch_size=2, max_running_requests=2, pad_slot=9, pad_req_row=0,
+                          device=torch.device("cpu"))
+    assert not gr._plans_on_host and RerunGraphRunner(
+        forward=gr.forward, attn_backend=HostPlanStub(), max_batch_size=2, max_running_requests=2, pad_slot=9,
+        pad_req_row=0, device=torch.device("cpu"))._plans_on_host
 
 
 def test_selection_lists_the_graph_runner_only_where_registered():

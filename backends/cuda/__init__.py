@@ -2,8 +2,8 @@
 (backends/triton). Where the flashinfer-python package is installed, FlashInfer's attention and
 sampling kernels are registered too, as "flashinfer" (it JIT-compiles them with nvcc on first use);
 without it nothing named "flashinfer" is registered and the platform's preference skips the name.
-Decode steps are captured as CUDA graphs (graph_runner.py), unless --disable-cuda-graph or the
-attention backend cannot be captured (FlashInfer's cannot)."""
+Decode steps are captured as CUDA graphs (graph_runner.py), with either attention backend, unless
+--disable-cuda-graph."""
 import importlib.util
 
 from backends.cuda.platform import CudaPlatform

@@ -10,10 +10,13 @@ from ``req_to_token`` with torch ops (no host sync: the host lengths give every 
 indptr and last-page lengths on the host from ``seq_lens_cpu``, which FlashInfer's ``plan``
 needs there anyway to split the work.
 
-Not capturable in device graphs: ``plan`` runs on the host every step and its split of the work
-is baked into the launches it prepares, so a replayed graph would use the split of the step it
-captured. The backend therefore offers no ``reserve`` (hal/graph_runner.py); the runner decodes
-eagerly with it.
+Decode steps are captured in CUDA graphs (FlashInfer's ``use_cuda_graph`` wrappers): one decode
+wrapper per captured batch size over fixed page-table buffers, planned with dummy lengths before
+its capture and with the real ones before each replay (``prepare_graph_replay``). With
+``use_cuda_graph`` FlashInfer's work split depends on the batch size only, so a replay launches
+what the capture recorded and reads the new plan from the same buffers. The buffers hold one page
+per pool page plus one per padded row; a step whose requests reference more pages than that (a
+prefix shared by many requests counts once per request) runs eagerly.
 """
 from __future__ import annotations
 
@@ -90,11 +93,20 @@ class FlashInferAttentionBackend(AttentionBackend):
         self._steps = 0
         self._wrapper: Any = None
         self._planned_scaling = self.head_dim ** -0.5
+        self._flashinfer = flashinfer
+        self._workspace = workspace
+        # device graphs (reserve / begin_graph_capture / prepare_graph_replay)
+        self._graph_wrappers: dict[int, Any] = {}
+        self._graph_plan_copied: dict[int, torch.cuda.Event] = {}
+        self._graph_indptr = self._graph_indices = self._graph_last_page_len = None
+        self._capturing = False
         logger.info("flashinfer %s attention: %s decode (group %d), %s extend kernels", flashinfer.__version__,
                     "tensor-core" if self.use_tensor_cores else "CUDA-core", group, prefill_backend)
 
     # -- metadata ------------------------------------------------------------------------------
     def init_forward_metadata(self, batch: ForwardBatch) -> None:
+        if self._capturing:      # planned by begin_graph_capture, outside the capture
+            return
         wrappers = self._sets[self._steps % 2]
         self._steps += 1
         kv_indptr, kv_last_page_len = host_page_table(batch.seq_lens_cpu, self.page_size)
@@ -110,6 +122,58 @@ class FlashInferAttentionBackend(AttentionBackend):
             wrappers.extend.plan(qo_indptr, kv_indptr, kv_indices, kv_last_page_len, self.num_q_heads,
                                  self.num_kv_heads, self.head_dim, self.page_size, causal=True, **common)
             self._wrapper = wrappers.extend
+
+    # -- device graphs -------------------------------------------------------------------------
+    def reserve(self, max_batch_size: int) -> None:
+        """Decode steps of up to ``max_batch_size`` requests may be captured: allocate the fixed
+        page-table buffers every captured wrapper reads."""
+        pages = self.kv_pool.capacity // self.page_size + max_batch_size
+        if self._graph_indices is None or self._graph_indices.numel() < pages:
+            self._graph_indptr = torch.zeros(max_batch_size + 1, dtype=torch.int32, device=self.device)
+            self._graph_indices = torch.zeros(pages, dtype=torch.int32, device=self.device)
+            self._graph_last_page_len = torch.ones(max_batch_size, dtype=torch.int32, device=self.device)
+
+    def fits_graph(self, batch: ForwardBatch) -> bool:
+        """Whether the batch's pages fit the captured steps' page table."""
+        pages = sum((n + self.page_size - 1) // self.page_size for n in batch.seq_lens_cpu)
+        return self._graph_indices is not None and pages + batch.batch_size <= self._graph_indices.numel()
+
+    def begin_graph_capture(self, batch: ForwardBatch) -> None:
+        bs = batch.batch_size
+        if bs not in self._graph_wrappers:
+            self._graph_wrappers[bs] = self._flashinfer.BatchDecodeWithPagedKVCacheWrapper(
+                self._workspace, "NHD", use_tensor_cores=self.use_tensor_cores, backend="fa2",
+                use_cuda_graph=True, paged_kv_indptr_buffer=self._graph_indptr[: bs + 1],
+                paged_kv_indices_buffer=self._graph_indices,
+                paged_kv_last_page_len_buffer=self._graph_last_page_len[:bs])
+        self._plan_graph(batch)
+        self._wrapper = self._graph_wrappers[bs]
+        self._capturing = True
+
+    def end_graph_capture(self) -> None:
+        self._capturing = False
+
+    def prepare_graph_replay(self, batch: ForwardBatch) -> None:
+        self._plan_graph(batch)
+
+    def _plan_graph(self, batch: ForwardBatch) -> None:
+        """Plan the captured wrapper of the batch's size with the batch's lengths. plan() stages its
+        work split in the wrapper's pinned buffer and copies it to the device in stream order;
+        the previous plan's copy must have left that buffer first (it has, unless the device is
+        still on the step before it: the wait is short)."""
+        bs = batch.batch_size
+        copied = self._graph_plan_copied.get(bs)
+        if copied is not None:
+            copied.synchronize()
+        kv_indptr, kv_last_page_len = host_page_table(batch.seq_lens_cpu, self.page_size)
+        kv_indices = page_indices(self.req_to_token, batch.req_pool_indices, batch.seq_lens,
+                                  int(kv_indptr[-1]), self.page_size)
+        self._graph_wrappers[bs].plan(kv_indptr, kv_indices, kv_last_page_len, self.num_q_heads,
+                                      self.num_kv_heads, self.head_dim, self.page_size, q_data_type=self.dtype,
+                                      kv_data_type=self.dtype, sm_scale=self._planned_scaling)
+        if copied is None:
+            copied = self._graph_plan_copied[bs] = torch.cuda.Event()
+        copied.record()
 
     # -- per layer -----------------------------------------------------------------------------
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer_id: int, scaling: float,

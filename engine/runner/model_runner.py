@@ -157,8 +157,7 @@ class ModelRunner:
         elif args.disable_cuda_graph:
             self.graphs_reason = "off (--disable-cuda-graph)"
         elif not attention_can_be_captured(self.attn_backend):
-            self.graphs_reason = (f"off (attention backend {self.attention_backend_name} reads host "
-                                  "lengths in decode and cannot be captured)")
+            self.graphs_reason = f"off (attention backend {self.attention_backend_name} cannot be captured)"
         else:
             entry, why = hal.select("graph_runner", self.platform)
             max_bs = min(args.cuda_graph_max_bs, self.max_running_requests)
