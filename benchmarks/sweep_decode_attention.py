@@ -58,9 +58,14 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--output-file", default=None)
     p.add_argument("--top", type=int, default=4)
+    p.add_argument("--mixed-lengths", action="store_true",
+                   help="Instead: the split count alone, at the platform's tiles, for batches whose "
+                        "contexts follow the ShareGPT-like lengths (uneven, as in serving).")
     args = p.parse_args()
     cfg = get_platform("cuda").kernel_config()
     dtype = torch.bfloat16
+    if args.mixed_lengths:
+        return sweep_split_counts(cfg, dtype, args.output_file)
     results = []
     for bs, ctx in CASES:
         pool, r2t, batch, (q, _, _) = make_case("decode", bs, ctx, 16, dtype, "cuda")
@@ -109,6 +114,53 @@ def main() -> None:
         results.extend(rows)
     if args.output_file:
         with open(args.output_file, "w") as f:
+            json.dump(results, f, indent=1)
+
+
+def sweep_split_counts(cfg, dtype, output_file) -> None:
+    """µs per call for every split count 1..max_kv_splits against the platform's choice, for
+    batches of requests at uneven context lengths: each request's prompt plus a uniform share
+    of its output, from the ShareGPT-like generator."""
+    import numpy as np
+
+    from backends.triton.decode_attention import decode_attention, splits_for_batch
+    from backends.triton.tl_helpers import fp32_dot
+    from bench_kernels import D, HKV, HQ, make_case
+    from engine.bench.datasets import sharegpt_synthetic_lengths
+
+    rng = np.random.default_rng(0)
+    results = []
+    for bs in (8, 16, 32, 64, 128, 256, 512):
+        ins, outs = sharegpt_synthetic_lengths(bs, seed=bs)
+        lens = [int(i + rng.integers(0, o + 1)) for i, o in zip(ins, outs)]
+        pool, r2t, batch, (q, _, _) = make_case("decode", bs, max(lens), 16, dtype, "cuda")
+        batch.seq_lens = torch.tensor(lens, device="cuda")
+        kb, vb = pool.k_buffers[0], pool.v_buffers[0]
+        out = torch.empty_like(q)
+        kv_bytes = 2 * sum(lens) * HKV * D * 2
+        chosen = splits_for_batch(bs, HKV, cfg.num_compute_units, cfg.max_kv_splits)
+        bn, stages = cfg.decode_tiles(D, 2)
+        rows = []
+        for splits in [s for s in (1, 2, 4, 8, 16, 32) if s <= 32]:
+            po = torch.empty(bs, HQ, splits, D, dtype=torch.float32, device="cuda")
+            pl = torch.empty(bs, HQ, splits, dtype=torch.float32, device="cuda")
+
+            def fn():
+                decode_attention(q, kb, vb, out, r2t, batch.req_pool_indices, batch.seq_lens, po, pl,
+                                 D ** -0.5, num_splits=splits, min_split_tokens=cfg.min_split_tokens,
+                                 block_n=bn, num_warps=cfg.decode_num_warps, num_stages=stages,
+                                 fp32_dot=fp32_dot(dtype))
+            us = time_graph(fn)
+            rows.append({"batch": bs, "mean_context": sum(lens) / bs, "max_context": max(lens), "splits": splits,
+                         "us": us, "kv_gb_s": kv_bytes / us / 1e3, "chosen": splits == chosen})
+        best = min(rows, key=lambda r: r["us"])
+        cur = next(r for r in rows if r["chosen"])
+        print(f"batch {bs:4d} (context mean {sum(lens) / bs:6.0f}, max {max(lens):5d}): chosen {chosen:2d} splits "
+              f"{cur['us']:7.1f} µs ({cur['kv_gb_s']:5.0f} GB/s); best {best['splits']:2d} splits {best['us']:7.1f} µs "
+              f"({best['kv_gb_s']:5.0f} GB/s); all: " + " ".join(f"{r['splits']}:{r['us']:.0f}" for r in rows))
+        results.extend(rows)
+    if output_file:
+        with open(output_file, "w") as f:
             json.dump(results, f, indent=1)
 
 
