@@ -7,10 +7,10 @@ requests are retracted to the waiting queue (their computed KV goes to the radix
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import random
-import dataclasses
 import time
 from dataclasses import dataclass
 from typing import Any, Optional
@@ -342,8 +342,10 @@ class Scheduler:
             r.kv_len += 1
         flight = self._launch_sample(reqs, logits, fb.future_slots[0], DECODE, len(reqs))
         self.forward_ct += 1
-        self.clock.decode_launched(len(self.running), self.runner.max_total_tokens - self.available_tokens(),
-                                   self._token_usage(), len(self.waiting))
+        if self.clock.decode_launched():
+            cap = self.runner.max_total_tokens
+            used = cap - self.available_tokens()
+            self.clock.log_decode(len(self.running), used, used / cap, len(self.waiting))
         self.new_token_ratio = max(_MIN_NEW_TOKEN_RATIO, self.new_token_ratio - _NEW_TOKEN_RATIO_DECAY)
         return True, flight
 
@@ -491,7 +493,7 @@ class Scheduler:
         evictable = self.tree_cache.evictable_size()
         return SchedulerStats(
             num_running_reqs=len(self.running) + (self.chunked_req is not None),
-            num_queue_reqs=len(self.waiting), token_usage=(cap - free - evictable) / cap,
+            num_queue_reqs=len(self.waiting), token_usage=self._token_usage(),
             gen_throughput=self.clock.gen_throughput if self.running else 0.0,
             step_totals=dataclasses.replace(self.clock.totals),
             cache_hit_rate=self.cached_tokens_total / max(1, self.prompt_tokens_total),

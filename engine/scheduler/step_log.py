@@ -46,10 +46,12 @@ class StepClock:
         if kind == DECODE:
             self._window_tokens += tokens
 
-    def decode_launched(self, running: int, used_tokens: int, usage: float, queued: int) -> None:
+    def decode_launched(self) -> bool:
+        """Count a decode step; returns whether a log line is due (``log_decode``)."""
         self._decode_launched += 1
-        if self.decode_log_interval <= 0 or self._decode_launched % self.decode_log_interval:
-            return
+        return self.decode_log_interval > 0 and self._decode_launched % self.decode_log_interval == 0
+
+    def log_decode(self, running: int, used_tokens: int, usage: float, queued: int) -> None:
         now = time.perf_counter()
         self.gen_throughput = self._window_tokens / max(now - self._window_start, 1e-9)
         self._window_start, self._window_tokens = now, 0
