@@ -5,6 +5,8 @@ step of lag in finishing, syncs for grammars and penalties, retraction, aborts).
 from __future__ import annotations
 
 import json
+import re
+import time
 
 import pytest
 
@@ -154,6 +156,7 @@ def test_step_clock_counts_every_step_and_logs_batches(llama_tiny, overlap, capl
             for i, p in enumerate(prompts)]
     for r in reqs:
         s.handle(r)
+    time.sleep(1.0)       # idle before the first step: not part of the first window's throughput
     throughput_while_running = 0.0
     with caplog.at_level("INFO", logger="engine.scheduler"):
         while not s.is_idle():
@@ -170,5 +173,9 @@ def test_step_clock_counts_every_step_and_logs_batches(llama_tiny, overlap, capl
     assert "prefill" in t.describe() and "ms/step" in t.describe()
     lines = [r.getMessage() for r in caplog.records]
     assert any(m.startswith("Prefill batch. #new-seq: 4, #new-token: %d" % sum(map(len, prompts))) for m in lines)
-    assert sum(m.startswith("Decode batch. #running-req:") for m in lines) == t.decode_steps // 5
+    decode_lines = [m for m in lines if m.startswith("Decode batch. #running-req:")]
+    assert len(decode_lines) == t.decode_steps // 5
+    # the first window decoded 5 steps x 4 requests: over the idle second that would be < 20 tok/s
+    first = float(re.search(r"gen throughput \(token/s\): ([0-9.]+)", decode_lines[0]).group(1))
+    assert first > 40, decode_lines[0]
     assert throughput_while_running > 0 and s.stats().gen_throughput == 0.0

@@ -26,9 +26,10 @@ class StepClock:
         self._last_done = time.perf_counter()
         self._busy = False
         self._decode_launched = 0
-        self._window_start = time.perf_counter()
+        # the log window: decoded tokens, and the device's busy seconds (idle time not counted)
+        self._window_seconds = 0.0
         self._window_tokens = 0
-        self.gen_throughput = 0.0        # decoded tokens/s over the last log window
+        self.gen_throughput = 0.0        # decoded tokens per busy second over the last log window
 
     def starting_step(self) -> None:
         """Before a step launches: a device left idle starts the clock again."""
@@ -41,8 +42,9 @@ class StepClock:
     def done(self, kind: str, tokens: int) -> None:
         """A step's tokens are on the host."""
         now = time.perf_counter()
-        self.totals.add(kind, now - self._last_done, tokens)
-        self._last_done = now
+        seconds, self._last_done = now - self._last_done, now
+        self.totals.add(kind, seconds, tokens)
+        self._window_seconds += seconds
         if kind == DECODE:
             self._window_tokens += tokens
 
@@ -52,9 +54,8 @@ class StepClock:
         return self.decode_log_interval > 0 and self._decode_launched % self.decode_log_interval == 0
 
     def log_decode(self, running: int, used_tokens: int, usage: float, queued: int) -> None:
-        now = time.perf_counter()
-        self.gen_throughput = self._window_tokens / max(now - self._window_start, 1e-9)
-        self._window_start, self._window_tokens = now, 0
+        self.gen_throughput = self._window_tokens / max(self._window_seconds, 1e-9)
+        self._window_seconds, self._window_tokens = 0.0, 0
         logger.info("Decode batch. #running-req: %d, #token: %d, token usage: %.2f, gen throughput "
                     "(token/s): %.2f, #queue-req: %d", running, used_tokens, usage, self.gen_throughput, queued)
 
