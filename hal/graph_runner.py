@@ -14,11 +14,13 @@ from __future__ import annotations
 
 import bisect
 import logging
+import sys
 import time
 from abc import ABC, abstractmethod
 from typing import Any, Callable, Optional
 
 import torch
+from tqdm import tqdm
 
 from engine.runner.forward_batch import ForwardBatch, ForwardMode
 from hal.attention import AttentionBackend
@@ -112,8 +114,11 @@ class GraphRunner(ABC):
         # Scratch for every batch size the eager path may run too: growing it later would free
         # memory that the captured steps still write.
         self.attn_backend.reserve(max(self.max_running_requests, self.max_batch_size))
+        sizes = tqdm(list(reversed(self.batch_sizes)), desc=f"capturing {self.name} decode steps", unit="size",
+                     disable=not sys.stderr.isatty())
         with torch.inference_mode():
-            for bs in reversed(self.batch_sizes):
+            for bs in sizes:
+                sizes.set_postfix_str(f"batch size {bs}")
                 batch = self.static_batch(bs)
                 try:
                     self.attn_backend.begin_graph_capture(batch)
