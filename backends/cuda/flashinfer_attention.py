@@ -134,8 +134,9 @@ class FlashInferAttentionBackend(AttentionBackend):
             self._graph_last_page_len = torch.ones(max_batch_size, dtype=torch.int32, device=self.device)
 
     def fits_graph(self, batch: ForwardBatch) -> bool:
-        """Whether the batch's pages fit the captured steps' page table."""
-        pages = sum((n + self.page_size - 1) // self.page_size for n in batch.seq_lens_cpu)
+        """Whether the batch's pages (at most sum // page_size plus one partial page a request), and
+        one page a padded row, fit the captured steps' page table."""
+        pages = sum(batch.seq_lens_cpu) // self.page_size + batch.batch_size
         return self._graph_indices is not None and pages + batch.batch_size <= self._graph_indices.numel()
 
     def begin_graph_capture(self, batch: ForwardBatch) -> None:
