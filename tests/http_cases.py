@@ -271,7 +271,8 @@ def check_metrics(client: httpx.Client) -> None:
                  "anyserve:num_aborted_requests_total",
                  "anyserve:time_to_first_token_seconds_bucket",
                  "anyserve:inter_token_latency_seconds_bucket",
-                 "anyserve:e2e_request_latency_seconds_bucket"):
+                 "anyserve:e2e_request_latency_seconds_bucket",
+                 'anyserve:step_seconds_total{kind="decode"}', 'anyserve:steps_total{kind="prefill"}'):
         assert f"\n{name}" in text, f"{name} missing from /metrics"
 
 

@@ -20,7 +20,7 @@ from fastapi.testclient import TestClient
 
 from engine.entrypoints.http_server import build_app
 from engine.entrypoints.metrics import ServerMetrics
-from engine.io_struct import SchedulerStats
+from engine.io_struct import SchedulerStats, StepTotals
 from engine.server_args import ServerArgs
 import http_cases as hc
 from fake_tokenizer_manager import CRASH_MARKER, REPLY, FakeTokenizerManager
@@ -303,7 +303,16 @@ def test_metrics_names_and_counts():
     m.update_scheduler_stats(SchedulerStats(num_running_reqs=2, num_queue_reqs=1, token_usage=0.5,
                                             cache_hit_rate=0.25, max_total_tokens=100,
                                             available_tokens=50, evictable_tokens=5))
+    for seconds, steps in ((0.5, 2), (1.25, 7)):     # the scheduler's totals only grow
+        m.update_scheduler_stats(SchedulerStats(
+            num_running_reqs=2, num_queue_reqs=1, token_usage=0.5, cache_hit_rate=0.25, max_total_tokens=100,
+            available_tokens=50, evictable_tokens=5,
+            step_totals=StepTotals(decode_seconds=seconds, decode_steps=steps, prefill_seconds=0.25,
+                                   prefill_steps=1)))
     text = m.render().decode()
+    for line in ('anyserve:step_seconds_total{kind="decode"} 1.25', 'anyserve:steps_total{kind="decode"} 7.0',
+                 'anyserve:step_seconds_total{kind="prefill"} 0.25', 'anyserve:steps_total{kind="prefill"} 1.0'):
+        assert f"\n{line}\n" in text, line
     for line in ("anyserve:num_running_reqs 2.0", "anyserve:num_queue_reqs 1.0",
                  "anyserve:token_usage 0.5", "anyserve:cache_hit_rate 0.25",
                  "anyserve:prompt_tokens_total 10.0", "anyserve:generation_tokens_total 4.0",

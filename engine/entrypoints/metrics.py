@@ -8,7 +8,7 @@ from __future__ import annotations
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import generate_latest
 
-from engine.io_struct import SchedulerStats
+from engine.io_struct import SchedulerStats, StepTotals
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 
@@ -60,6 +60,11 @@ class ServerMetrics:
         self.replica_cache_hit_rate = Gauge("anyserve:replica_cache_hit_rate",
                                             "Cached prompt tokens / prompt tokens since the start, per "
                                             "data-parallel replica.", ["dp_rank"], registry=r)
+        # Where the device's time goes (the scheduler's step clock), by kind of step.
+        self.step_seconds = Counter("anyserve:step_seconds", "Device busy time in steps, by kind "
+                                    "(prefill, decode).", ["kind"], registry=r)
+        self.steps = Counter("anyserve:steps", "Steps run, by kind (prefill, decode).", ["kind"], registry=r)
+        self._step_totals = StepTotals()
         self.ttft = histogram("time_to_first_token_seconds", "Time to first token.", TTFT_BUCKETS)
         self.itl = histogram("inter_token_latency_seconds", "Time between output tokens.", ITL_BUCKETS)
         self.e2e = histogram("e2e_request_latency_seconds", "Request latency, arrival to finish.",
@@ -90,6 +95,11 @@ class ServerMetrics:
         self.token_usage.set(stats.token_usage)
         self.cache_hit_rate.set(stats.cache_hit_rate)
         self.gen_throughput.set(stats.gen_throughput)
+        new = stats.step_totals - self._step_totals          # cumulative in the scheduler
+        self._step_totals = stats.step_totals
+        for kind in ("prefill", "decode"):
+            self.step_seconds.labels(kind).inc(max(0.0, getattr(new, f"{kind}_seconds")))
+            self.steps.labels(kind).inc(max(0, getattr(new, f"{kind}_steps")))
         for rank, rs in enumerate(stats.replicas):
             label = str(rank)
             self.replica_num_running_reqs.labels(label).set(rs.num_running_reqs)
