@@ -14,6 +14,8 @@
 #   ratios               ratio-overlap then ratio-graphs. ~5.5 min
 #   serving              one server, max concurrency 1/16/64 with 8/64/256 requests of 1024/512. ~3 min
 #   serving-overlap      serving for a server with and one without the overlap scheduler. ~6 min
+#   ab-kernel-config     offline-sharegpt with the platform's kernel config, then with $KERNEL_CONFIG
+#                        (default '{"balance_splits": 4}'), in one call. ~2.5 min
 #   summary              one markdown table of every result JSON in $OUT (no device work)
 #
 # Estimates assume: model load ~20 s, graph capture ~15 s, anyserve ~10-15k output tok/s at large
@@ -52,6 +54,7 @@ else
   SHAREGPT=()
   SERVE_LEVELS=(--concurrency 1,16,64 --num-prompts 8,64,256 --random-input-len 1024 --random-output-len 512)
 fi
+KERNEL_CONFIG=${KERNEL_CONFIG:-'{"balance_splits": 4}'}
 read -r -a OFFLINE_EXTRA_ARR <<< "${OFFLINE_EXTRA:-}"
 read -r -a SERVING_EXTRA_ARR <<< "${SERVING_EXTRA:-}"
 
@@ -111,11 +114,15 @@ run_stage() {
       serving serving ;;
     serving-overlap)
       serving serving-overlap --compare disable_overlap_schedule ;;
+    ab-kernel-config)
+      offline ab-default --dataset sharegpt-synthetic --num-prompts "$N_BIG" ${SHAREGPT[@]+"${SHAREGPT[@]}"} --skip-hf
+      offline ab-kernel-config --dataset sharegpt-synthetic --num-prompts "$N_BIG" ${SHAREGPT[@]+"${SHAREGPT[@]}"} \
+        --skip-hf --server-arg "kernel_config=$KERNEL_CONFIG" ;;
     summary)
       $PY benchmarks/suite_summary.py "$OUT" ;;
     *)
       echo "unknown stage '$1'; stages: offline-random offline-sharegpt offline-hf-baseline ratio-overlap" \
-           "ratio-graphs ratios serving serving-overlap summary" >&2
+           "ratio-graphs ratios serving serving-overlap ab-kernel-config summary" >&2
       return 2 ;;
   esac
 }

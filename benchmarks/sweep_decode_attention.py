@@ -10,6 +10,7 @@ Prints, per case, the platform's current setting and the best few, in µs per ca
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import itertools
 import json
 import os
@@ -84,7 +85,7 @@ def main() -> None:
         for bn, nw, ns, ms, mx in combos:
             if bs >= 64 and (ms, mx) != (256, 16) and (bn, nw, ns, ms, mx) != current:
                 continue   # one split per request there anyway: only the tile matters
-            splits = splits_for_batch(bs, HKV, cfg.num_compute_units, mx)
+            splits = splits_for_batch(bs, HKV, dataclasses.replace(cfg, max_kv_splits=mx))
             po = scratch_o[: bs * HQ * splits * D].view(bs, HQ, splits, D)
             pl = scratch_l[: bs * HQ * splits].view(bs, HQ, splits)
 
@@ -138,7 +139,7 @@ def sweep_split_counts(cfg, dtype, output_file) -> None:
         kb, vb = pool.k_buffers[0], pool.v_buffers[0]
         out = torch.empty_like(q)
         kv_bytes = 2 * sum(lens) * HKV * D * 2
-        chosen = splits_for_batch(bs, HKV, cfg.num_compute_units, cfg.max_kv_splits)
+        chosen = splits_for_batch(bs, HKV, cfg)
         bn, stages = cfg.decode_tiles(D, 2)
         rows = []
         for splits in [s for s in (1, 2, 4, 8, 16, 32) if s <= 32]:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
@@ -18,6 +19,22 @@ def _flag(default: Any, help: str, choices: Optional[list] = None, group: str = 
 SCHEDULE_POLICIES = ["lpm", "fcfs", "dfs-weight", "random"]
 DTYPES = ["auto", "float32", "bfloat16", "float16"]
 LOAD_BALANCE_METHODS = ["round_robin", "shortest_queue", "cache_aware"]
+
+
+def kernel_config_overrides(text: Optional[str]) -> dict[str, int]:
+    """--kernel-config as a dict of checked KernelConfig overrides (empty when not given)."""
+    from hal.kernel_config import KernelConfig
+
+    if not text:
+        return {}
+    try:
+        overrides = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"is not JSON ({e.msg}): {text!r}") from None
+    if not isinstance(overrides, dict):
+        raise ValueError(f"must be a JSON object of field: integer, got {text!r}")
+    KernelConfig().with_overrides(overrides)      # names, integers and the dataclass's rules
+    return overrides
 
 
 def device_choices() -> list[str]:
@@ -61,6 +78,10 @@ class ServerArgs:
                                      "(CUDA/HIP graphs).", group="device")
     cuda_graph_max_bs: int = _flag(512, "Largest decode batch captured as a device graph (larger batches run "
                                    "eagerly).", group="device")
+    kernel_config: Optional[str] = _flag(
+        None, "Launch-parameter overrides for the Triton kernels, as a JSON object of "
+        "hal/kernel_config.py's KernelConfig fields, e.g. '{\"min_split_tokens\": 128, "
+        "\"balance_splits\": 4}' (tuning; the platform's values otherwise).", group="device")
     disable_overlap_schedule: bool = _flag(
         False, "Run the plain scheduler loop instead of preparing step N+1 while step N runs.",
         group="device")
@@ -152,6 +173,11 @@ class ServerArgs:
             bad("max_total_tokens", f"must be >= page_size ({self.page_size}), got {self.max_total_tokens}")
         if self.max_running_requests is not None and self.max_running_requests < 1:
             bad("max_running_requests", f"must be >= 1, got {self.max_running_requests}")
+        if self.kernel_config is not None:
+            try:
+                kernel_config_overrides(self.kernel_config)
+            except ValueError as e:
+                bad("kernel_config", str(e))
         if self.decode_log_interval < 0:
             bad("decode_log_interval", f"must be >= 0, got {self.decode_log_interval}")
         if self.max_prefill_tokens < 1:

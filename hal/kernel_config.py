@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from typing import Any, Mapping
 
 
 @dataclass(frozen=True)
@@ -20,6 +21,13 @@ class KernelConfig:
     decode_num_stages: int = 2
     max_kv_splits: int = 16                # a power of two; splits along the sequence
     min_split_tokens: int = 256            # a split never holds fewer KV positions than this
+    # While the decode grid has at most balance_programs_per_unit programs per compute unit, split
+    # each request at least balance_splits ways (long ones: short ones stop at min_split_tokens),
+    # so that a few long contexts do not leave units idle. 1: no minimum. (H200, ShareGPT-like
+    # uneven contexts: 4 splits were 17-21% faster per call at batch 32-128; not yet shown
+    # end to end, so off: benchmarks/RESULTS.md.)
+    balance_programs_per_unit: int = 8
+    balance_splits: int = 1
     # extend: one program per (request, q head, block of new tokens)
     extend_block_m: int = 64
     extend_block_n: int = 64
@@ -66,6 +74,35 @@ class KernelConfig:
 
     def with_compute_units(self, n: int) -> "KernelConfig":
         return dataclasses.replace(self, num_compute_units=max(1, int(n)))
+
+    def with_overrides(self, overrides: Mapping[str, int]) -> "KernelConfig":
+        check_overrides(overrides)
+        return dataclasses.replace(self, **overrides) if overrides else self
+
+
+def check_overrides(overrides: Mapping[str, Any]) -> None:
+    """Field names and integer values, or a ValueError that lists the fields."""
+    names = [f.name for f in dataclasses.fields(KernelConfig) if f.name != "num_compute_units"]
+    for key, value in overrides.items():
+        if key not in names:
+            raise ValueError(f"unknown kernel config field {key!r}; the fields are: {', '.join(names)}")
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"kernel config field {key} must be an integer, got {value!r}")
+
+
+# Overrides of every platform's KernelConfig in this process (--kernel-config): set once by the
+# model runner before it builds the backends, read by Platform.kernel_config().
+_overrides: dict[str, int] = {}
+
+
+def set_overrides(overrides: Mapping[str, int]) -> None:
+    KernelConfig().with_overrides(overrides)    # names, integers and the dataclass's rules, now
+    _overrides.clear()
+    _overrides.update(overrides)
+
+
+def overrides() -> Mapping[str, int]:
+    return dict(_overrides)
 
 
 def _pow2_at_least(x: int) -> int:

@@ -10,7 +10,7 @@ from typing import Optional
 
 import torch
 
-from hal.kernel_config import KernelConfig
+from hal.kernel_config import KernelConfig, overrides as kernel_config_overrides
 
 logger = logging.getLogger(__name__)
 
@@ -103,8 +103,10 @@ class Platform:
         return 1
 
     def kernel_config(self) -> KernelConfig:
-        """The launch parameters of the portable Triton kernels on this device."""
-        return self.default_kernel_config.with_compute_units(self.compute_units())
+        """The launch parameters of the portable Triton kernels on this device (with the process's
+        --kernel-config overrides)."""
+        return self.default_kernel_config.with_compute_units(self.compute_units()).with_overrides(
+            kernel_config_overrides())
 
 
 class HostCopy:

@@ -49,7 +49,7 @@ class TritonAttentionBackend(AttentionBackend):
     # -- metadata ------------------------------------------------------------------------------
     def splits_for(self, batch_size: int) -> int:
         cfg = self.config
-        return splits_for_batch(batch_size, self.num_kv_heads, cfg.num_compute_units, cfg.max_kv_splits)
+        return splits_for_batch(batch_size, self.num_kv_heads, cfg)
 
     def reserve(self, max_batch_size: int) -> None:
         """Allocate the decode scratch for every batch size up to ``max_batch_size`` now."""

@@ -18,6 +18,7 @@ import triton
 import triton.language as tl
 
 from backends.triton.tl_helpers import mma, next_pow2
+from hal.kernel_config import KernelConfig
 
 LOG2E = 1.4426950408889634
 
@@ -153,7 +154,12 @@ def decode_attention(q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, 
         BLOCK_D=block_d, num_warps=4 if block_d * max_splits >= 2048 else 2)
 
 
-def splits_for_batch(batch_size: int, num_kv_heads: int, num_compute_units: int, max_kv_splits: int) -> int:
-    """How many sequence splits to launch: enough programs for about two per compute unit."""
-    wanted = math.ceil(2 * num_compute_units / max(1, batch_size * num_kv_heads))
-    return max(1, min(max_kv_splits, next_pow2(wanted)))
+def splits_for_batch(batch_size: int, num_kv_heads: int, cfg: KernelConfig) -> int:
+    """How many sequence splits to launch: enough programs for about two per compute unit, and at
+    least ``cfg.balance_splits`` while the grid has at most ``cfg.balance_programs_per_unit``
+    programs per unit. A power of two, at most ``cfg.max_kv_splits``."""
+    programs = batch_size * num_kv_heads
+    wanted = math.ceil(2 * cfg.num_compute_units / max(1, programs))
+    if programs <= cfg.balance_programs_per_unit * cfg.num_compute_units:
+        wanted = max(wanted, cfg.balance_splits)
+    return max(1, min(cfg.max_kv_splits, next_pow2(wanted)))

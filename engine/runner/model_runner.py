@@ -4,6 +4,7 @@ device graph; everything else runs eagerly. With tensor parallelism there is one
 sends each batch to the others before running it (engine/runner/tp_worker.py)."""
 from __future__ import annotations
 
+import json
 import logging
 import time
 from typing import Optional
@@ -20,8 +21,9 @@ from engine.runner.model_loader import load_model
 from engine.runner.tp_worker import (TPStep, batch_from_host, batch_to_host, init_tensor_parallel,
                                      local_device_index)
 from engine.sampling.sampling_batch_info import SamplingBatchInfo
-from engine.server_args import ServerArgs
+from engine.server_args import ServerArgs, kernel_config_overrides
 from hal.graph_runner import GraphRunner, attention_can_be_captured
+from hal.kernel_config import set_overrides as set_kernel_config_overrides
 from hal.sampling import SampleOutput
 
 logger = logging.getLogger(__name__)
@@ -42,6 +44,9 @@ class ModelRunner:
     def __init__(self, server_args: ServerArgs, platform: Optional[hal.Platform] = None, tp_rank: int = 0) -> None:
         self.server_args = server_args
         self.platform = platform or hal.get_platform(server_args.device)
+        # --kernel-config: the Triton kernels' launch parameters, read when the backends are built
+        self.kernel_config_overrides = kernel_config_overrides(server_args.kernel_config)
+        set_kernel_config_overrides(self.kernel_config_overrides)
         self.tp_rank, self.tp_size = tp_rank, server_args.tp_size
         index = local_device_index(server_args, tp_rank)
         self.platform.set_device(index)
@@ -248,4 +253,5 @@ class ModelRunner:
                 f"kv_capacity={self.max_total_tokens} tokens "
                 f"({self.max_total_tokens * self.kv_bytes_per_token / GiB:.2f} GiB, page_size="
                 f"{self.server_args.page_size}) max_running_requests={self.max_running_requests} "
-                f"context_len={self.context_len}")
+                f"context_len={self.context_len}"
+                + (f" kernel_config={json.dumps(self.kernel_config_overrides)}" if self.kernel_config_overrides else ""))
