@@ -159,6 +159,8 @@ def test_captured_decode_has_one_wrapper_per_size_over_fixed_buffers(fake_flashi
     assert backend._graph_wrappers[4].plans[-1] == ([0, 3, 4, 5, 6], [24, 25, 26, 8, 0, 0], [1, 4, 1, 1])
     assert FakeEvent.log == ["record", "record", "synchronize", "record"]
     assert backend.fits_graph(replay) and not backend.fits_graph(batch([1] * 4, [17] * 4))
+    backend.init_forward_metadata(replay)                      # eager decode: the same page table
+    assert backend._sets[0].decode.plans == [backend._graph_wrappers[4].plans[-1]]
 
 
 def backend_kwargs(**over):

@@ -93,6 +93,7 @@ class FlashInferAttentionBackend(AttentionBackend):
         self._steps = 0
         self._wrapper: Any = None
         self._planned_scaling = self.head_dim ** -0.5
+        self._plan_types = dict(q_data_type=self.dtype, kv_data_type=self.dtype, sm_scale=self._planned_scaling)
         self._flashinfer = flashinfer
         self._workspace = workspace
         # device graphs (reserve / begin_graph_capture / prepare_graph_replay)
@@ -109,19 +110,26 @@ class FlashInferAttentionBackend(AttentionBackend):
             return
         wrappers = self._sets[self._steps % 2]
         self._steps += 1
-        kv_indptr, kv_last_page_len = host_page_table(batch.seq_lens_cpu, self.page_size)
-        kv_indices = page_indices(self.req_to_token, batch.req_pool_indices, batch.seq_lens,
-                                  int(kv_indptr[-1]), self.page_size)
-        common = dict(q_data_type=self.dtype, kv_data_type=self.dtype, sm_scale=self._planned_scaling)
         if batch.mode.is_decode:
-            wrappers.decode.plan(kv_indptr, kv_indices, kv_last_page_len, self.num_q_heads,
-                                 self.num_kv_heads, self.head_dim, self.page_size, **common)
+            self._plan_decode(wrappers.decode, batch)
             self._wrapper = wrappers.decode
         else:
             qo_indptr = _indptr(torch.tensor(batch.extend_seq_lens_cpu, dtype=torch.int32))
-            wrappers.extend.plan(qo_indptr, kv_indptr, kv_indices, kv_last_page_len, self.num_q_heads,
-                                 self.num_kv_heads, self.head_dim, self.page_size, causal=True, **common)
+            wrappers.extend.plan(qo_indptr, *self._kv_table(batch), self.num_q_heads, self.num_kv_heads,
+                                 self.head_dim, self.page_size, causal=True, **self._plan_types)
             self._wrapper = wrappers.extend
+
+    def _kv_table(self, batch: ForwardBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The batch's paged KV in FlashInfer's CSR form: kv_indptr (host), kv_indices (device),
+        kv_last_page_len (host)."""
+        kv_indptr, kv_last_page_len = host_page_table(batch.seq_lens_cpu, self.page_size)
+        kv_indices = page_indices(self.req_to_token, batch.req_pool_indices, batch.seq_lens,
+                                  int(kv_indptr[-1]), self.page_size)
+        return kv_indptr, kv_indices, kv_last_page_len
+
+    def _plan_decode(self, wrapper: Any, batch: ForwardBatch) -> None:
+        wrapper.plan(*self._kv_table(batch), self.num_q_heads, self.num_kv_heads, self.head_dim,
+                     self.page_size, **self._plan_types)
 
     # -- device graphs -------------------------------------------------------------------------
     def reserve(self, max_batch_size: int) -> None:
@@ -166,12 +174,7 @@ class FlashInferAttentionBackend(AttentionBackend):
         copied = self._graph_plan_copied.get(bs)
         if copied is not None:
             copied.synchronize()
-        kv_indptr, kv_last_page_len = host_page_table(batch.seq_lens_cpu, self.page_size)
-        kv_indices = page_indices(self.req_to_token, batch.req_pool_indices, batch.seq_lens,
-                                  int(kv_indptr[-1]), self.page_size)
-        self._graph_wrappers[bs].plan(kv_indptr, kv_indices, kv_last_page_len, self.num_q_heads,
-                                      self.num_kv_heads, self.head_dim, self.page_size, q_data_type=self.dtype,
-                                      kv_data_type=self.dtype, sm_scale=self._planned_scaling)
+        self._plan_decode(self._graph_wrappers[bs], batch)
         if copied is None:
             copied = self._graph_plan_copied[bs] = torch.cuda.Event()
         copied.record()
