@@ -35,6 +35,14 @@ class KernelConfig:
     extend_num_stages: int = 2
     # element-wise kernels (norm, activation, rotary, KV store)
     elementwise_num_warps: int = 4
+    # linears of at most gemv_max_rows rows (small decode batches) as a GEMV of our own
+    # (backends/triton/gemv.py) instead of the vendor BLAS; 0: never. Each program streams
+    # gemv_block_n rows of the weight along K in gemv_block_k chunks.
+    gemv_max_rows: int = 0
+    gemv_block_n: int = 8
+    gemv_block_k: int = 512
+    gemv_num_warps: int = 4
+    gemv_num_stages: int = 3
 
     def __post_init__(self) -> None:
         if self.max_kv_splits < 1 or self.max_kv_splits & (self.max_kv_splits - 1):
@@ -43,6 +51,12 @@ class KernelConfig:
             v = getattr(self, name)
             if v < 16 or v & (v - 1):
                 raise ValueError(f"{name} must be a power of two >= 16, got {v}")
+        for name in ("gemv_block_n", "gemv_block_k"):
+            v = getattr(self, name)
+            if v < 1 or v & (v - 1):
+                raise ValueError(f"{name} must be a power of two, got {v}")
+        if self.gemv_max_rows < 0:
+            raise ValueError(f"gemv_max_rows must be >= 0, got {self.gemv_max_rows}")
 
     def extend_tiles(self, head_dim: int, elem_bytes: int) -> tuple[int, int, int]:
         """(block_m, block_n, num_stages) for extend attention at ``head_dim``, shrunk until the Q

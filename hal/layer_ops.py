@@ -2,7 +2,9 @@
 
 Model layers (``engine/layers``) take one implementation at construction and call it every
 step. The torch one (backends/cpu) runs everywhere and is the reference; the Triton one
-(backends/triton) fuses each step into one kernel on GPUs.
+(backends/triton) fuses each step into one kernel on GPUs. ``linear`` is here too, so that a
+backend can replace the vendor BLAS where it is weak (a few rows) and fold the MLP's activation
+into the down projection; by default it is F.linear.
 """
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ from abc import ABC, abstractmethod
 from typing import Optional, Union
 
 import torch
+import torch.nn.functional as F
 
 
 class LayerOps(ABC):
@@ -36,3 +39,9 @@ class LayerOps(ABC):
         """Neox-style rotary embedding of q: [T, Hq, D] and k: [T, Hkv, D] with cos, sin:
         [T, 1, D / 2] (the first and second halves of each head rotate as pairs). Returns new
         tensors; the inputs are left alone."""
+
+    def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None, *,
+               silu_mul_input: bool = False) -> torch.Tensor:
+        """F.linear(x, weight, bias): x [..., K], weight [N, K] -> [..., N]. With silu_mul_input,
+        x is the MLP's [..., 2K] = [gate | up] and the product is of silu_and_mul(x)."""
+        return F.linear(self.silu_and_mul(x) if silu_mul_input else x, weight, bias)

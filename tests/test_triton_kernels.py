@@ -232,6 +232,46 @@ def test_triton_rotary_matches_torch(dtype, head_dim):
         torch.testing.assert_close(a, b, **ops_tolerance(dtype))
 
 
+@pytest.mark.parametrize("dtype", OPS_DTYPES)
+@pytest.mark.parametrize("rows,n,k,silu,bias,block_n,block_k", [
+    (1, 64, 256, False, False, 8, 128),     # even tiles
+    (3, 50, 200, True, True, 8, 128),       # ragged N and K, SiLU-and-mul input, bias
+    (2, 96, 384, True, False, 16, 512),     # block_k wider than K
+    (1, 7, 33, False, True, 4, 16),
+])
+def test_triton_gemv_matches_torch(dtype, rows, n, k, silu, bias, block_n, block_k):
+    from backends.triton.gemv import gemv
+
+    g = torch.Generator().manual_seed(8)
+    x = torch.randn(rows, 2 * k if silu else k, generator=g).to(dtype)
+    w = (torch.randn(n, k, generator=g) / k ** 0.5).to(dtype)
+    b = torch.randn(n, generator=g).to(dtype) if bias else None
+    ours = gemv(x, w, b, silu_mul_input=silu, block_n=block_n, block_k=block_k)
+    ref = TorchLayerOps().linear(x, w, b, silu_mul_input=silu)
+    assert ours.dtype == ref.dtype and ours.shape == (rows, n)
+    torch.testing.assert_close(ours, ref, **ops_tolerance(dtype))
+
+
+def test_triton_linear_takes_the_gemv_only_for_few_rows(monkeypatch):
+    import backends.triton.layer_ops as layer_ops
+
+    calls = []
+    real = layer_ops.gemv
+    monkeypatch.setattr(layer_ops, "gemv", lambda *a, **kw: calls.append(kw) or real(*a, **kw))
+    ops = TritonLayerOps(kernel_config=KernelConfig(gemv_max_rows=2, gemv_block_n=4, gemv_block_k=64))
+    g = torch.Generator().manual_seed(9)
+    w = torch.randn(24, 80, generator=g)
+    for rows, used in ((1, True), (2, True), (3, False)):
+        calls.clear()
+        x = torch.randn(rows, 160, generator=g)
+        torch.testing.assert_close(ops.linear(x, w, silu_mul_input=True),
+                                   TorchLayerOps().linear(x, w, silu_mul_input=True), atol=1e-5, rtol=1e-5)
+        assert bool(calls) == used
+    assert calls == [] and TritonLayerOps(kernel_config=KernelConfig()).gemv_max_rows == 0   # off by default
+    ops.linear(torch.randn(1, 160, generator=g), w, silu_mul_input=True)
+    assert calls[0] == dict(silu_mul_input=True, block_n=4, block_k=64, num_warps=4, num_stages=3)
+
+
 # ---- a whole model ---------------------------------------------------------------------------------
 def test_triton_tiny_llama_greedy_tokens_equal_torch_backend(llama_tiny):
     """Triton attention and Triton layer ops (interpreter, fp32) against the torch backend and
@@ -245,10 +285,14 @@ def test_triton_tiny_llama_greedy_tokens_equal_torch_backend(llama_tiny):
     torch_model = load_model(cfg, "auto", "cpu")
     with using_layer_ops(TritonLayerOps()):
         triton_model = load_model(cfg, "auto", "cpu")
-    assert type(triton_model.model.layers[0].mlp.act_fn.layer_ops).__name__ == "TritonLayerOps"
+    # decode steps of 3 rows run every linear through the GEMV, with SiLU-and-mul in the down projection
+    with using_layer_ops(TritonLayerOps(kernel_config=KernelConfig(gemv_max_rows=3))):
+        gemv_model = load_model(cfg, "auto", "cpu")
+    assert type(triton_model.model.layers[0].mlp.down_proj.layer_ops).__name__ == "TritonLayerOps"
     g = torch.Generator().manual_seed(7)
     prompts = [torch.randint(3, 1000, (n,), generator=g).tolist() for n in (11, 5, 17)]
     ref = ModelHarness(torch_model, page_size=4).generate_greedy(prompts, 10, first_chunk=3)
     ours = ModelHarness(triton_model, page_size=4, backend="triton").generate_greedy(prompts, 10, first_chunk=3)
     assert ours == ref
     assert len(set(ours[0])) > 1
+    assert ModelHarness(gemv_model, page_size=4, backend="triton").generate_greedy(prompts, 10, first_chunk=3) == ref

@@ -17,6 +17,7 @@ from triton.compiler import ASTSource
 
 from backends.triton.decode_attention import _decode_partial_kernel, _decode_reduce_kernel
 from backends.triton.extend_attention import _extend_kernel
+from backends.triton.gemv import _gemv_kernel
 from backends.triton.kv_store import _store_kv_kernel
 from backends.triton.layer_ops import _rms_norm_kernel, _rotary_kernel, _silu_and_mul_kernel
 from backends.triton.tl_helpers import next_pow2
@@ -44,7 +45,7 @@ def kernel_cases(cfg: KernelConfig, dt: str, head_dim: int, num_q_heads: int = 3
     idx = {"ReqToToken": "*i32", "ReqPoolIdx": "*i64", "SeqLens": "*i64", "PrefixLens": "*i64",
            "ExtendLens": "*i64", "ExtendStarts": "*i64", "Loc": "*i64", "PartialO": "*fp32",
            "PartialLse": "*fp32", "qk_scale": "fp32", "eps": "fp32"}
-    ptrs = {n: p for n in ("Q", "K", "V", "KBuf", "VBuf", "Out", "X", "R", "W", "ResOut", "Cos", "Sin",
+    ptrs = {n: p for n in ("Q", "K", "V", "KBuf", "VBuf", "Out", "X", "R", "W", "B", "ResOut", "Cos", "Sin",
                            "QOut", "KOut")}
     types = {**ptrs, **idx}
     ew = cfg.elementwise_num_warps
@@ -65,7 +66,10 @@ def kernel_cases(cfg: KernelConfig, dt: str, head_dim: int, num_q_heads: int = 3
         (_silu_and_mul_kernel, types, dict(D=14336, BLOCK=2048), ew, 1),
         (_rotary_kernel, types, dict(HQ=num_q_heads, HKV=num_kv_heads, HALF=head_dim // 2, BLOCK_HQ=num_q_heads,
                                      BLOCK_HKV=num_kv_heads, BLOCK_HALF=next_pow2(head_dim // 2)), ew, 1),
-    ]
+    ] + [(_gemv_kernel, types, dict(SILU_MUL=silu, HAS_BIAS=bias, EVEN_N=True, EVEN_K=True,
+                                    BLOCK_N=cfg.gemv_block_n, BLOCK_K=cfg.gemv_block_k,
+                                    NUM_STAGES=cfg.gemv_num_stages), cfg.gemv_num_warps, cfg.gemv_num_stages)
+         for silu, bias in ((False, False), (False, True), (True, False))]
 
 
 def compile_kernel(fn, types: dict, constexprs: dict, target: GPUTarget, num_warps: int, num_stages: int):

@@ -8,6 +8,7 @@ import torch
 import triton
 import triton.language as tl
 
+from backends.triton.gemv import gemv
 from backends.triton.tl_helpers import next_pow2
 from hal.kernel_config import KernelConfig
 from hal.layer_ops import LayerOps
@@ -90,7 +91,20 @@ class TritonLayerOps(LayerOps):
         super().__init__(device)
         if kernel_config is None and device is not None:
             kernel_config = platform_for_device(torch.device(device)).kernel_config()
-        self.num_warps = (kernel_config or KernelConfig()).elementwise_num_warps
+        cfg = kernel_config or KernelConfig()
+        self.num_warps = cfg.elementwise_num_warps
+        self.gemv_max_rows = cfg.gemv_max_rows
+        self.gemv_launch = dict(block_n=cfg.gemv_block_n, block_k=cfg.gemv_block_k,
+                                num_warps=cfg.gemv_num_warps, num_stages=cfg.gemv_num_stages)
+
+    def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None, *,
+               silu_mul_input: bool = False) -> torch.Tensor:
+        """The GEMV (backends/triton/gemv.py) for at most ``gemv_max_rows`` rows, the vendor BLAS
+        otherwise."""
+        rows = x.numel() // max(1, x.shape[-1])
+        if 0 < rows <= self.gemv_max_rows and weight.dtype == x.dtype and weight.dim() == 2:
+            return gemv(x, weight, bias, silu_mul_input=silu_mul_input, **self.gemv_launch)
+        return super().linear(x, weight, bias, silu_mul_input=silu_mul_input)
 
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float,
                  residual: Optional[torch.Tensor] = None

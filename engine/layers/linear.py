@@ -9,9 +9,9 @@ from __future__ import annotations
 from typing import Optional, Union
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from engine.layers.ops import get_layer_ops
 from engine.layers.parallel_state import get_tp_collectives, get_tp_rank, get_tp_size
 
 ShardId = Union[str, int]
@@ -37,6 +37,7 @@ class LinearBase(nn.Module):
         self.tp_rank = get_tp_rank() if tp_rank is None else tp_rank
         self.tp_size = get_tp_size() if tp_size is None else tp_size
         self.collectives = get_tp_collectives()
+        self.layer_ops = get_layer_ops()
         # [output_size_per_rank, input_size_per_rank]
         self.weight = nn.Parameter(torch.empty(output_size, input_size), requires_grad=False)
         self.bias = nn.Parameter(torch.empty(output_size), requires_grad=False) if bias else None
@@ -54,7 +55,7 @@ class LinearBase(nn.Module):
         raise NotImplementedError
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        return self.layer_ops.linear(x, self.weight, self.bias)
 
 
 class ColumnParallelLinear(LinearBase):
@@ -162,10 +163,12 @@ class RowParallelLinear(LinearBase):
             return {None: tuple(param.shape)}
         return {None: (param.shape[0], self.input_size)}
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, silu_mul_input: bool = False) -> torch.Tensor:
+        """With silu_mul_input, x is the MLP's [gate | up] and SiLU-and-mul is applied first (in
+        the same kernel where the layer ops can)."""
         if self.tp_size == 1:
-            return F.linear(x, self.weight, self.bias)
-        out = F.linear(x, self.weight)
+            return self.layer_ops.linear(x, self.weight, self.bias, silu_mul_input=silu_mul_input)
+        out = self.layer_ops.linear(x, self.weight, silu_mul_input=silu_mul_input)
         if self.reduce_results:
             out = self.collectives.all_reduce(out)
         if self.bias is not None:

@@ -8,7 +8,6 @@ from typing import Iterable, Optional
 import torch
 from torch import nn
 
-from engine.layers.activation import SiluAndMul
 from engine.layers.attention import Attention
 from engine.layers.layernorm import RMSNorm
 from engine.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
@@ -28,10 +27,11 @@ class LlamaMLP(nn.Module):
         self.gate_up_proj = MergedColumnParallelLinear(
             config.hidden_size, [config.intermediate_size] * 2, bias=config.mlp_bias)
         self.down_proj = RowParallelLinear(config.intermediate_size, config.hidden_size, bias=config.mlp_bias)
-        self.act_fn = SiluAndMul()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.act_fn(self.gate_up_proj(x)))
+        # SiLU-and-mul of [gate | up] happens inside the down projection (one kernel where the
+        # layer ops fuse it, layer_ops.silu_and_mul then the matmul otherwise)
+        return self.down_proj(self.gate_up_proj(x), silu_mul_input=True)
 
 
 class LlamaAttention(nn.Module):

@@ -179,3 +179,33 @@ def test_layer_ops_llama8b_sizes(dtype):
     cos, sin = rope.cos_sin(torch.randint(0, 8192, (t,), device=DEVICE, generator=g), dtype)
     for a, b in zip(ours.apply_rotary(q, k, cos, sin), ref.apply_rotary(q, k, cos, sin)):
         torch.testing.assert_close(a, b, **tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("rows", [1, 2, 5])
+def test_gemv_llama8b_projections(dtype, rows):
+    """The GEMV at Llama-3.1-8B's four projections (SiLU-and-mul fused into down's input) against
+    an fp32 reference, with the platform's launch parameters, eager and replayed in a CUDA graph."""
+    from backends.cpu.torch_layer_ops import TorchLayerOps
+    from backends.triton.gemv import gemv
+    from hal.platform import get_platform
+
+    cfg = get_platform("cuda").kernel_config()
+    launch = dict(block_n=cfg.gemv_block_n, block_k=cfg.gemv_block_k, num_warps=cfg.gemv_num_warps,
+                  num_stages=cfg.gemv_num_stages)
+    g = torch.Generator(device=DEVICE).manual_seed(rows)
+    for n, k, silu in ((6144, 4096, False), (4096, 4096, False), (28672, 4096, False), (4096, 14336, True)):
+        x = torch.randn(rows, 2 * k if silu else k, device=DEVICE, generator=g).to(dtype)
+        w = (torch.randn(n, k, device=DEVICE, generator=g) / k ** 0.5).to(dtype)
+        b = torch.randn(n, device=DEVICE, generator=g).to(dtype)
+        xin = TorchLayerOps().silu_and_mul(x) if silu else x
+        ref = torch.nn.functional.linear(xin.float(), w.float(), b.float())
+        out = gemv(x, w, b, silu_mul_input=silu, **launch)
+        torch.testing.assert_close(out.float(), ref, atol=2e-2, rtol=2e-2)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            captured = gemv(x, w, b, silu_mul_input=silu, **launch)
+        x.copy_(torch.randn(x.shape, device=DEVICE, generator=g).to(dtype))
+        graph.replay()
+        xin = TorchLayerOps().silu_and_mul(x) if silu else x
+        torch.testing.assert_close(captured, gemv(x, w, b, silu_mul_input=silu, **launch), atol=0, rtol=0)

@@ -1,0 +1,87 @@
+"""A matrix-vector product for the few-row linears of small decode batches.
+
+At batch 1 a decoder layer's linears are pure weight streaming: each weight byte is read once
+and used for one multiply-add. cuBLAS reaches ~97% of the copy bandwidth on the largest
+projection but 73-76% on the smaller q/k/v and o projections, and splits the down projection
+along K with a separate reduce kernel (benchmarks/RESULTS.md, H200). This kernel gives each
+program BLOCK_N output features and streams their rows of W along K, so no reduce is needed,
+and can take the MLP's [gate | up] activations and apply SiLU-and-mul while it loads them,
+which removes that kernel too.
+
+out[m, n] = sum_k x[m, k] * W[n, k] (+ bias[n]), fp32 accumulation, rounded once at the end.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _gemv_kernel(X, W, B, Out, stride_xm, stride_wn, stride_om, out_features, in_features,
+                 SILU_MUL: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN_N: tl.constexpr,
+                 EVEN_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                 NUM_STAGES: tl.constexpr):
+    N = out_features
+    K = in_features
+    pid_n = tl.program_id(0)
+    m = tl.program_id(1).to(tl.int64)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    n_mask = offs_n < N
+    x_row = X + m * stride_xm
+    w_rows = W + offs_n.to(tl.int64)[:, None] * stride_wn
+    acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+    for k0 in tl.range(0, K, BLOCK_K, num_stages=NUM_STAGES):
+        ks = k0 + offs_k
+        if EVEN_K:
+            x = tl.load(x_row + ks)
+        else:
+            x = tl.load(x_row + ks, mask=ks < K, other=0.0)
+        if SILU_MUL:
+            # x holds [gate | up] (2K wide): silu(gate) rounded as F.silu's output is, times up,
+            # rounded as the separate kernel's output is (layer_ops.silu_and_mul)
+            if EVEN_K:
+                up = tl.load(x_row + K + ks)
+            else:
+                up = tl.load(x_row + K + ks, mask=ks < K, other=0.0)
+            gate = x.to(tl.float32)
+            silu = (gate / (1.0 + tl.exp(-gate))).to(up.dtype).to(tl.float32)
+            x = (silu * up.to(tl.float32)).to(up.dtype)
+        if EVEN_N and EVEN_K:
+            w = tl.load(w_rows + ks[None, :])
+        else:
+            w = tl.load(w_rows + ks[None, :], mask=n_mask[:, None] & (ks < K)[None, :], other=0.0)
+        acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
+    out = tl.sum(acc, axis=1)
+    if HAS_BIAS:
+        out += tl.load(B + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+    tl.store(Out + m * stride_om + offs_n, out.to(Out.dtype.element_ty), mask=n_mask)
+
+
+def gemv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None, *,
+         silu_mul_input: bool = False, block_n: int = 8, block_k: int = 512, num_warps: int = 4,
+         num_stages: int = 3) -> torch.Tensor:
+    """x: [..., K] (or [..., 2K] = [gate | up] with ``silu_mul_input``); weight: [N, K] with unit
+    stride along K -> [..., N] in x's dtype. One program per (BLOCK_N features, row of x)."""
+    n, k = weight.shape
+    width = 2 * k if silu_mul_input else k
+    if x.shape[-1] != width:
+        raise ValueError(f"gemv: x has {x.shape[-1]} features, the weight {tuple(weight.shape)} needs {width}")
+    if weight.stride(1) != 1:
+        weight = weight.contiguous()
+    x2 = x.reshape(-1, width)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    rows = x2.shape[0]
+    out = torch.empty((rows, n), dtype=x.dtype, device=x.device)
+    if rows:
+        block_k = min(block_k, triton.next_power_of_2(k))
+        _gemv_kernel[(triton.cdiv(n, block_n), rows)](
+            x2, weight, bias if bias is not None else weight, out, x2.stride(0), weight.stride(0),
+            out.stride(0), n, k, SILU_MUL=silu_mul_input, HAS_BIAS=bias is not None,
+            EVEN_N=n % block_n == 0, EVEN_K=k % block_k == 0, BLOCK_N=block_n, BLOCK_K=block_k,
+            NUM_STAGES=num_stages, num_warps=num_warps)
+    return out.view(*x.shape[:-1], n)

@@ -1,0 +1,143 @@
+"""Tune the Triton GEMV (backends/triton/gemv.py) against cuBLAS at Llama-3.1-8B's projections.
+
+For each projection (q/k/v, o, gate/up, and down with SiLU-and-mul fused into its input) and a
+grid of (block_n, block_k, num_warps, num_stages), time one call per distinct copy of the weight
+(enough copies that they do not fit in L2, as 32 layers do not) in a device graph, so neither
+launch overhead nor cache reuse is counted. The baseline, in the same run: F.linear (cuBLAS),
+with the separate SiLU-and-mul kernel before the down projection.
+
+    PYTHONPATH=. python benchmarks/sweep_gemv.py [--rows 1 2 4 8] [--output-file sweep.json]
+
+Prints each projection's cuBLAS time, the best few configurations, the best single configuration
+over all four (what KernelConfig can hold), and rows 1..8 at that configuration.
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import sys
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+# name -> (N, K, silu_mul_input): Llama-3.1-8B, hidden 4096, 32 q / 8 KV heads of 128, MLP 14336
+SHAPES = {"qkv": (6144, 4096, False), "o": (4096, 4096, False), "gate_up": (28672, 4096, False),
+          "down": (4096, 14336, True)}
+GRID = dict(block_n=[4, 8, 16], block_k=[256, 512, 1024], num_warps=[4, 8], num_stages=[2, 3, 4])
+L2_BYTES = 256 << 20   # weights cycled per timing: well above any GPU's L2
+
+
+def time_graph(fn, calls: int) -> float:
+    """µs per call of fn(i) for i in range(calls), from one graph of all of them."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for i in range(calls):
+            fn(i)
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g, stream=s):
+        for i in range(calls):
+            fn(i)
+    g.replay()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    best = float("inf")
+    for _ in range(5):
+        start.record()
+        g.replay()
+        end.record()
+        end.synchronize()
+        best = min(best, start.elapsed_time(end) * 1e3 / calls)
+    return best
+
+
+def main() -> None:
+    from backends.triton.gemv import gemv
+    from backends.triton.layer_ops import TritonLayerOps
+    from bench_decode import copy_bandwidth
+    from hal.platform import get_platform
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--rows", type=int, nargs="+", default=[1, 2, 4, 8])
+    p.add_argument("--output-file", default=None)
+    args = p.parse_args()
+    dev, dtype = torch.device("cuda"), torch.bfloat16
+    platform = get_platform("cuda")
+    bw = copy_bandwidth(platform, dev)
+    ops = TritonLayerOps(dev)
+    print(f"{torch.cuda.get_device_name()}: copy bandwidth {bw / 1e9:,.0f} GB/s")
+
+    weights, inputs = {}, {}
+    for name, (n, k, silu) in SHAPES.items():
+        copies = max(4, -(-L2_BYTES // (n * k * 2)))
+        weights[name] = [torch.randn(n, k, device=dev, dtype=dtype) / k ** 0.5 for _ in range(copies)]
+        inputs[name] = {m: torch.randn(m, 2 * k if silu else k, device=dev, dtype=dtype)
+                        for m in sorted(set(args.rows) | {1})}
+
+    def check(name, m, cfg) -> float:
+        n, k, silu = SHAPES[name]
+        x, w = inputs[name][m], weights[name][0]
+        got = gemv(x, w, silu_mul_input=silu, **cfg).float()
+        ref = F.linear((ops.silu_and_mul(x) if silu else x).float(), w.float())
+        return ((got - ref).abs().max() / ref.abs().max()).item()
+
+    def t_cublas(name, m) -> float:
+        silu, x, ws = SHAPES[name][2], inputs[name][m], weights[name]
+        return time_graph(lambda i: F.linear(ops.silu_and_mul(x) if silu else x, ws[i]), len(ws))
+
+    def t_gemv(name, m, cfg) -> float:
+        silu, x, ws = SHAPES[name][2], inputs[name][m], weights[name]
+        return time_graph(lambda i: gemv(x, ws[i], silu_mul_input=silu, **cfg), len(ws))
+
+    def gbs(name, us) -> float:
+        n, k, _ = SHAPES[name]
+        return n * k * 2 / (us * 1e-6) / 1e9
+
+    results = {"device": torch.cuda.get_device_name(), "copy_bandwidth_gbs": bw / 1e9, "shapes": {}}
+    configs = [dict(zip(GRID, v)) for v in itertools.product(*GRID.values())]
+    table = {}
+    for name in SHAPES:
+        base = t_cublas(name, 1)
+        rows = []
+        for cfg in configs:
+            err = check(name, 1, cfg)
+            if err > 2e-2:
+                raise SystemExit(f"{name} {cfg}: relative error {err:.3g} against the fp32 reference")
+            rows.append((t_gemv(name, 1, cfg), cfg))
+        rows.sort(key=lambda r: r[0])
+        table[name] = {tuple(c.values()): t for t, c in rows}
+        floor = SHAPES[name][0] * SHAPES[name][1] * 2 / bw * 1e6
+        print(f"\n{name} {SHAPES[name][:2]}: floor {floor:.1f} µs; cuBLAS {base:.1f} µs "
+              f"({gbs(name, base):,.0f} GB/s, {floor / base:.0%})")
+        for t, cfg in rows[:4]:
+            print(f"  {t:7.1f} µs {gbs(name, t):7,.0f} GB/s {floor / t:5.0%}  {base / t:5.2f}x  {cfg}")
+        results["shapes"][name] = dict(cublas_us=base, floor_us=floor,
+                                       best=[dict(us=t, **cfg) for t, cfg in rows[:8]])
+
+    key = min(table["qkv"], key=lambda c: sum(table[s][c] for s in SHAPES))
+    cfg = dict(zip(GRID, key))
+    print(f"\nbest single configuration over the four projections: {cfg}")
+    print(f"{'rows':>4} " + " ".join(f"{s + ' cuBLAS':>14} {s + ' gemv':>12}" for s in SHAPES) + "  layer ratio")
+    results["single"] = dict(config=cfg, rows={})
+    for m in args.rows:
+        cb = {s: t_cublas(s, m) for s in SHAPES}
+        gv = {s: t_gemv(s, m, cfg) for s in SHAPES}
+        for s in SHAPES:
+            err = check(s, m, cfg)
+            if err > 2e-2:
+                raise SystemExit(f"{s} rows {m}: relative error {err:.3g}")
+        ratio = sum(cb.values()) / sum(gv.values())
+        print(f"{m:>4} " + " ".join(f"{cb[s]:>11.1f} µs {gv[s]:>9.1f} µs" for s in SHAPES) + f"  {ratio:.2f}x")
+        results["single"]["rows"][m] = dict(cublas_us=cb, gemv_us=gv, layer_speedup=ratio)
+    if args.output_file:
+        with open(args.output_file, "w") as f:
+            json.dump(results, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
