@@ -43,6 +43,11 @@ class KernelConfig:
     gemv_block_k: int = 512
     gemv_num_warps: int = 4
     gemv_num_stages: int = 3
+    gemv_prefetch: int = 0                 # 1: load the next tile of W before using this one
+    # 1: launch the Triton kernels of a decode step (all but extend attention) with programmatic
+    # dependent launch (NVIDIA sm90+): each may start while the one before it finishes, and the
+    # GEMV reads its first weights then. The CUDA platform turns it off below sm90.
+    pdl: int = 0
 
     def __post_init__(self) -> None:
         if self.max_kv_splits < 1 or self.max_kv_splits & (self.max_kv_splits - 1):

@@ -5,6 +5,8 @@ Vendor folders under ``backends/`` subclass ``Platform`` and register it with
 """
 from __future__ import annotations
 
+import dataclasses
+
 import logging
 from typing import Optional
 
@@ -102,11 +104,22 @@ class Platform:
         """Parallel units of the device (SMs, CUs, Xe cores): how many programs run at once."""
         return 1
 
+    def device_kernel_config(self) -> KernelConfig:
+        """The vendor's launch parameters with what this device reports (vendors override this,
+        not kernel_config, so that the overrides always apply)."""
+        return self.default_kernel_config.with_compute_units(self.compute_units())
+
+    def supports_dependent_launch(self) -> bool:
+        """Whether kernels may be launched to overlap the one before them (KernelConfig.pdl)."""
+        return False
+
     def kernel_config(self) -> KernelConfig:
-        """The launch parameters of the portable Triton kernels on this device (with the process's
-        --kernel-config overrides)."""
-        return self.default_kernel_config.with_compute_units(self.compute_units()).with_overrides(
-            kernel_config_overrides())
+        """The launch parameters of the portable Triton kernels on this device, with the process's
+        --kernel-config overrides (pdl only where the device supports it)."""
+        cfg = self.device_kernel_config().with_overrides(kernel_config_overrides())
+        if cfg.pdl and not self.supports_dependent_launch():
+            cfg = dataclasses.replace(cfg, pdl=0)
+        return cfg
 
 
 class HostCopy:

@@ -22,13 +22,14 @@ from hal.registry import BackendSelectionError, entries
 @pytest.fixture
 def fake_gpu(monkeypatch):
     """Make torch report a GPU build: fake_gpu("cuda") or fake_gpu("hip"), with device properties."""
-    def install(kind: str, sms: int = 132, smem: int = 227 * 1024) -> None:
+    def install(kind: str, sms: int = 132, smem: int = 227 * 1024, capability=(9, 0)) -> None:
         monkeypatch.setattr(torch.version, "cuda", "12.4" if kind == "cuda" else None)
         monkeypatch.setattr(torch.version, "hip", "6.2.41133" if kind == "hip" else None, raising=False)
         monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
         monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
         monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i=0: SimpleNamespace(
             multi_processor_count=sms, shared_memory_per_block_optin=smem, name="fake"))
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda i=0: capability)
     return install
 
 
@@ -86,6 +87,33 @@ def test_kernel_config_reads_the_device(fake_gpu):
     fake_gpu("cuda", sms=132, smem=227 * 1024)
     cfg = hal.get_platform("cuda").kernel_config()
     assert cfg.num_compute_units == 132 and cfg.shared_memory_bytes == 227 * 1024
+
+
+def test_kernel_config_overrides_reach_the_gpu_platforms(fake_gpu):
+    """--kernel-config applies on top of what the device reports (it once did only on the CPU)."""
+    from hal.kernel_config import set_overrides
+
+    for kind in ("cuda", "hip"):
+        fake_gpu(kind, sms=132, smem=227 * 1024)
+        set_overrides({"gemv_max_rows": 1, "min_split_tokens": 32})
+        try:
+            cfg = hal.get_platform(kind).kernel_config()
+        finally:
+            set_overrides({})
+        assert (cfg.gemv_max_rows, cfg.min_split_tokens, cfg.num_compute_units) == (1, 32, 132)
+        assert hal.get_platform(kind).kernel_config().min_split_tokens != 32
+
+
+@pytest.mark.parametrize("kind,capability,expected", [("cuda", (9, 0), 1), ("cuda", (8, 0), 0), ("hip", (9, 4), 0)])
+def test_dependent_launch_only_where_the_device_has_it(fake_gpu, kind, capability, expected):
+    from hal.kernel_config import set_overrides
+
+    fake_gpu(kind, capability=capability)
+    set_overrides({"pdl": 1})
+    try:
+        assert hal.get_platform(kind).kernel_config().pdl == expected
+    finally:
+        set_overrides({})
 
 
 def test_kernel_config_rejects_bad_tiles():

@@ -12,11 +12,15 @@ from hal.platform import Platform
 # min_split_tokens 64: short contexts at small batches split 4x finer than at 256 and decode
 # attention takes 6.3 instead of 10.1 us per layer at batch 1 x 512 on the H200; batches that
 # fill the device use one split anyway (benchmarks/sweep_decode_attention.py, RESULTS.md).
+# gemv_max_rows 1: at batch 1 the GEMV streams Llama-3.1-8B's four projections in 112.5 against
+# cuBLAS's 126.2 us per layer (down with SiLU-and-mul fused in; H200, benchmarks/sweep_gemv.py) and
+# batch-1 decode went 209.4 -> 229.0 tok/s in the same run; at 2 rows it is 0.6x of cuBLAS.
 CUDA_KERNEL_CONFIG = KernelConfig(
     warp_size=32, shared_memory_bytes=99 * 1024,
     decode_block_n=64, decode_num_warps=4, decode_num_stages=2, max_kv_splits=16, min_split_tokens=64,
     extend_block_m=128, extend_block_n=64, extend_num_warps=8, extend_num_stages=2,
-    elementwise_num_warps=4)
+    elementwise_num_warps=4,
+    gemv_max_rows=1, gemv_block_n=8, gemv_block_k=512, gemv_num_warps=4, gemv_num_stages=3)
 
 
 class CudaLikePlatform(Platform):
@@ -61,7 +65,7 @@ class CudaLikePlatform(Platform):
     def compute_units(self) -> int:
         return torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
 
-    def kernel_config(self) -> KernelConfig:
+    def device_kernel_config(self) -> KernelConfig:
         """The vendor defaults with this device's SM/CU count and shared memory per block."""
         props = torch.cuda.get_device_properties(torch.cuda.current_device())
         cfg = self.default_kernel_config.with_compute_units(props.multi_processor_count)
@@ -79,6 +83,10 @@ class CudaPlatform(CudaLikePlatform):
     @classmethod
     def is_available(cls) -> bool:
         return torch.version.cuda is not None and torch.cuda.is_available()
+
+    def supports_dependent_launch(self) -> bool:
+        """Programmatic dependent launch: Hopper (sm90) and later."""
+        return torch.cuda.get_device_capability(torch.cuda.current_device())[0] >= 9
 
     @classmethod
     def unavailable_reason(cls) -> str:

@@ -78,7 +78,8 @@ class TritonAttentionBackend(AttentionBackend):
         """q: [T, Hq, D]; k, v: [T, Hkv, D] -> [T, Hq, D]."""
         cfg = self.config
         k_buf, v_buf = self.kv_pool.k_buffers[layer_id], self.kv_pool.v_buffers[layer_id]
-        store_kv(k_buf, v_buf, batch.out_cache_loc, k, v, num_warps=cfg.elementwise_num_warps)
+        store_kv(k_buf, v_buf, batch.out_cache_loc, k, v, num_warps=cfg.elementwise_num_warps,
+                 pdl=bool(cfg.pdl))
         if q.stride(-1) != 1:
             q = q.contiguous()
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)    # [T, Hq, D]
@@ -91,7 +92,7 @@ class TritonAttentionBackend(AttentionBackend):
                              batch.seq_lens, partial_o, partial_lse, scaling, num_splits=s,
                              min_split_tokens=cfg.min_split_tokens, block_n=self.decode_block_n,
                              num_warps=cfg.decode_num_warps, num_stages=self.decode_stages,
-                             fp32_dot=self.fp32_dot)
+                             fp32_dot=self.fp32_dot, pdl=bool(cfg.pdl))
         else:
             extend_attention(q, k_buf, v_buf, out, self.req_to_token, batch.req_pool_indices,
                              batch.extend_prefix_lens, batch.extend_seq_lens, self._extend_starts,

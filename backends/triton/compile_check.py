@@ -35,8 +35,10 @@ def _config(backend: str) -> KernelConfig:
     return CUDA_KERNEL_CONFIG
 
 
-def kernel_cases(cfg: KernelConfig, dt: str, head_dim: int, num_q_heads: int = 32, num_kv_heads: int = 8):
-    """(kernel, pointer/scalar types, constexprs, num_warps, num_stages) as the launchers pass them."""
+def kernel_cases(cfg: KernelConfig, dt: str, head_dim: int, num_q_heads: int = 32, num_kv_heads: int = 8,
+                 pdl: bool = False):
+    """(kernel, pointer/scalar types, constexprs, num_warps, num_stages) as the launchers pass them;
+    with ``pdl``, the kernels that can be launched with programmatic dependent launch are."""
     d, p = next_pow2(head_dim), f"*{dt}"
     group = num_q_heads // num_kv_heads
     bm, bn, stages = cfg.extend_tiles(head_dim, ELEM_BYTES[dt])
@@ -50,26 +52,29 @@ def kernel_cases(cfg: KernelConfig, dt: str, head_dim: int, num_q_heads: int = 3
     types = {**ptrs, **idx}
     ew = cfg.elementwise_num_warps
     decode = dict(GROUP=group, HEAD_DIM=head_dim, MIN_SPLIT=max(dn, cfg.min_split_tokens),
-                  BLOCK_H=max(16, next_pow2(group)), BLOCK_D=d, BLOCK_N=dn, FP32_DOT=fp32)
+                  BLOCK_H=max(16, next_pow2(group)), BLOCK_D=d, BLOCK_N=dn, FP32_DOT=fp32, USE_PDL=pdl)
     return [
         (_decode_partial_kernel, types, dict(decode, DIRECT=False), cfg.decode_num_warps, dstages),
         # one split: stage 1 writes the output (PartialO is then the output, in the model's dtype)
         (_decode_partial_kernel, {**types, "PartialO": p}, dict(decode, DIRECT=True), cfg.decode_num_warps,
          dstages),
         (_decode_reduce_kernel, types, dict(HEAD_DIM=head_dim, MIN_SPLIT=max(dn, cfg.min_split_tokens), BLOCK_N=dn,
-                                            MAX_SPLITS=cfg.max_kv_splits, BLOCK_D=d), 4, 1),
+                                            MAX_SPLITS=cfg.max_kv_splits, BLOCK_D=d, USE_PDL=pdl), 4, 1),
         (_extend_kernel, types, dict(GROUP=group, HEAD_DIM=head_dim, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=d,
                                      FP32_DOT=fp32), cfg.extend_num_warps, stages),
         (_store_kv_kernel, types, dict(ROW=num_kv_heads * head_dim,
-                                       BLOCK=min(4096, next_pow2(num_kv_heads * head_dim))), ew, 1),
-        (_rms_norm_kernel, types, dict(N=4096, HAS_RESIDUAL=True, BLOCK=4096), ew, 1),
-        (_silu_and_mul_kernel, types, dict(D=14336, BLOCK=2048), ew, 1),
+                                       BLOCK=min(4096, next_pow2(num_kv_heads * head_dim)), USE_PDL=pdl), ew, 1),
+        (_rms_norm_kernel, types, dict(N=4096, HAS_RESIDUAL=True, BLOCK=4096, USE_PDL=pdl), ew, 1),
+        (_silu_and_mul_kernel, types, dict(D=14336, BLOCK=2048, USE_PDL=pdl), ew, 1),
         (_rotary_kernel, types, dict(HQ=num_q_heads, HKV=num_kv_heads, HALF=head_dim // 2, BLOCK_HQ=num_q_heads,
-                                     BLOCK_HKV=num_kv_heads, BLOCK_HALF=next_pow2(head_dim // 2)), ew, 1),
-    ] + [(_gemv_kernel, types, dict(SILU_MUL=silu, HAS_BIAS=bias, EVEN_N=True, EVEN_K=True,
+                                     BLOCK_HKV=num_kv_heads, BLOCK_HALF=next_pow2(head_dim // 2), USE_PDL=pdl),
+         ew, 1),
+    ] + [(_gemv_kernel, types, dict(SILU_MUL=silu, HAS_BIAS=bias, EVEN_W=True, EVEN_K=True,
                                     BLOCK_N=cfg.gemv_block_n, BLOCK_K=cfg.gemv_block_k,
-                                    NUM_STAGES=cfg.gemv_num_stages), cfg.gemv_num_warps, cfg.gemv_num_stages)
-         for silu, bias in ((False, False), (False, True), (True, False))]
+                                    NUM_STAGES=cfg.gemv_num_stages, PREFETCH=prefetch, USE_PDL=pdl),
+          cfg.gemv_num_warps, cfg.gemv_num_stages)
+         for silu, bias in ((False, False), (False, True), (True, False))
+       for prefetch in (False, True)]
 
 
 def compile_kernel(fn, types: dict, constexprs: dict, target: GPUTarget, num_warps: int, num_stages: int):
@@ -95,7 +100,8 @@ def check(targets: list[GPUTarget], dtypes=("bf16",), head_dims=(128,)) -> list[
         cfg = _config(target.backend)
         for dt in dtypes:
             for head_dim in head_dims:
-                for fn, types, consts, warps, stages in kernel_cases(cfg, dt, head_dim):
+                pdl = target.backend == "cuda" and int(target.arch) >= 90
+                for fn, types, consts, warps, stages in kernel_cases(cfg, dt, head_dim, pdl=pdl):
                     name = f"{target.backend}:{target.arch} {fn.fn.__name__} {dt} head_dim={head_dim}"
                     try:
                         compiled = compile_kernel(fn, types, consts, target, warps, stages)

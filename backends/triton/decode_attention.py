@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from backends.triton.tl_helpers import mma, next_pow2
+from backends.triton.tl_helpers import mma, next_pow2, pdl_launch, pdl_launch_dependents, pdl_wait
 from hal.kernel_config import KernelConfig
 
 LOG2E = 1.4426950408889634
@@ -41,10 +41,12 @@ def _decode_partial_kernel(
         stride_po_b, stride_po_h, stride_po_s, stride_pl_b, stride_pl_h,
         GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, MIN_SPLIT: tl.constexpr,
         BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, FP32_DOT: tl.constexpr,
-        DIRECT: tl.constexpr):
+        DIRECT: tl.constexpr, USE_PDL: tl.constexpr):
     b = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
+    pdl_launch_dependents(USE_PDL)
+    pdl_wait(USE_PDL)
     seq_len = tl.load(SeqLens + b).to(tl.int32)
     start, end = _split_range(seq_len, split, num_splits_cap, MIN_SPLIT, BLOCK_N)
     row = tl.load(ReqPoolIdx + b).to(tl.int64)
@@ -96,9 +98,11 @@ def _decode_reduce_kernel(
         PartialO, PartialLse, Out, SeqLens, num_splits_cap,
         stride_po_b, stride_po_h, stride_po_s, stride_pl_b, stride_pl_h, stride_ot, stride_oh,
         HEAD_DIM: tl.constexpr, MIN_SPLIT: tl.constexpr, BLOCK_N: tl.constexpr,
-        MAX_SPLITS: tl.constexpr, BLOCK_D: tl.constexpr):
+        MAX_SPLITS: tl.constexpr, BLOCK_D: tl.constexpr, USE_PDL: tl.constexpr):
     b = tl.program_id(0)
     head = tl.program_id(1)
+    pdl_launch_dependents(USE_PDL)
+    pdl_wait(USE_PDL)
     seq_len = tl.load(SeqLens + b).to(tl.int32)
     splits = tl.arange(0, MAX_SPLITS)
     start, end = _split_range(seq_len, splits, num_splits_cap, MIN_SPLIT, BLOCK_N)
@@ -120,7 +124,7 @@ def decode_attention(q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, 
                      req_to_token: torch.Tensor, req_pool_indices: torch.Tensor, seq_lens: torch.Tensor,
                      partial_o: torch.Tensor, partial_lse: torch.Tensor, scaling: float, *,
                      num_splits: int, min_split_tokens: int, block_n: int, num_warps: int,
-                     num_stages: int, fp32_dot: bool) -> None:
+                     num_stages: int, fp32_dot: bool, pdl: bool = False) -> None:
     """q, out: [B, Hq, D]; k_buf, v_buf: [capacity, Hkv, D]; req_to_token: [max_reqs, max_ctx];
     req_pool_indices, seq_lens: [B]; partial_o: [B, Hq, num_splits, D] fp32 and partial_lse:
     [B, Hq, num_splits] fp32 scratch. Writes out."""
@@ -143,7 +147,7 @@ def decode_attention(q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, 
         *dest_strides, partial_lse.stride(0), partial_lse.stride(1),
         GROUP=group, HEAD_DIM=head_dim, MIN_SPLIT=min_split, BLOCK_H=max(16, next_pow2(group)),
         BLOCK_D=block_d, BLOCK_N=block_n, FP32_DOT=fp32_dot, DIRECT=direct, num_warps=num_warps,
-        num_stages=num_stages)
+        num_stages=num_stages, **pdl_launch(pdl))
     if direct:
         return
     _decode_reduce_kernel[(batch, num_q_heads)](
@@ -151,7 +155,7 @@ def decode_attention(q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, 
         partial_o.stride(0), partial_o.stride(1), partial_o.stride(2), partial_lse.stride(0),
         partial_lse.stride(1), out.stride(0), out.stride(1),
         HEAD_DIM=head_dim, MIN_SPLIT=min_split, BLOCK_N=block_n, MAX_SPLITS=max_splits,
-        BLOCK_D=block_d, num_warps=4 if block_d * max_splits >= 2048 else 2)
+        BLOCK_D=block_d, num_warps=4 if block_d * max_splits >= 2048 else 2, **pdl_launch(pdl))
 
 
 def splits_for_batch(batch_size: int, num_kv_heads: int, cfg: KernelConfig) -> int:

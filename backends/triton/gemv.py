@@ -18,12 +18,41 @@ import torch
 import triton
 import triton.language as tl
 
+from backends.triton.tl_helpers import pdl_launch, pdl_launch_dependents, pdl_wait
+
+
+@triton.jit
+def _load_x(x_row, ks, K, SILU_MUL: tl.constexpr, EVEN_K: tl.constexpr):
+    """x[k0:k0 + BLOCK_K] in fp32; with SILU_MUL, of silu_and_mul([gate | up])."""
+    if EVEN_K:
+        x = tl.load(x_row + ks)
+    else:
+        x = tl.load(x_row + ks, mask=ks < K, other=0.0)
+    if SILU_MUL:
+        # silu(gate) rounded as F.silu's output is, times up, rounded as the separate kernel's
+        # output is (layer_ops.silu_and_mul)
+        if EVEN_K:
+            up = tl.load(x_row + K + ks)
+        else:
+            up = tl.load(x_row + K + ks, mask=ks < K, other=0.0)
+        gate = x.to(tl.float32)
+        silu = (gate / (1.0 + tl.exp(-gate))).to(up.dtype).to(tl.float32)
+        x = (silu * up.to(tl.float32)).to(up.dtype)
+    return x.to(tl.float32)
+
+
+@triton.jit
+def _load_w(w_rows, ks, n_mask, K, EVEN: tl.constexpr):
+    if EVEN:
+        return tl.load(w_rows + ks[None, :])
+    return tl.load(w_rows + ks[None, :], mask=n_mask[:, None] & (ks < K)[None, :], other=0.0)
+
 
 @triton.jit
 def _gemv_kernel(X, W, B, Out, stride_xm, stride_wn, stride_om, out_features, in_features,
-                 SILU_MUL: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN_N: tl.constexpr,
+                 SILU_MUL: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN_W: tl.constexpr,
                  EVEN_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                 NUM_STAGES: tl.constexpr):
+                 NUM_STAGES: tl.constexpr, PREFETCH: tl.constexpr, USE_PDL: tl.constexpr):
     N = out_features
     K = in_features
     pid_n = tl.program_id(0)
@@ -34,27 +63,23 @@ def _gemv_kernel(X, W, B, Out, stride_xm, stride_wn, stride_om, out_features, in
     x_row = X + m * stride_xm
     w_rows = W + offs_n.to(tl.int64)[:, None] * stride_wn
     acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
-    for k0 in tl.range(0, K, BLOCK_K, num_stages=NUM_STAGES):
-        ks = k0 + offs_k
-        if EVEN_K:
-            x = tl.load(x_row + ks)
-        else:
-            x = tl.load(x_row + ks, mask=ks < K, other=0.0)
-        if SILU_MUL:
-            # x holds [gate | up] (2K wide): silu(gate) rounded as F.silu's output is, times up,
-            # rounded as the separate kernel's output is (layer_ops.silu_and_mul)
-            if EVEN_K:
-                up = tl.load(x_row + K + ks)
-            else:
-                up = tl.load(x_row + K + ks, mask=ks < K, other=0.0)
-            gate = x.to(tl.float32)
-            silu = (gate / (1.0 + tl.exp(-gate))).to(up.dtype).to(tl.float32)
-            x = (silu * up.to(tl.float32)).to(up.dtype)
-        if EVEN_N and EVEN_K:
-            w = tl.load(w_rows + ks[None, :])
-        else:
-            w = tl.load(w_rows + ks[None, :], mask=n_mask[:, None] & (ks < K)[None, :], other=0.0)
-        acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
+    pdl_launch_dependents(USE_PDL)
+    if PREFETCH or USE_PDL:
+        # the next tile of W is in flight while this one is multiplied (two per program); under
+        # PDL the first one is read while the kernel before is still finishing (W is no kernel's output)
+        w = _load_w(w_rows, offs_k, n_mask, K, EVEN_W)
+        pdl_wait(USE_PDL)
+        for k0 in tl.range(BLOCK_K, K, BLOCK_K, num_stages=NUM_STAGES):
+            w_next = _load_w(w_rows, k0 + offs_k, n_mask, K, EVEN_W)
+            acc += w.to(tl.float32) * _load_x(x_row, k0 - BLOCK_K + offs_k, K, SILU_MUL, EVEN_K)[None, :]
+            w = w_next
+        last = (K - 1) // BLOCK_K * BLOCK_K
+        acc += w.to(tl.float32) * _load_x(x_row, last + offs_k, K, SILU_MUL, EVEN_K)[None, :]
+    else:
+        for k0 in tl.range(0, K, BLOCK_K, num_stages=NUM_STAGES):
+            ks = k0 + offs_k
+            acc += _load_w(w_rows, ks, n_mask, K, EVEN_W).to(tl.float32) * _load_x(
+                x_row, ks, K, SILU_MUL, EVEN_K)[None, :]
     out = tl.sum(acc, axis=1)
     if HAS_BIAS:
         out += tl.load(B + offs_n, mask=n_mask, other=0.0).to(tl.float32)
@@ -63,7 +88,7 @@ def _gemv_kernel(X, W, B, Out, stride_xm, stride_wn, stride_om, out_features, in
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None, *,
          silu_mul_input: bool = False, block_n: int = 8, block_k: int = 512, num_warps: int = 4,
-         num_stages: int = 3) -> torch.Tensor:
+         num_stages: int = 3, prefetch: bool = False, pdl: bool = False) -> torch.Tensor:
     """x: [..., K] (or [..., 2K] = [gate | up] with ``silu_mul_input``); weight: [N, K] with unit
     stride along K -> [..., N] in x's dtype. One program per (BLOCK_N features, row of x)."""
     n, k = weight.shape
@@ -82,6 +107,6 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = N
         _gemv_kernel[(triton.cdiv(n, block_n), rows)](
             x2, weight, bias if bias is not None else weight, out, x2.stride(0), weight.stride(0),
             out.stride(0), n, k, SILU_MUL=silu_mul_input, HAS_BIAS=bias is not None,
-            EVEN_N=n % block_n == 0, EVEN_K=k % block_k == 0, BLOCK_N=block_n, BLOCK_K=block_k,
-            NUM_STAGES=num_stages, num_warps=num_warps)
+            EVEN_W=n % block_n == 0 and k % block_k == 0, EVEN_K=k % block_k == 0, BLOCK_N=block_n, BLOCK_K=block_k,
+            NUM_STAGES=num_stages, PREFETCH=prefetch, num_warps=num_warps, **pdl_launch(pdl))
     return out.view(*x.shape[:-1], n)

@@ -6,15 +6,17 @@ import torch
 import triton
 import triton.language as tl
 
-from backends.triton.tl_helpers import next_pow2
+from backends.triton.tl_helpers import next_pow2, pdl_launch, pdl_launch_dependents, pdl_wait
 
 
 @triton.jit
 def _store_kv_kernel(K, V, KBuf, VBuf, Loc, stride_kt, stride_vt, stride_buf,
-                     ROW: tl.constexpr, BLOCK: tl.constexpr):
+                     ROW: tl.constexpr, BLOCK: tl.constexpr, USE_PDL: tl.constexpr):
     t = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < ROW
+    pdl_launch_dependents(USE_PDL)
+    pdl_wait(USE_PDL)
     slot = tl.load(Loc + t).to(tl.int64)
     t64 = t.to(tl.int64)
     k = tl.load(K + t64 * stride_kt + cols, mask=mask)
@@ -32,7 +34,7 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
 
 
 def store_kv(k_buf: torch.Tensor, v_buf: torch.Tensor, loc: torch.Tensor, k: torch.Tensor,
-             v: torch.Tensor, num_warps: int = 4) -> None:
+             v: torch.Tensor, num_warps: int = 4, pdl: bool = False) -> None:
     """k_buf, v_buf: [capacity, Hkv, D] contiguous; loc: [T] int slots; k, v: [T, Hkv, D]."""
     num_tokens = k.shape[0]
     if num_tokens == 0:
@@ -44,4 +46,4 @@ def store_kv(k_buf: torch.Tensor, v_buf: torch.Tensor, loc: torch.Tensor, k: tor
     block = min(next_pow2(row), 4096)
     grid = (num_tokens, triton.cdiv(row, block))
     _store_kv_kernel[grid](k, v, k_buf, v_buf, loc, k.stride(0), v.stride(0), k_buf.stride(0),
-                           ROW=row, BLOCK=block, num_warps=num_warps)
+                           ROW=row, BLOCK=block, num_warps=num_warps, **pdl_launch(pdl))

@@ -9,7 +9,7 @@ import triton
 import triton.language as tl
 
 from backends.triton.gemv import gemv
-from backends.triton.tl_helpers import next_pow2
+from backends.triton.tl_helpers import next_pow2, pdl_launch, pdl_launch_dependents, pdl_wait
 from hal.kernel_config import KernelConfig
 from hal.layer_ops import LayerOps
 from hal.platform import platform_for_device
@@ -17,10 +17,13 @@ from hal.platform import platform_for_device
 
 @triton.jit
 def _rms_norm_kernel(X, R, W, Out, ResOut, stride_x, stride_r, stride_o, stride_ro, eps,
-                     N: tl.constexpr, HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr):
+                     N: tl.constexpr, HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr, USE_PDL: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < N
+    pdl_launch_dependents(USE_PDL)
+    w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)             # a weight: before the wait
+    pdl_wait(USE_PDL)
     x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0)
     if HAS_RESIDUAL:
         # the sum is rounded to the activation dtype, as the reference adds in that dtype
@@ -30,15 +33,17 @@ def _rms_norm_kernel(X, R, W, Out, ResOut, stride_x, stride_r, stride_o, stride_
     xf = x.to(tl.float32)
     rstd = tl.rsqrt(tl.sum(xf * xf, 0) / N + eps)
     h = (xf * rstd).to(x.dtype).to(tl.float32)
-    w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
     tl.store(Out + row * stride_o + cols, (h * w).to(Out.dtype.element_ty), mask=mask)
 
 
 @triton.jit
-def _silu_and_mul_kernel(X, Out, stride_x, stride_o, D: tl.constexpr, BLOCK: tl.constexpr):
+def _silu_and_mul_kernel(X, Out, stride_x, stride_o, D: tl.constexpr, BLOCK: tl.constexpr,
+                         USE_PDL: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < D
+    pdl_launch_dependents(USE_PDL)
+    pdl_wait(USE_PDL)
     gate = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
     up = tl.load(X + row * stride_x + D + cols, mask=mask, other=0.0)
     silu = (gate / (1.0 + tl.exp(-gate))).to(up.dtype).to(tl.float32)  # rounded, as F.silu's output is
@@ -62,10 +67,12 @@ def _rotate(X, Out, t, cos, sin, stride_xt, stride_xh, stride_ot, stride_oh, off
 def _rotary_kernel(Q, K, Cos, Sin, QOut, KOut, stride_qt, stride_qh, stride_kt, stride_kh,
                    stride_ct, stride_st, stride_qot, stride_qoh, stride_kot, stride_koh,
                    HQ: tl.constexpr, HKV: tl.constexpr, HALF: tl.constexpr, BLOCK_HQ: tl.constexpr,
-                   BLOCK_HKV: tl.constexpr, BLOCK_HALF: tl.constexpr):
+                   BLOCK_HKV: tl.constexpr, BLOCK_HALF: tl.constexpr, USE_PDL: tl.constexpr):
     t = tl.program_id(0).to(tl.int64)
     offs_j = tl.arange(0, BLOCK_HALF)
     j_mask = offs_j < HALF
+    pdl_launch_dependents(USE_PDL)
+    pdl_wait(USE_PDL)
     cos = tl.load(Cos + t * stride_ct + offs_j, mask=j_mask, other=0.0).to(tl.float32)[None, :]
     sin = tl.load(Sin + t * stride_st + offs_j, mask=j_mask, other=0.0).to(tl.float32)[None, :]
     _rotate(Q, QOut, t, cos, sin, stride_qt, stride_qh, stride_qot, stride_qoh, offs_j, j_mask,
@@ -94,8 +101,10 @@ class TritonLayerOps(LayerOps):
         cfg = kernel_config or KernelConfig()
         self.num_warps = cfg.elementwise_num_warps
         self.gemv_max_rows = cfg.gemv_max_rows
+        self.pdl = bool(cfg.pdl)
         self.gemv_launch = dict(block_n=cfg.gemv_block_n, block_k=cfg.gemv_block_k,
-                                num_warps=cfg.gemv_num_warps, num_stages=cfg.gemv_num_stages)
+                                num_warps=cfg.gemv_num_warps, num_stages=cfg.gemv_num_stages,
+                                prefetch=bool(cfg.gemv_prefetch), pdl=self.pdl)
 
     def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None, *,
                silu_mul_input: bool = False) -> torch.Tensor:
@@ -118,7 +127,8 @@ class TritonLayerOps(LayerOps):
             block = next_pow2(n)
             _rms_norm_kernel[(x2.shape[0],)](
                 x2, r2, weight, out, res_out, x2.stride(0), r2.stride(0), n, n, float(eps),
-                N=n, HAS_RESIDUAL=residual is not None, BLOCK=block, num_warps=_warps(block, self.num_warps))
+                N=n, HAS_RESIDUAL=residual is not None, BLOCK=block, num_warps=_warps(block, self.num_warps),
+                **pdl_launch(self.pdl))
         return out if residual is None else (out, res_out)
 
     def silu_and_mul(self, x: torch.Tensor) -> torch.Tensor:
@@ -128,7 +138,8 @@ class TritonLayerOps(LayerOps):
         if x2.shape[0]:
             block = min(next_pow2(d), 2048)
             _silu_and_mul_kernel[(x2.shape[0], triton.cdiv(d, block))](
-                x2, out, x2.stride(0), d, D=d, BLOCK=block, num_warps=_warps(block, self.num_warps))
+                x2, out, x2.stride(0), d, D=d, BLOCK=block, num_warps=_warps(block, self.num_warps),
+                **pdl_launch(self.pdl))
         return out
 
     def apply_rotary(self, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
@@ -149,5 +160,6 @@ class TritonLayerOps(LayerOps):
                 q, k, cos, sin, q_out, k_out, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
                 cos.stride(0), sin.stride(0), q_out.stride(0), q_out.stride(1), k_out.stride(0),
                 k_out.stride(1), HQ=hq, HKV=hkv, HALF=half, BLOCK_HQ=block_hq, BLOCK_HKV=block_hkv,
-                BLOCK_HALF=block_half, num_warps=_warps(block_hq * block_half, self.num_warps))
+                BLOCK_HALF=block_half, num_warps=_warps(block_hq * block_half, self.num_warps),
+                **pdl_launch(self.pdl))
         return q_out, k_out

@@ -32,3 +32,26 @@ def mma(a, b, FP32_DOT: tl.constexpr):
     else:
         out = tl.dot(a, b)
     return out
+
+
+# Programmatic dependent launch (NVIDIA sm90+, KernelConfig.pdl): a kernel launched with it may
+# start while the kernel before it in the stream is still running, as soon as every program of
+# that one has called pdl_launch_dependents. Until pdl_wait returns it may only compute indices
+# and read what no earlier kernel writes (weights); after it, everything earlier in the stream
+# is complete and visible. Every program of such a kernel calls pdl_wait before it writes
+# anything, so the ordering stays transitive along a chain of them.
+@triton.jit
+def pdl_launch_dependents(USE_PDL: tl.constexpr):
+    if USE_PDL:
+        tl.extra.cuda.gdc_launch_dependents()
+
+
+@triton.jit
+def pdl_wait(USE_PDL: tl.constexpr):
+    if USE_PDL:
+        tl.extra.cuda.gdc_wait()
+
+
+def pdl_launch(enabled: bool) -> dict:
+    """Launch keyword arguments for a kernel with a USE_PDL constexpr."""
+    return dict(USE_PDL=True, launch_pdl=True) if enabled else dict(USE_PDL=False)

@@ -85,3 +85,26 @@ def test_bf16_prefill_logits_within_tolerance(llama_tiny):
         ref = hf(torch.tensor([ids], device="cuda")).logits[0].float()
     scale = ref.abs().max().item()
     torch.testing.assert_close(ours, ref, atol=3e-2 * scale, rtol=0)
+
+
+@pytest.mark.parametrize("disable_graph", [False, True])
+def test_dependent_launch_and_gemv_keep_the_tokens(llama_tiny, disable_graph):
+    """Programmatic dependent launch (sm90+) changes when kernels start, never what they compute:
+    the same tokens with it on and off, eager and captured, at batch 1 (the GEMV path) and 8."""
+    import json
+
+    from engine import Engine
+
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("programmatic dependent launch needs sm90 or later")
+    batch = prompts(8, seed=4)
+    runs = []
+    for pdl in (0, 1):
+        with Engine(model_path=str(llama_tiny), dtype="bfloat16", disable_cuda_graph=disable_graph,
+                    kernel_config=json.dumps({"pdl": pdl, "gemv_max_rows": 1}), **ENGINE_KW) as eng:
+            cfg = eng.scheduler.runner.platform.kernel_config()
+            assert (cfg.pdl, cfg.gemv_max_rows) == (pdl, 1)
+            alone = eng.generate(input_ids=batch[0], sampling_params={**GREEDY, "max_new_tokens": N_TOKENS})
+            outs = eng.generate(input_ids=batch, sampling_params={**GREEDY, "max_new_tokens": N_TOKENS})
+        runs.append([alone["output_ids"]] + [o["output_ids"] for o in outs])
+    assert runs[0] == runs[1]
