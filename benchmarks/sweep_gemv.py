@@ -27,8 +27,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # name -> (N, K, silu_mul_input): Llama-3.1-8B, hidden 4096, 32 q / 8 KV heads of 128, MLP 14336
 SHAPES = {"qkv": (6144, 4096, False), "o": (4096, 4096, False), "gate_up": (28672, 4096, False),
           "down": (4096, 14336, True)}
-GRID = dict(block_n=[4, 8, 16], block_k=[256, 512, 1024], num_warps=[2, 4, 8], num_stages=[3],
-            prefetch=[False, True])
+GRID = dict(block_n=[4, 8, 16], block_k=[256, 512, 1024], num_warps=[2, 4, 8], num_stages=[3])
 L2_BYTES = 256 << 20   # weights cycled per timing: well above any GPU's L2
 
 

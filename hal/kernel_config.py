@@ -23,9 +23,8 @@ class KernelConfig:
     min_split_tokens: int = 256            # a split never holds fewer KV positions than this
     # While the decode grid has at most balance_programs_per_unit programs per compute unit, split
     # each request at least balance_splits ways (long ones: short ones stop at min_split_tokens),
-    # so that a few long contexts do not leave units idle. 1: no minimum. (H200, ShareGPT-like
-    # uneven contexts: 4 splits were 17-21% faster per call at batch 32-128; not yet shown
-    # end to end, so off: benchmarks/RESULTS.md.)
+    # so that a few long contexts do not leave units idle. 1: no minimum (CUDA sets 4: see
+    # backends/cuda/platform.py and benchmarks/RESULTS.md).
     balance_programs_per_unit: int = 8
     balance_splits: int = 1
     # extend: one program per (request, q head, block of new tokens)
@@ -43,7 +42,6 @@ class KernelConfig:
     gemv_block_k: int = 512
     gemv_num_warps: int = 4
     gemv_num_stages: int = 3
-    gemv_prefetch: int = 0                 # 1: load the next tile of W before using this one
     # 1: launch the Triton kernels of a decode step (all but extend attention) with programmatic
     # dependent launch (NVIDIA sm90+): each may start while the one before it finishes, and the
     # GEMV reads its first weights then. The CUDA platform turns it off below sm90.

@@ -233,21 +233,20 @@ def test_triton_rotary_matches_torch(dtype, head_dim):
 
 
 @pytest.mark.parametrize("dtype", OPS_DTYPES)
-@pytest.mark.parametrize("prefetch", [False, True])
 @pytest.mark.parametrize("rows,n,k,silu,bias,block_n,block_k", [
     (1, 64, 256, False, False, 8, 128),     # even tiles
     (3, 50, 200, True, True, 8, 128),       # ragged N and K, SiLU-and-mul input, bias
     (2, 96, 384, True, False, 16, 512),     # block_k wider than K
     (1, 7, 33, False, True, 4, 16),
 ])
-def test_triton_gemv_matches_torch(dtype, rows, n, k, silu, bias, block_n, block_k, prefetch):
+def test_triton_gemv_matches_torch(dtype, rows, n, k, silu, bias, block_n, block_k):
     from backends.triton.gemv import gemv
 
     g = torch.Generator().manual_seed(8)
     x = torch.randn(rows, 2 * k if silu else k, generator=g).to(dtype)
     w = (torch.randn(n, k, generator=g) / k ** 0.5).to(dtype)
     b = torch.randn(n, generator=g).to(dtype) if bias else None
-    ours = gemv(x, w, b, silu_mul_input=silu, block_n=block_n, block_k=block_k, prefetch=prefetch)
+    ours = gemv(x, w, b, silu_mul_input=silu, block_n=block_n, block_k=block_k)
     ref = TorchLayerOps().linear(x, w, b, silu_mul_input=silu)
     assert ours.dtype == ref.dtype and ours.shape == (rows, n)
     torch.testing.assert_close(ours, ref, **ops_tolerance(dtype))
@@ -270,7 +269,7 @@ def test_triton_linear_takes_the_gemv_only_for_few_rows(monkeypatch):
         assert bool(calls) == used
     assert calls == [] and TritonLayerOps(kernel_config=KernelConfig()).gemv_max_rows == 0   # off by default
     ops.linear(torch.randn(1, 160, generator=g), w, silu_mul_input=True)
-    assert calls[0] == dict(silu_mul_input=True, block_n=4, block_k=64, num_warps=4, num_stages=3, prefetch=False, pdl=False)
+    assert calls[0] == dict(silu_mul_input=True, block_n=4, block_k=64, num_warps=4, num_stages=3, pdl=False)
 
 
 # ---- a whole model ---------------------------------------------------------------------------------

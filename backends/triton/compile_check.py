@@ -71,10 +71,9 @@ def kernel_cases(cfg: KernelConfig, dt: str, head_dim: int, num_q_heads: int = 3
          ew, 1),
     ] + [(_gemv_kernel, types, dict(SILU_MUL=silu, HAS_BIAS=bias, EVEN_W=True, EVEN_K=True,
                                     BLOCK_N=cfg.gemv_block_n, BLOCK_K=cfg.gemv_block_k,
-                                    NUM_STAGES=cfg.gemv_num_stages, PREFETCH=prefetch, USE_PDL=pdl),
+                                    NUM_STAGES=cfg.gemv_num_stages, USE_PDL=pdl),
           cfg.gemv_num_warps, cfg.gemv_num_stages)
-         for silu, bias in ((False, False), (False, True), (True, False))
-       for prefetch in (False, True)]
+         for silu, bias in ((False, False), (False, True), (True, False))]
 
 
 def compile_kernel(fn, types: dict, constexprs: dict, target: GPUTarget, num_warps: int, num_stages: int):

@@ -52,7 +52,7 @@ def _load_w(w_rows, ks, n_mask, K, EVEN: tl.constexpr):
 def _gemv_kernel(X, W, B, Out, stride_xm, stride_wn, stride_om, out_features, in_features,
                  SILU_MUL: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN_W: tl.constexpr,
                  EVEN_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                 NUM_STAGES: tl.constexpr, PREFETCH: tl.constexpr, USE_PDL: tl.constexpr):
+                 NUM_STAGES: tl.constexpr, USE_PDL: tl.constexpr):
     N = out_features
     K = in_features
     pid_n = tl.program_id(0)
@@ -64,22 +64,18 @@ def _gemv_kernel(X, W, B, Out, stride_xm, stride_wn, stride_om, out_features, in
     w_rows = W + offs_n.to(tl.int64)[:, None] * stride_wn
     acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
     pdl_launch_dependents(USE_PDL)
-    if PREFETCH or USE_PDL:
-        # the next tile of W is in flight while this one is multiplied (two per program); under
-        # PDL the first one is read while the kernel before is still finishing (W is no kernel's output)
+    k_start = 0
+    if USE_PDL:
+        # the first tile of W (no kernel's output) is read while the kernel before this one is
+        # still finishing; x only after the wait
         w = _load_w(w_rows, offs_k, n_mask, K, EVEN_W)
         pdl_wait(USE_PDL)
-        for k0 in tl.range(BLOCK_K, K, BLOCK_K, num_stages=NUM_STAGES):
-            w_next = _load_w(w_rows, k0 + offs_k, n_mask, K, EVEN_W)
-            acc += w.to(tl.float32) * _load_x(x_row, k0 - BLOCK_K + offs_k, K, SILU_MUL, EVEN_K)[None, :]
-            w = w_next
-        last = (K - 1) // BLOCK_K * BLOCK_K
-        acc += w.to(tl.float32) * _load_x(x_row, last + offs_k, K, SILU_MUL, EVEN_K)[None, :]
-    else:
-        for k0 in tl.range(0, K, BLOCK_K, num_stages=NUM_STAGES):
-            ks = k0 + offs_k
-            acc += _load_w(w_rows, ks, n_mask, K, EVEN_W).to(tl.float32) * _load_x(
-                x_row, ks, K, SILU_MUL, EVEN_K)[None, :]
+        acc += w.to(tl.float32) * _load_x(x_row, offs_k, K, SILU_MUL, EVEN_K)[None, :]
+        k_start = BLOCK_K
+    for k0 in tl.range(k_start, K, BLOCK_K, num_stages=NUM_STAGES):
+        ks = k0 + offs_k
+        acc += _load_w(w_rows, ks, n_mask, K, EVEN_W).to(tl.float32) * _load_x(
+            x_row, ks, K, SILU_MUL, EVEN_K)[None, :]
     out = tl.sum(acc, axis=1)
     if HAS_BIAS:
         out += tl.load(B + offs_n, mask=n_mask, other=0.0).to(tl.float32)
@@ -88,7 +84,7 @@ def _gemv_kernel(X, W, B, Out, stride_xm, stride_wn, stride_om, out_features, in
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None, *,
          silu_mul_input: bool = False, block_n: int = 8, block_k: int = 512, num_warps: int = 4,
-         num_stages: int = 3, prefetch: bool = False, pdl: bool = False) -> torch.Tensor:
+         num_stages: int = 3, pdl: bool = False) -> torch.Tensor:
     """x: [..., K] (or [..., 2K] = [gate | up] with ``silu_mul_input``); weight: [N, K] with unit
     stride along K -> [..., N] in x's dtype. One program per (BLOCK_N features, row of x)."""
     n, k = weight.shape
@@ -108,5 +104,5 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = N
             x2, weight, bias if bias is not None else weight, out, x2.stride(0), weight.stride(0),
             out.stride(0), n, k, SILU_MUL=silu_mul_input, HAS_BIAS=bias is not None,
             EVEN_W=n % block_n == 0 and k % block_k == 0, EVEN_K=k % block_k == 0, BLOCK_N=block_n, BLOCK_K=block_k,
-            NUM_STAGES=num_stages, PREFETCH=prefetch, num_warps=num_warps, **pdl_launch(pdl))
+            NUM_STAGES=num_stages, num_warps=num_warps, **pdl_launch(pdl))
     return out.view(*x.shape[:-1], n)

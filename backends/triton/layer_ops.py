@@ -104,7 +104,7 @@ class TritonLayerOps(LayerOps):
         self.pdl = bool(cfg.pdl)
         self.gemv_launch = dict(block_n=cfg.gemv_block_n, block_k=cfg.gemv_block_k,
                                 num_warps=cfg.gemv_num_warps, num_stages=cfg.gemv_num_stages,
-                                prefetch=bool(cfg.gemv_prefetch), pdl=self.pdl)
+                                pdl=self.pdl)
 
     def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None, *,
                silu_mul_input: bool = False) -> torch.Tensor:
