@@ -81,7 +81,8 @@ class ServerArgs:
     kernel_config: Optional[str] = _flag(
         None, "Launch-parameter overrides for the Triton kernels, as a JSON object of "
         "hal/kernel_config.py's KernelConfig fields, e.g. '{\"min_split_tokens\": 128, "
-        "\"balance_splits\": 4}' (tuning; the platform's values otherwise).", group="device")
+        "\"balance_splits\": 4}' or '{\"gemv_max_rows\": 0}' (tuning and A/B runs; the platform's "
+        "values otherwise).", group="device")
     disable_overlap_schedule: bool = _flag(
         False, "Run the plain scheduler loop instead of preparing step N+1 while step N runs.",
         group="device")

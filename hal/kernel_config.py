@@ -23,8 +23,8 @@ class KernelConfig:
     min_split_tokens: int = 256            # a split never holds fewer KV positions than this
     # While the decode grid has at most balance_programs_per_unit programs per compute unit, split
     # each request at least balance_splits ways (long ones: short ones stop at min_split_tokens),
-    # so that a few long contexts do not leave units idle. 1: no minimum (CUDA sets 4: see
-    # backends/cuda/platform.py and benchmarks/RESULTS.md).
+    # so that a few long contexts do not leave units idle. 1: no minimum (4 was faster per call
+    # but not end to end: backends/cuda/platform.py, benchmarks/RESULTS.md).
     balance_programs_per_unit: int = 8
     balance_splits: int = 1
     # extend: one program per (request, q head, block of new tokens)
@@ -44,7 +44,8 @@ class KernelConfig:
     gemv_num_stages: int = 3
     # 1: launch the Triton kernels of a decode step (all but extend attention) with programmatic
     # dependent launch (NVIDIA sm90+): each may start while the one before it finishes, and the
-    # GEMV reads its first weights then. The CUDA platform turns it off below sm90.
+    # GEMV reads its first weights then. Platform.kernel_config() turns it off where the device
+    # cannot (supports_dependent_launch). Not faster on the H200, so off (benchmarks/RESULTS.md).
     pdl: int = 0
 
     def __post_init__(self) -> None:

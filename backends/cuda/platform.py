@@ -12,9 +12,9 @@ from hal.platform import Platform
 # min_split_tokens 64: short contexts at small batches split 4x finer than at 256 and decode
 # attention takes 6.3 instead of 10.1 us per layer at batch 1 x 512 on the H200; batches that
 # fill the device use one split anyway (benchmarks/sweep_decode_attention.py, RESULTS.md).
-# balance_splits 4: at least 4 decode splits while the grid has <= 8 programs per SM; with
-# ShareGPT-like uneven contexts 17-21% faster per attention call at batch 32-128, and the whole
-# 1000-prompt run 9,245 -> 9,368 tok/s (decode 14.92 -> 14.59 s) in the same run (H200).
+# balance_splits stays 1: 4 splits were 17-21% faster per attention call at batch 32-128 with
+# ShareGPT-like uneven contexts, but three same-run A/Bs of the whole 1000-prompt run were within
+# run-to-run noise (decode 14.92 -> 14.59 s; 14.46 -> 14.57 and 14.56 s; H200, RESULTS.md).
 # gemv_max_rows 1: at batch 1 the GEMV streams Llama-3.1-8B's four projections in 112.5 against
 # cuBLAS's 126.2 us per layer (down with SiLU-and-mul fused in; H200, benchmarks/sweep_gemv.py) and
 # batch-1 decode went 209.4 -> 229.0 tok/s in the same run; at 2 rows it is 0.6x of cuBLAS.
@@ -22,7 +22,7 @@ CUDA_KERNEL_CONFIG = KernelConfig(
     warp_size=32, shared_memory_bytes=99 * 1024,
     decode_block_n=64, decode_num_warps=4, decode_num_stages=2, max_kv_splits=16, min_split_tokens=64,
     extend_block_m=128, extend_block_n=64, extend_num_warps=8, extend_num_stages=2,
-    elementwise_num_warps=4, balance_splits=4,
+    elementwise_num_warps=4,
     gemv_max_rows=1, gemv_block_n=8, gemv_block_k=512, gemv_num_warps=4, gemv_num_stages=3)
 
 
