@@ -303,3 +303,19 @@ def test_build_rejects_mismatched_lengths():
         SamplingBatchInfo.build([sp(), sp()], seeds=[1], steps=[0, 0], output_ids=[[], []],
                                 prompt_ids=[[], []], banned_token_ids=[[], []], top_logprobs_nums=[0, 0],
                                 return_logprob=[False, False], vocab_size=10, device=CPU)
+
+
+def test_two_pass_argmax_equals_argmax_with_ties_and_nan():
+    from backends.cpu.torch_sampler import _argmax_chunks, argmax_rows
+
+    assert _argmax_chunks(128256) == 192 and _argmax_chunks(151936) == 128 and _argmax_chunks(1009) == 1
+    g = torch.Generator().manual_seed(0)
+    for vocab in (128256, 32000, 50257):          # split, split, prime-ish (one pass)
+        x = torch.randn(5, vocab, generator=g)
+        x[1, 70000 % vocab] = x[1, 90 % vocab] = 1e4      # a tie across chunks: the first index wins
+        x[2, 17] = x[2, 18] = 1e4                         # a tie inside one chunk
+        x[3, 5000] = float("nan")                         # NaN counts as the largest, as in argmax
+        x[4] = 0.0                                        # all equal: index 0
+        assert torch.equal(argmax_rows(x), x.argmax(dim=-1)), vocab
+    wide = torch.randn(40, 128256, generator=g)          # many rows: one pass
+    assert torch.equal(argmax_rows(wide), wide.argmax(dim=-1))

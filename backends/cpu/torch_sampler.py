@@ -15,6 +15,7 @@ hash the full vocabulary.
 """
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
@@ -23,6 +24,26 @@ from engine.sampling.sampling_batch_info import SamplingBatchInfo
 from hal.sampling import SampleOutput, Sampler
 
 _NEG_INF = float("-inf")
+
+
+@functools.lru_cache(maxsize=None)
+def _argmax_chunks(vocab: int) -> int:
+    """How many equal chunks a row of ``vocab`` splits into for a two-pass argmax: the largest
+    divisor in [32, 256] that leaves chunks of at least 512; 1 (one pass) when there is none."""
+    return next((c for c in range(256, 31, -1) if vocab % c == 0 and vocab // c >= 512), 1)
+
+
+def argmax_rows(x: torch.Tensor) -> torch.Tensor:
+    """x.argmax(-1) for x [B, V], the first index on ties and NaN counting as the largest, as
+    argmax. A few long rows reduce in two passes (each chunk's max, then the best chunk): on a GPU
+    one pass gives a whole row to one block (~28 us for a 128k vocabulary on an H200)."""
+    b, v = x.shape
+    chunks = _argmax_chunks(v)
+    if b > 32 or chunks == 1:
+        return x.argmax(dim=-1)
+    vals, idx = x.reshape(b, chunks, v // chunks).max(dim=-1)       # [B, C] each chunk's first max
+    best = vals.argmax(dim=-1, keepdim=True)                          # [B, 1] the first best chunk
+    return (best * (v // chunks) + idx.gather(1, best)).squeeze(1)
 
 
 def _signed(c: int) -> int:
@@ -125,11 +146,11 @@ class TorchSampler(Sampler):
 
     def _choose(self, x: torch.Tensor, info: SamplingBatchInfo) -> torch.Tensor:
         if info.is_all_greedy:
-            return x.argmax(dim=-1)
+            return argmax_rows(x)
         if info.is_all_sampled:
             return self._draw(x, info, rows=None)
         out = torch.empty(x.shape[0], dtype=torch.int64, device=x.device)
-        out[info.greedy_rows] = x.index_select(0, info.greedy_rows).argmax(dim=-1)
+        out[info.greedy_rows] = argmax_rows(x.index_select(0, info.greedy_rows))
         out[info.sample_rows] = self._draw(x, info, info.sample_rows)
         return out
 

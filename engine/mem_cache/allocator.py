@@ -123,18 +123,18 @@ class ReqToTokenPool:
     def write_cells(self, rows: list[int], cols: list[int], slots: torch.Tensor) -> None:
         """req_to_token[rows[i], cols[i]] = slots[i] (one new token per request); ``slots`` on
         the host."""
-        index = torch.tensor([rows, cols], dtype=torch.int64)
-        slots = slots.to(torch.int32)
+        # rows, cols and slots as one int32 [3, N] tensor: one copy to the device per step
+        cells = torch.stack([torch.tensor(rows, dtype=torch.int32), torch.tensor(cols, dtype=torch.int32),
+                             slots.to(torch.int32)])
         if self.journal is not None:
-            self.journal.append(("cells", index, None, slots))
-        self._write_cells(index, slots)
+            self.journal.append(("cells", cells, None, None))
+        self._write_cells(cells)
 
-    def _write_cells(self, index: torch.Tensor, slots: torch.Tensor) -> None:
-        self.host[index[0], index[1]] = slots
+    def _write_cells(self, cells: torch.Tensor) -> None:
+        self.host[cells[0].long(), cells[1].long()] = cells[2]
         if self.host is not self.req_to_token:
-            dev = self.req_to_token.device
-            index = to_device(index, dev)
-            self.req_to_token[index[0], index[1]] = to_device(slots, dev)
+            dev = to_device(cells, self.req_to_token.device)
+            self.req_to_token[dev[0], dev[1]] = dev[2]
 
     def take_journal(self) -> list[tuple]:
         entries, self.journal = self.journal or [], [] if self.journal is not None else None
@@ -146,7 +146,7 @@ class ReqToTokenPool:
             if kind == "row":
                 self.write(a, b, slots)
             else:
-                self._write_cells(a, slots)
+                self._write_cells(a)
 
     def read(self, row: int, start: int, end: int) -> torch.Tensor:
         """Host int64 slots of positions [start, end) of ``row``."""

@@ -84,23 +84,25 @@ class SamplingBatchInfo:
         sampled = [p for p, g in zip(params, greedy) if not g]
         top_ks = [vocab_size if p.top_k < 1 else min(p.top_k, vocab_size) for p in params]
 
-        def floats(values: list[float]) -> torch.Tensor:
-            return _to_device(values, torch.float32, device)
-
-        def ints(values: list[int]) -> torch.Tensor:
-            return _to_device(values, torch.int64, device)
-
+        # the per-request rows travel in two copies (one float32, one int64), not eight
+        floats = to_device(torch.tensor([[1.0 if g else p.temperature for p, g in zip(params, greedy)],
+                                         [p.top_p for p in params], [p.min_p for p in params]],
+                                        dtype=torch.float32).view(3, batch), device)
+        order = [i for i, g in enumerate(greedy) if g] + [i for i, g in enumerate(greedy) if not g]
+        ints = to_device(torch.tensor([top_ks, [_as_int64(s) for s in seeds], list(steps), order],
+                                      dtype=torch.int64).view(4, batch), device)
+        num_greedy = batch - len(sampled)
         wanted = [k if r else 0 for k, r in zip(top_logprobs_nums, return_logprob)]
         info = cls(
             vocab_size=vocab_size,
-            temperatures=floats([1.0 if g else p.temperature for p, g in zip(params, greedy)]),
-            top_ks=ints(top_ks),
-            top_ps=floats([p.top_p for p in params]),
-            min_ps=floats([p.min_p for p in params]),
-            seeds=ints([_as_int64(s) for s in seeds]),
-            steps=ints(list(steps)),
-            greedy_rows=ints([i for i, g in enumerate(greedy) if g]),
-            sample_rows=ints([i for i, g in enumerate(greedy) if not g]),
+            temperatures=floats[0],
+            top_ks=ints[0],
+            top_ps=floats[1],
+            min_ps=floats[2],
+            seeds=ints[1],
+            steps=ints[2],
+            greedy_rows=ints[3, :num_greedy],
+            sample_rows=ints[3, num_greedy:],
             is_all_greedy=not sampled,
             is_all_sampled=len(sampled) == batch,
             need_top_k=any(k < vocab_size for k, g in zip(top_ks, greedy) if not g),
