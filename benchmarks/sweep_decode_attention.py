@@ -26,17 +26,18 @@ GRID = dict(block_n=[32, 64, 128], num_warps=[2, 4, 8], num_stages=[1, 2, 3],
 CALLS = 20
 
 
-def time_graph(fn) -> float:
-    """µs per call of fn, from a graph of CALLS calls."""
+def time_graph(fn, calls: int = CALLS) -> float:
+    """µs per call of fn(i) for i in range(calls), from one graph of all of them."""
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(s):
-        fn()
+        for i in range(calls):
+            fn(i)
     torch.cuda.synchronize()
     g = torch.cuda.CUDAGraph()
     with torch.cuda.graph(g, stream=s):
-        for _ in range(CALLS):
-            fn()
+        for i in range(calls):
+            fn(i)
     g.replay()
     torch.cuda.synchronize()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -46,7 +47,7 @@ def time_graph(fn) -> float:
         g.replay()
         end.record()
         end.synchronize()
-        best = min(best, start.elapsed_time(end) * 1e3 / CALLS)
+        best = min(best, start.elapsed_time(end) * 1e3 / calls)
     return best
 
 
@@ -94,7 +95,7 @@ def main() -> None:
                                  D ** -0.5, num_splits=splits, min_split_tokens=ms, block_n=bn,
                                  num_warps=nw, num_stages=ns, fp32_dot=fp32_dot(dtype))
             try:
-                us = time_graph(fn)
+                us = time_graph(lambda _: fn())
             except Exception as e:  # noqa: BLE001 - a tile that does not fit: skip it
                 print(f"  skip bn={bn} nw={nw} ns={ns}: {type(e).__name__}")
                 continue
@@ -151,7 +152,7 @@ def sweep_split_counts(cfg, dtype, output_file) -> None:
                                  D ** -0.5, num_splits=splits, min_split_tokens=cfg.min_split_tokens,
                                  block_n=bn, num_warps=cfg.decode_num_warps, num_stages=stages,
                                  fp32_dot=fp32_dot(dtype))
-            us = time_graph(fn)
+            us = time_graph(lambda _: fn())
             rows.append({"batch": bs, "mean_context": sum(lens) / bs, "max_context": max(lens), "splits": splits,
                          "us": us, "kv_gb_s": kv_bytes / us / 1e3, "chosen": splits == chosen})
         best = min(rows, key=lambda r: r["us"])

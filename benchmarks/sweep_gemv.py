@@ -31,35 +31,11 @@ GRID = dict(block_n=[4, 8, 16], block_k=[256, 512, 1024], num_warps=[2, 4, 8], n
 L2_BYTES = 256 << 20   # weights cycled per timing: well above any GPU's L2
 
 
-def time_graph(fn, calls: int) -> float:
-    """µs per call of fn(i) for i in range(calls), from one graph of all of them."""
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for i in range(calls):
-            fn(i)
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g, stream=s):
-        for i in range(calls):
-            fn(i)
-    g.replay()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    best = float("inf")
-    for _ in range(5):
-        start.record()
-        g.replay()
-        end.record()
-        end.synchronize()
-        best = min(best, start.elapsed_time(end) * 1e3 / calls)
-    return best
-
-
 def main() -> None:
     from backends.triton.gemv import gemv
     from backends.triton.layer_ops import TritonLayerOps
     from bench_decode import copy_bandwidth
+    from sweep_decode_attention import time_graph
     from hal.platform import get_platform
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
