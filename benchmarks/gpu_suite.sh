@@ -16,6 +16,9 @@
 #   serving-overlap      serving for a server with and one without the overlap scheduler. ~6 min
 #   ab-kernel-config     offline-sharegpt with the platform's kernel config, then with $KERNEL_CONFIG
 #                        (default '{"balance_splits": 4}'), in one call. ~2.5 min
+#   decode-ab            batch-1 decode (bench_decode.py, 512/256) with the platform's kernel config,
+#                        with $KERNEL_CONFIG, and with the platform's again (one machine: differences
+#                        of ~1% are visible; across machines they are not). ~2 min
 #   summary              one markdown table of every result JSON in $OUT (no device work)
 #
 # Estimates assume: model load ~20 s, graph capture ~15 s, anyserve ~10-15k output tok/s at large
@@ -46,6 +49,7 @@ if [[ "$SMOKE" == "1" ]]; then
   RANDOM_LENS=(--random-input-len 32 --random-output-len 16 --random-range-ratio 1.0)
   SHAREGPT=(--sharegpt-context-len 256)
   SERVE_LEVELS=(--concurrency 1,4 --num-prompts 2,8 --random-input-len 32 --random-output-len 16)
+  DECODE_ARGS=(--shape qwen2.5-0.5b --prompt-len 16 --output-len 8)
 else
   MODEL_DIR=${MODEL_DIR:-$OUT/llama-3.1-8b}
   DEVICE=auto; DTYPE=bfloat16
@@ -53,6 +57,7 @@ else
   RANDOM_LENS=(--random-input-len 1024 --random-output-len 512 --random-range-ratio 1.0)
   SHAREGPT=()
   SERVE_LEVELS=(--concurrency 1,16,64 --num-prompts 8,64,256 --random-input-len 1024 --random-output-len 512)
+  DECODE_ARGS=(--shape llama-3.1-8b)
 fi
 KERNEL_CONFIG=${KERNEL_CONFIG:-'{"balance_splits": 4}'}
 read -r -a OFFLINE_EXTRA_ARR <<< "${OFFLINE_EXTRA:-}"
@@ -118,11 +123,21 @@ run_stage() {
       offline ab-default --dataset sharegpt-synthetic --num-prompts "$N_BIG" ${SHAREGPT[@]+"${SHAREGPT[@]}"} --skip-hf
       offline ab-kernel-config --dataset sharegpt-synthetic --num-prompts "$N_BIG" ${SHAREGPT[@]+"${SHAREGPT[@]}"} \
         --skip-hf --server-arg "kernel_config=$KERNEL_CONFIG" ;;
+    decode-ab)
+      local extra run
+      extra=$($PY -c 'import json, sys; print(json.dumps({"kernel_config": sys.argv[1]}))' "$KERNEL_CONFIG")
+      for run in default kernel-config default-again; do
+        local args=("${DECODE_ARGS[@]}" --output-file "$OUT/decode-ab-$run.json")
+        [[ $run == kernel-config ]] && args+=(--extra "$extra")
+        echo "=== decode-ab $run ==="
+        $PY benchmarks/bench_decode.py --device "$DEVICE" --dtype "$DTYPE" "${args[@]}" 2>&1 \
+          | tee "$OUT/decode-ab-$run.log" | tail -2
+      done ;;
     summary)
       $PY benchmarks/suite_summary.py "$OUT" ;;
     *)
       echo "unknown stage '$1'; stages: offline-random offline-sharegpt offline-hf-baseline ratio-overlap" \
-           "ratio-graphs ratios serving serving-overlap ab-kernel-config summary" >&2
+           "ratio-graphs ratios serving serving-overlap ab-kernel-config decode-ab summary" >&2
       return 2 ;;
   esac
 }

@@ -1,5 +1,5 @@
-"""One markdown table of every result JSON that gpu_suite.sh wrote (offline and serving), for
-pasting into RESULTS.md.
+"""One markdown table of every result JSON that gpu_suite.sh wrote (offline, serving and batch-1
+decode), for pasting into RESULTS.md.
 
     python benchmarks/suite_summary.py OUT_DIR
 """
@@ -45,14 +45,21 @@ def serving_rows(stage: str, r: dict[str, Any]) -> list[str]:
     return rows
 
 
+def decode_row(stage: str, r: dict[str, Any]) -> str:
+    return (f"| {stage} | {r['shape']} | {r['prompt_len']} / {r['output_len']} | {r['copy_bandwidth_gb_s']:,.0f} | "
+            f"{r['floor_tokens_per_s']:.1f} | {r['decode_tokens_per_s']:.1f} | {r['fraction_of_floor']:.1%} |")
+
+
 def summarize(out_dir: Path) -> str:
-    offline, serving = [], []
+    offline, serving, decode = [], [], []
     for path in sorted(out_dir.glob("*.json")):
         r = json.loads(path.read_text())
         if "anyserve" in r:
             offline += offline_rows(path.stem, r)
         elif "servers" in r:
             serving += serving_rows(path.stem, r)
+        elif "decode_tokens_per_s" in r:
+            decode.append(decode_row(path.stem, r))
     env = out_dir / "env.txt"
     lines = [env.read_text().strip(), ""] if env.exists() else []
     if offline:
@@ -60,8 +67,11 @@ def summarize(out_dir: Path) -> str:
                   "| --- | --- | --- | --- | --- | --- |", *offline, ""]
     if serving:
         lines += ["| stage | server | max concurrency | requests | output tok/s | TTFT mean / median / p99 ms "
-                  "| ITL mean / median / p99 ms |", "| --- | --- | --- | --- | --- | --- | --- |", *serving]
-    return "\n".join(lines) if offline or serving else f"no result JSON in {out_dir}"
+                  "| ITL mean / median / p99 ms |", "| --- | --- | --- | --- | --- | --- | --- |", *serving, ""]
+    if decode:
+        lines += ["| stage | shape | prompt / output | copy GB/s | floor tok/s | decode tok/s | of the floor |",
+                  "| --- | --- | --- | --- | --- | --- | --- |", *decode]
+    return "\n".join(lines).rstrip() if offline or serving or decode else f"no result JSON in {out_dir}"
 
 
 if __name__ == "__main__":

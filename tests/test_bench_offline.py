@@ -211,3 +211,14 @@ def test_serving_script_checks_its_levels(llama_tiny, monkeypatch):
 def test_bench_serving_args_know_the_new_dataset_flags():
     args = bench_serving_args(dataset="sharegpt-synthetic", sharegpt_context_len=512)
     assert args.dataset == "sharegpt-synthetic" and args.sharegpt_context_len == 512
+
+
+def test_suite_summary_lists_batch1_decode_runs(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    import suite_summary
+
+    run = {"shape": "llama-3.1-8b", "prompt_len": 512, "output_len": 256, "copy_bandwidth_gb_s": 4256.0,
+           "floor_tokens_per_s": 265.0, "decode_tokens_per_s": 231.2, "fraction_of_floor": 0.8725}
+    (tmp_path / "decode-ab-default.json").write_text(json.dumps(run))
+    summary = suite_summary.summarize(tmp_path)
+    assert "| decode-ab-default | llama-3.1-8b | 512 / 256 | 4,256 | 265.0 | 231.2 | 87.2% |" in summary
