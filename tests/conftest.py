@@ -65,3 +65,21 @@ def qwen3_tiny() -> Path:
 @pytest.fixture(scope="session", params=ARCHS)
 def tiny_model(request) -> tuple[str, Path]:
     return request.param, make_tiny(request.param)
+
+
+@pytest.fixture
+def break_import(monkeypatch):
+    """break_import("pkg", "libfoo.so: ...") makes ``import pkg`` raise that ImportError, as an
+    installed package whose native library fails to load does."""
+    import builtins
+
+    real_import = builtins.__import__
+
+    def install(package: str, message: str) -> None:
+        def fake_import(name, *args, **kw):
+            if name == package:
+                raise ImportError(message)
+            return real_import(name, *args, **kw)
+
+        monkeypatch.setattr(builtins, "__import__", fake_import)
+    return install

@@ -184,21 +184,12 @@ def test_without_triton_aiter_is_not_available(registries, aiter, monkeypatch):
     assert not entries("attention")["aiter"].available()
 
 
-def test_missing_functions_and_broken_imports_are_clear_errors(monkeypatch):
+def test_missing_functions_and_broken_imports_are_clear_errors(monkeypatch, break_import):
     monkeypatch.setitem(sys.modules, "aiter", fake_aiter(mha_batch_prefill_func=None))
     with pytest.raises(RuntimeError, match=re.escape("this aiter has no aiter.mha_batch_prefill_func")):
         import_aiter()
 
-    import builtins
-
-    real_import = builtins.__import__
-
-    def fake_import(name, *args, **kw):
-        if name == "aiter":
-            raise ImportError("libamdhip64.so: cannot open shared object file")
-        return real_import(name, *args, **kw)
-
-    monkeypatch.setattr(builtins, "__import__", fake_import)
+    break_import("aiter", "libamdhip64.so: cannot open shared object file")
     with pytest.raises(RuntimeError, match=r"aiter is installed but failed to import \(ImportError: libamdhip64"):
         import_aiter()
 

@@ -181,18 +181,9 @@ def test_unsupported_model_shapes_are_clear_errors(over, message):
         FlashInferAttentionBackend(**backend_kwargs(**over))
 
 
-def test_installed_but_broken_package_is_a_clear_error(monkeypatch):
+def test_installed_but_broken_package_is_a_clear_error(break_import):
     """find_spec finds it, the import fails: the error says so instead of a bare ImportError."""
-    import builtins
-
-    real_import = builtins.__import__
-
-    def fake_import(name, *args, **kw):
-        if name == "flashinfer":
-            raise ImportError("libcudart.so.13: cannot open shared object file")
-        return real_import(name, *args, **kw)
-
-    monkeypatch.setattr(builtins, "__import__", fake_import)
+    break_import("flashinfer", "libcudart.so.13: cannot open shared object file")
     with pytest.raises(RuntimeError, match="flashinfer-python is installed but failed to import "
                                            r"\(ImportError: libcudart"):
         FlashInferAttentionBackend(**backend_kwargs())
