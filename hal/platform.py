@@ -6,7 +6,6 @@ Vendor folders under ``backends/`` subclass ``Platform`` and register it with
 from __future__ import annotations
 
 import dataclasses
-
 import logging
 from typing import Optional
 

@@ -16,7 +16,7 @@ from hal.platform import Platform
 # ShareGPT-like uneven contexts, but three same-run A/Bs of the whole 1000-prompt run were within
 # run-to-run noise (decode 14.92 -> 14.59 s; 14.46 -> 14.57 and 14.56 s; H200, RESULTS.md).
 # gemv_max_rows 1: at batch 1 the GEMV streams Llama-3.1-8B's four projections in 112.5 against
-# cuBLAS's 126.2 us per layer (down with SiLU-and-mul fused in; H200, benchmarks/sweep_gemv.py) and
+# cuBLAS's 126.4 us per layer (down with SiLU-and-mul fused in; H200, benchmarks/sweep_gemv.py) and
 # batch-1 decode went 209.4 -> 229.0 tok/s in the same run; at 2 rows it is 0.6x of cuBLAS.
 CUDA_KERNEL_CONFIG = KernelConfig(
     warp_size=32, shared_memory_bytes=99 * 1024,

@@ -102,6 +102,7 @@ class TritonLayerOps(LayerOps):
         self.num_warps = cfg.elementwise_num_warps
         self.gemv_max_rows = cfg.gemv_max_rows
         self.pdl = bool(cfg.pdl)
+        self._pdl_kw = pdl_launch(self.pdl)          # the element-wise launches' PDL arguments
         self.gemv_launch = dict(block_n=cfg.gemv_block_n, block_k=cfg.gemv_block_k,
                                 num_warps=cfg.gemv_num_warps, num_stages=cfg.gemv_num_stages,
                                 pdl=self.pdl)
@@ -128,7 +129,7 @@ class TritonLayerOps(LayerOps):
             _rms_norm_kernel[(x2.shape[0],)](
                 x2, r2, weight, out, res_out, x2.stride(0), r2.stride(0), n, n, float(eps),
                 N=n, HAS_RESIDUAL=residual is not None, BLOCK=block, num_warps=_warps(block, self.num_warps),
-                **pdl_launch(self.pdl))
+                **self._pdl_kw)
         return out if residual is None else (out, res_out)
 
     def silu_and_mul(self, x: torch.Tensor) -> torch.Tensor:
@@ -139,7 +140,7 @@ class TritonLayerOps(LayerOps):
             block = min(next_pow2(d), 2048)
             _silu_and_mul_kernel[(x2.shape[0], triton.cdiv(d, block))](
                 x2, out, x2.stride(0), d, D=d, BLOCK=block, num_warps=_warps(block, self.num_warps),
-                **pdl_launch(self.pdl))
+                **self._pdl_kw)
         return out
 
     def apply_rotary(self, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
@@ -161,5 +162,5 @@ class TritonLayerOps(LayerOps):
                 cos.stride(0), sin.stride(0), q_out.stride(0), q_out.stride(1), k_out.stride(0),
                 k_out.stride(1), HQ=hq, HKV=hkv, HALF=half, BLOCK_HQ=block_hq, BLOCK_HKV=block_hkv,
                 BLOCK_HALF=block_half, num_warps=_warps(block_hq * block_half, self.num_warps),
-                **pdl_launch(self.pdl))
+                **self._pdl_kw)
         return q_out, k_out

@@ -131,7 +131,7 @@ class ReqToTokenPool:
         self._write_cells(cells)
 
     def _write_cells(self, cells: torch.Tensor) -> None:
-        self.host[cells[0].long(), cells[1].long()] = cells[2]
+        self.host[cells[0], cells[1]] = cells[2]
         if self.host is not self.req_to_token:
             dev = to_device(cells, self.req_to_token.device)
             self.req_to_token[dev[0], dev[1]] = dev[2]
