@@ -43,6 +43,12 @@ class AttentionBackend(ABC):
         ``seq_lens[i]`` tokens (the new one included).
         """
 
+    def fuses_rotary(self, batch: "ForwardBatch") -> bool:
+        """Whether this step's ``forward`` takes q and k unrotated with ``cos_sin=(cos, sin)`` (each
+        [num_tokens, 1, head_dim / 2], neox style as layer_ops.apply_rotary) and rotates them in
+        its own kernels. If not, the layer rotates them first and passes no cos_sin."""
+        return False
+
     # -- device graphs (hal/graph_runner.py) ------------------------------------------------------
     # A backend offers capture with ``reserve(max_batch_size)``. One whose decode kernels read only
     # device tensors computed inside the step needs nothing more. One that prepares each step on

@@ -27,6 +27,9 @@ class KernelConfig:
     # but not end to end: backends/cuda/platform.py, benchmarks/RESULTS.md).
     balance_programs_per_unit: int = 8
     balance_splits: int = 1
+    # 1: a decode step's attention kernel rotates q and the new k itself and writes the new k and v
+    # to the pool: no rotary or KV-store kernel (+2% at batch 1 on the H200, benchmarks/RESULTS.md)
+    decode_fused_rotary: int = 1
     # extend: one program per (request, q head, block of new tokens)
     extend_block_m: int = 64
     extend_block_n: int = 64

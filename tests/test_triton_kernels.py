@@ -25,6 +25,7 @@ from backends.cpu.torch_layer_ops import TorchLayerOps  # noqa: E402
 from backends.triton.attention_backend import TritonAttentionBackend  # noqa: E402
 from backends.triton.kv_store import store_kv  # noqa: E402
 from backends.triton.layer_ops import TritonLayerOps  # noqa: E402
+from engine.layers.rotary import RotaryEmbedding  # noqa: E402
 from engine.mem_cache.kv_pool import KVPool  # noqa: E402
 from engine.runner.forward_batch import ForwardBatch, ForwardMode  # noqa: E402
 from hal.kernel_config import KernelConfig  # noqa: E402
@@ -85,7 +86,10 @@ def make_setup(page_size, num_q_heads, head_dim, dtype, batch_size, max_context=
     return backend, pool, req_to_token, rows, g
 
 
-def run_step(mode, prefix_lens, ext_lens, page_size, num_q_heads, head_dim, dtype, config=SMALL, layer_id=1):
+def run_step(mode, prefix_lens, ext_lens, page_size, num_q_heads, head_dim, dtype, config=SMALL, layer_id=1,
+             rotary=False):
+    """One step against the fp64 reference. rotary (decode): q and k go in unrotated with the
+    requests' cos/sin and the backend rotates them (and stores k, v) inside its attention kernel."""
     max_context = max(64, max(p + n for p, n in zip(prefix_lens, ext_lens)))
     backend, pool, req_to_token, rows, g = make_setup(page_size, num_q_heads, head_dim, dtype,
                                                       len(prefix_lens), max_context, config)
@@ -94,8 +98,16 @@ def run_step(mode, prefix_lens, ext_lens, page_size, num_q_heads, head_dim, dtyp
                                    head_dim, dtype, g)
     batch.attn_backend, loc = backend, batch.out_cache_loc
     backend.init_forward_metadata(batch)
-    out = backend.forward(q, k, v, layer_id, head_dim ** -0.5, batch)
-    assert torch.equal(pool.k_buffers[layer_id][loc], k) and torch.equal(pool.v_buffers[layer_id][loc], v)
+    if rotary:
+        assert backend.fuses_rotary(batch)
+        cos, sin = RotaryEmbedding(head_dim, max_context, 10000.0).cos_sin(torch.tensor(seq_lens) - 1, dtype)
+        out = backend.forward(q, k, v, layer_id, head_dim ** -0.5, batch, cos_sin=(cos, sin))
+        q, k = TorchLayerOps().apply_rotary(q, k, cos, sin)
+        torch.testing.assert_close(pool.k_buffers[layer_id][loc], k, **ops_tolerance(dtype))
+        assert torch.equal(pool.v_buffers[layer_id][loc], v)
+    else:
+        out = backend.forward(q, k, v, layer_id, head_dim ** -0.5, batch)
+        assert torch.equal(pool.k_buffers[layer_id][loc], k) and torch.equal(pool.v_buffers[layer_id][loc], v)
     k_all = [pool.k_buffers[layer_id][req_to_token[r, :s].long()] for r, s in zip(rows, seq_lens)]
     v_all = [pool.v_buffers[layer_id][req_to_token[r, :s].long()] for r, s in zip(rows, seq_lens)]
     ref = reference_attention(q, k_all, v_all, prefix_lens, ext_lens, head_dim ** -0.5)
@@ -118,14 +130,18 @@ def test_triton_attention_matches_reference_fp32(case, page_size, gqa):
     (256, torch.float32, 16)], ids=["hd64-bf16", "hd128-fp16", "hd128-bf16", "hd256-bf16", "hd256-fp32"])
 def test_triton_attention_head_dims_and_dtypes(mode, prefix_lens, ext_lens, head_dim, dtype, page_size):
     run_step(mode, prefix_lens, ext_lens, page_size, 8, head_dim, dtype)
+    if mode.is_decode:
+        run_step(mode, prefix_lens, ext_lens, page_size, 8, head_dim, dtype, rotary=True)
 
 
 @pytest.mark.parametrize("config", [SMALL, KernelConfig(num_compute_units=64), KernelConfig(max_kv_splits=1)],
                          ids=["small-tiles", "default-tiles", "no-split"])
-def test_triton_decode_long_contexts_split_along_the_sequence(config):
+@pytest.mark.parametrize("rotary", [False, True], ids=["rotated", "rotary-in-kernel"])
+def test_triton_decode_long_contexts_split_along_the_sequence(config, rotary):
     """Contexts of hundreds of tokens: several splits per request (stage 2 merges them), some
-    splits empty, plus a one-token context."""
-    run_step(ForwardMode.DECODE, [300, 0, 129, 47], [1, 1, 1, 1], 16, 8, 64, torch.float32, config)
+    splits empty, plus a one-token context; with rotary in the kernel, the new token sits in
+    the last non-empty split."""
+    run_step(ForwardMode.DECODE, [300, 0, 129, 47], [1, 1, 1, 1], 16, 8, 64, torch.float32, config, rotary=rotary)
 
 
 def test_triton_extend_long_prompt_with_prefix_crosses_blocks():

@@ -63,6 +63,10 @@ class TritonAttentionBackend(AttentionBackend):
             self._partial_o = torch.empty(need * self.head_dim, dtype=torch.float32, device=self.device)
             self._partial_lse = torch.empty(need, dtype=torch.float32, device=self.device)
 
+    def fuses_rotary(self, batch: ForwardBatch) -> bool:
+        """Decode steps rotate q and k inside the attention kernel, which also stores k and v."""
+        return batch.mode.is_decode and bool(self.config.decode_fused_rotary)
+
     def init_forward_metadata(self, batch: ForwardBatch) -> None:
         if batch.mode.is_decode:
             self._num_splits = self.splits_for(batch.batch_size)
@@ -74,14 +78,23 @@ class TritonAttentionBackend(AttentionBackend):
 
     # -- per layer -----------------------------------------------------------------------------
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer_id: int, scaling: float,
-                batch: ForwardBatch) -> torch.Tensor:
-        """q: [T, Hq, D]; k, v: [T, Hkv, D] -> [T, Hq, D]."""
+                batch: ForwardBatch, cos_sin: Optional[tuple[torch.Tensor, torch.Tensor]] = None) -> torch.Tensor:
+        """q: [T, Hq, D]; k, v: [T, Hkv, D] -> [T, Hq, D]. With cos_sin (decode, see fuses_rotary)
+        q and k are not rotated yet."""
         cfg = self.config
         k_buf, v_buf = self.kv_pool.k_buffers[layer_id], self.kv_pool.v_buffers[layer_id]
-        store_kv(k_buf, v_buf, batch.out_cache_loc, k, v, num_warps=cfg.elementwise_num_warps,
-                 pdl=bool(cfg.pdl))
         if q.stride(-1) != 1:
             q = q.contiguous()
+        rotary = None
+        if cos_sin is not None:
+            if not batch.mode.is_decode:
+                raise ValueError("the Triton backend rotates q and k itself only in decode steps")
+            k = k if k.stride(-1) == 1 else k.contiguous()
+            v = v if v.stride(-1) == 1 else v.contiguous()
+            rotary = (*(c if c.stride(-1) == 1 else c.contiguous() for c in cos_sin), k, v, batch.out_cache_loc)
+        else:
+            store_kv(k_buf, v_buf, batch.out_cache_loc, k, v, num_warps=cfg.elementwise_num_warps,
+                     pdl=bool(cfg.pdl))
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)    # [T, Hq, D]
         if batch.mode.is_decode:
             b, s = q.shape[0], self._num_splits
@@ -92,7 +105,7 @@ class TritonAttentionBackend(AttentionBackend):
                              batch.seq_lens, partial_o, partial_lse, scaling, num_splits=s,
                              min_split_tokens=cfg.min_split_tokens, block_n=self.decode_block_n,
                              num_warps=cfg.decode_num_warps, num_stages=self.decode_stages,
-                             fp32_dot=self.fp32_dot, pdl=bool(cfg.pdl))
+                             fp32_dot=self.fp32_dot, pdl=bool(cfg.pdl), rotary=rotary)
         else:
             extend_attention(q, k_buf, v_buf, out, self.req_to_token, batch.req_pool_indices,
                              batch.extend_prefix_lens, batch.extend_seq_lens, self._extend_starts,

@@ -46,18 +46,20 @@ def kernel_cases(cfg: KernelConfig, dt: str, head_dim: int, num_q_heads: int = 3
     fp32 = dt == "fp32"
     idx = {"ReqToToken": "*i32", "ReqPoolIdx": "*i64", "SeqLens": "*i64", "PrefixLens": "*i64",
            "ExtendLens": "*i64", "ExtendStarts": "*i64", "Loc": "*i64", "PartialO": "*fp32",
-           "PartialLse": "*fp32", "qk_scale": "fp32", "eps": "fp32"}
+           "PartialLse": "*fp32", "qk_scale": "fp32", "eps": "fp32", "OutLoc": "*i64"}
     ptrs = {n: p for n in ("Q", "K", "V", "KBuf", "VBuf", "Out", "X", "R", "W", "B", "ResOut", "Cos", "Sin",
-                           "QOut", "KOut")}
+                           "QOut", "KOut", "KNew", "VNew")}
     types = {**ptrs, **idx}
     ew = cfg.elementwise_num_warps
     decode = dict(GROUP=group, HEAD_DIM=head_dim, MIN_SPLIT=max(dn, cfg.min_split_tokens),
                   BLOCK_H=max(16, next_pow2(group)), BLOCK_D=d, BLOCK_N=dn, FP32_DOT=fp32, USE_PDL=pdl)
     return [
-        (_decode_partial_kernel, types, dict(decode, DIRECT=False), cfg.decode_num_warps, dstages),
-        # one split: stage 1 writes the output (PartialO is then the output, in the model's dtype)
-        (_decode_partial_kernel, {**types, "PartialO": p}, dict(decode, DIRECT=True), cfg.decode_num_warps,
-         dstages),
+        # splits, rotary and the KV store inside (decode steps)
+        (_decode_partial_kernel, types, dict(decode, DIRECT=False, ROTARY=True), cfg.decode_num_warps, dstages),
+        # splits, q and k rotated before (direct callers)
+        (_decode_partial_kernel, types, dict(decode, DIRECT=False, ROTARY=False), cfg.decode_num_warps, dstages),
+        # one split: stage 1 writes the output (large batches)
+        (_decode_partial_kernel, types, dict(decode, DIRECT=True, ROTARY=True), cfg.decode_num_warps, dstages),
         (_decode_reduce_kernel, types, dict(HEAD_DIM=head_dim, MIN_SPLIT=max(dn, cfg.min_split_tokens), BLOCK_N=dn,
                                             MAX_SPLITS=cfg.max_kv_splits, BLOCK_D=d, USE_PDL=pdl), 4, 1),
         (_extend_kernel, types, dict(GROUP=group, HEAD_DIM=head_dim, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=d,

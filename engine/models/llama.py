@@ -61,9 +61,8 @@ class LlamaAttention(nn.Module):
         k = k.view(t, self.num_kv_heads, self.head_dim)  # [T, num_kv_heads, head_dim]
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        cos, sin = cos_sin
-        q, k = self.rotary(q, k, cos, sin)
-        return self.o_proj(self.attn(q, k, v, forward_batch))
+        # rotated inside the attention backend's kernels where it can, else by self.rotary first
+        return self.o_proj(self.attn(q, k, v, forward_batch, rotary=(self.rotary, *cos_sin)))
 
 
 class LlamaDecoderLayer(nn.Module):

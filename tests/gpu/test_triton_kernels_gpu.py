@@ -71,23 +71,40 @@ def make_case(mode, prefix_lens, ext_lens, page_size, dtype=torch.bfloat16, shap
     return pool, req_to_token, rows, batch, qkv
 
 
-def run(mode, prefix_lens, ext_lens, page_size, dtype=torch.bfloat16, shapes=LLAMA_8B):
+def run(mode, prefix_lens, ext_lens, page_size, dtype=torch.bfloat16, shapes=LLAMA_8B, rotary=False):
+    """One step against the fp32 reference; rotary (decode): q and k go in unrotated and the
+    attention kernel rotates them and stores k, v itself."""
     hq, hkv, d = shapes["num_q_heads"], shapes["num_kv_heads"], shapes["head_dim"]
     pool, req_to_token, rows, batch, (q, k, v) = make_case(mode, prefix_lens, ext_lens, page_size, dtype, shapes)
     loc = batch.out_cache_loc
     backend = make_backend(pool, req_to_token, page_size, hq, hkv, d, dtype)
     backend.init_forward_metadata(batch)
-    out = backend.forward(q, k, v, 0, d ** -0.5, batch)
-    assert torch.equal(pool.k_buffers[0][loc], k) and torch.equal(pool.v_buffers[0][loc], v)
-    ref = reference(q, pool, req_to_token, rows, prefix_lens, ext_lens, d ** -0.5)
     tol = 2e-5 if dtype == torch.float32 else (4e-3 if dtype == torch.float16 else 2e-2)
+    if rotary:
+        from backends.cpu.torch_layer_ops import TorchLayerOps
+        from engine.layers.rotary import RotaryEmbedding
+
+        assert backend.fuses_rotary(batch)
+        positions = torch.tensor([p + n - 1 for p, n in zip(prefix_lens, ext_lens)], device=DEVICE)
+        cos, sin = RotaryEmbedding(d, 16384, 500000.0).to(DEVICE).cos_sin(positions, dtype)
+        out = backend.forward(q, k, v, 0, d ** -0.5, batch, cos_sin=(cos, sin))
+        q, k = TorchLayerOps().apply_rotary(q, k, cos, sin)
+        torch.testing.assert_close(pool.k_buffers[0][loc], k, atol=tol, rtol=tol)
+        assert torch.equal(pool.v_buffers[0][loc], v)
+    else:
+        out = backend.forward(q, k, v, 0, d ** -0.5, batch)
+        assert torch.equal(pool.k_buffers[0][loc], k) and torch.equal(pool.v_buffers[0][loc], v)
+    ref = reference(q, pool, req_to_token, rows, prefix_lens, ext_lens, d ** -0.5)
     torch.testing.assert_close(out.float(), ref, atol=tol, rtol=tol)
 
 
 @pytest.mark.parametrize("page_size", [1, 16])
-def test_decode_llama8b_shapes_up_to_8k(page_size):
+@pytest.mark.parametrize("rotary", [False, True], ids=["rotated", "rotary-in-kernel"])
+def test_decode_llama8b_shapes_up_to_8k(page_size, rotary):
     lens = [1, 17, 512, 1000, 4096, 8192, 3001, 64]
-    run(ForwardMode.DECODE, [n - 1 for n in lens], [1] * len(lens), page_size)
+    run(ForwardMode.DECODE, [n - 1 for n in lens], [1] * len(lens), page_size, rotary=rotary)
+    # batch 1: as many splits as the H200 takes, the new token in the last one
+    run(ForwardMode.DECODE, [767], [1], page_size, rotary=rotary)
 
 
 @pytest.mark.parametrize("page_size", [1, 16])
@@ -208,3 +225,4 @@ def test_gemv_llama8b_projections(dtype, rows):
         x.copy_(torch.randn(x.shape, device=DEVICE, generator=g).to(dtype))
         graph.replay()
         torch.testing.assert_close(captured, gemv(x, w, b, silu_mul_input=silu, **launch), atol=0, rtol=0)
+
