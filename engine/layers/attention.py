@@ -27,12 +27,12 @@ class Attention(nn.Module):
         q = q.view(t, self.num_heads, self.head_dim)
         k = k.view(t, self.num_kv_heads, self.head_dim)
         v = v.view(t, self.num_kv_heads, self.head_dim)
-        backend = forward_batch.attn_backend
-        if rotary is not None and backend.fuses_rotary(forward_batch):
-            out = backend.forward(q, k, v, self.layer_id, self.scaling, forward_batch, cos_sin=rotary[1:])
-            return out.reshape(t, self.num_heads * self.head_dim)
+        backend, kw = forward_batch.attn_backend, {}
         if rotary is not None:
             rotate, cos, sin = rotary
-            q, k = rotate(q, k, cos, sin)
-        out = backend.forward(q, k, v, self.layer_id, self.scaling, forward_batch)
+            if backend.fuses_rotary(forward_batch):
+                kw["cos_sin"] = (cos, sin)
+            else:
+                q, k = rotate(q, k, cos, sin)
+        out = backend.forward(q, k, v, self.layer_id, self.scaling, forward_batch, **kw)
         return out.reshape(t, self.num_heads * self.head_dim)
