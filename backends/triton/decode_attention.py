@@ -124,7 +124,8 @@ def _decode_partial_kernel(
             alpha = tl.exp2(m_i - m_new)
             p_new = tl.exp2(s_new - m_new)
             l_i = l_i * alpha + p_new
-            acc = acc * alpha[:, None] + p_new.to(v_new.dtype).to(tl.float32)[:, None] * v_new.to(tl.float32)[None, :]
+            p_v = p_new.to(v_new.dtype).to(tl.float32)
+            acc = acc * alpha[:, None] + p_v[:, None] * v_new.to(tl.float32)[None, :]
             m_i = m_new
 
     l_safe = tl.where(l_i > 0, l_i, 1.0)
