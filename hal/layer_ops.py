@@ -4,7 +4,8 @@ Model layers (``engine/layers``) take one implementation at construction and cal
 step. The torch one (backends/cpu) runs everywhere and is the reference; the Triton one
 (backends/triton) fuses each step into one kernel on GPUs. ``linear`` is here too, so that a
 backend can replace the vendor BLAS where it is weak (a few rows) and fold the MLP's activation
-into the down projection; by default it is F.linear.
+into the down projection; by default it is F.linear. ``rms_norm_linear`` lets it fold a norm
+into the linear that reads it.
 """
 from __future__ import annotations
 
@@ -41,7 +42,21 @@ class LayerOps(ABC):
         tensors; the inputs are left alone."""
 
     def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None, *,
-               silu_mul_input: bool = False) -> torch.Tensor:
-        """F.linear(x, weight, bias): x [..., K], weight [N, K] -> [..., N]. With silu_mul_input,
-        x is the MLP's [..., 2K] = [gate | up] and the product is of silu_and_mul(x)."""
-        return F.linear(self.silu_and_mul(x) if silu_mul_input else x, weight, bias)
+               silu_mul_input: bool = False, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """F.linear(x, weight, bias) (+ residual): x [..., K], weight [N, K] -> [..., N]. With
+        silu_mul_input, x is the MLP's [..., 2K] = [gate | up] and the product is of
+        silu_and_mul(x). The residual is added before the one rounding where the matmul can
+        (addmm), which the reference's separate add rounds twice."""
+        h = self.silu_and_mul(x) if silu_mul_input else x
+        if residual is None:
+            return F.linear(h, weight, bias)
+        if bias is None and h.dim() == 2 and residual.shape == (h.shape[0], weight.shape[0]):
+            return torch.addmm(residual, h, weight.t())
+        return F.linear(h, weight, bias) + residual
+
+    def rms_norm_linear(self, x: torch.Tensor, norm_weight: torch.Tensor, eps: float, weight: torch.Tensor,
+                        bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """linear(rms_norm(x, norm_weight, eps), weight, bias) for a norm whose only reader is
+        this linear (a decoder layer's input and post-attention norms); a backend may fold the
+        norm into the matmul."""
+        return self.linear(self.rms_norm(x, norm_weight, eps), weight, bias)

@@ -268,6 +268,52 @@ def test_triton_gemv_matches_torch(dtype, rows, n, k, silu, bias, block_n, block
     torch.testing.assert_close(ours, ref, **ops_tolerance(dtype))
 
 
+@pytest.mark.parametrize("dtype", OPS_DTYPES)
+@pytest.mark.parametrize("rows,n,k,norm,residual,bias,block_n,block_k", [
+    (1, 64, 256, True, False, False, 8, 128),     # the q/k/v and gate/up projections: the norm folded in
+    (1, 64, 256, False, True, False, 8, 128),     # the o projection: the residual added
+    (3, 50, 200, True, False, True, 8, 128),      # ragged N and K, several rows, bias
+    (2, 7, 33, False, True, True, 4, 16),
+])
+def test_triton_gemv_norm_and_residual_match_torch(dtype, rows, n, k, norm, residual, bias, block_n, block_k):
+    from backends.triton.gemv import gemv
+
+    g = torch.Generator().manual_seed(10)
+    x = (3 * torch.randn(rows, k, generator=g)).to(dtype)
+    w = (torch.randn(n, k, generator=g) / k ** 0.5).to(dtype)
+    b = torch.randn(n, generator=g).to(dtype) if bias else None
+    r = torch.randn(rows, n, generator=g).to(dtype) if residual else None
+    norm_w = (1 + 0.5 * torch.randn(k, generator=g)).to(dtype)
+    ref_ops = TorchLayerOps()
+    if norm:
+        ours = gemv(x, w, b, norm=(norm_w, 1e-5), block_n=block_n, block_k=block_k)
+        ref = ref_ops.rms_norm_linear(x, norm_w, 1e-5, w, b)
+    else:
+        ours = gemv(x, w, b, residual=r, block_n=block_n, block_k=block_k)
+        ref = ref_ops.linear(x, w, b, residual=r)
+    assert ours.dtype == ref.dtype and ours.shape == (rows, n)
+    torch.testing.assert_close(ours, ref, **ops_tolerance(dtype))
+
+
+def test_triton_rms_norm_linear_folds_the_norm_only_into_the_gemv(monkeypatch):
+    import backends.triton.layer_ops as layer_ops
+
+    calls = []
+    real = layer_ops.gemv
+    monkeypatch.setattr(layer_ops, "gemv", lambda *a, **kw: calls.append(kw) or real(*a, **kw))
+    g = torch.Generator().manual_seed(11)
+    w, norm_w = torch.randn(24, 80, generator=g), torch.rand(80, generator=g) + 0.5
+    for fuse in (1, 0):
+        ops = TritonLayerOps(kernel_config=KernelConfig(gemv_max_rows=2, gemv_block_n=4, gemv_block_k=64,
+                                                        gemv_fuse_norm=fuse))
+        for rows, used in ((1, True), (2, True), (3, False)):
+            calls.clear()
+            x = torch.randn(rows, 80, generator=g)
+            torch.testing.assert_close(ops.rms_norm_linear(x, norm_w, 1e-6, w),
+                                       TorchLayerOps().rms_norm_linear(x, norm_w, 1e-6, w), atol=1e-5, rtol=1e-5)
+            assert any("norm" in kw for kw in calls) == (used and bool(fuse))   # else norm kernel + GEMV
+
+
 def test_triton_linear_takes_the_gemv_only_for_few_rows(monkeypatch):
     import backends.triton.layer_ops as layer_ops
 
@@ -285,7 +331,8 @@ def test_triton_linear_takes_the_gemv_only_for_few_rows(monkeypatch):
         assert bool(calls) == used
     assert calls == [] and TritonLayerOps(kernel_config=KernelConfig()).gemv_max_rows == 0   # off by default
     ops.linear(torch.randn(1, 160, generator=g), w, silu_mul_input=True)
-    assert calls[0] == dict(silu_mul_input=True, block_n=4, block_k=64, num_warps=4, num_stages=3, pdl=False)
+    assert calls[0] == dict(silu_mul_input=True, residual=None, block_n=4, block_k=64, num_warps=4, num_stages=3,
+                            pdl=False)
 
 
 # ---- a whole model ---------------------------------------------------------------------------------

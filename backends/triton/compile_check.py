@@ -48,7 +48,7 @@ def kernel_cases(cfg: KernelConfig, dt: str, head_dim: int, num_q_heads: int = 3
            "ExtendLens": "*i64", "ExtendStarts": "*i64", "Loc": "*i64", "PartialO": "*fp32",
            "PartialLse": "*fp32", "qk_scale": "fp32", "eps": "fp32", "OutLoc": "*i64"}
     ptrs = {n: p for n in ("Q", "K", "V", "KBuf", "VBuf", "Out", "X", "R", "W", "B", "ResOut", "Cos", "Sin",
-                           "QOut", "KOut", "KNew", "VNew")}
+                           "QOut", "KOut", "KNew", "VNew", "G")}
     types = {**ptrs, **idx}
     ew = cfg.elementwise_num_warps
     decode = dict(GROUP=group, HEAD_DIM=head_dim, MIN_SPLIT=max(dn, cfg.min_split_tokens),
@@ -71,11 +71,12 @@ def kernel_cases(cfg: KernelConfig, dt: str, head_dim: int, num_q_heads: int = 3
         (_rotary_kernel, types, dict(HQ=num_q_heads, HKV=num_kv_heads, HALF=head_dim // 2, BLOCK_HQ=num_q_heads,
                                      BLOCK_HKV=num_kv_heads, BLOCK_HALF=next_pow2(head_dim // 2), USE_PDL=pdl),
          ew, 1),
-    ] + [(_gemv_kernel, types, dict(SILU_MUL=silu, HAS_BIAS=bias, EVEN_W=True, EVEN_K=True,
-                                    BLOCK_N=cfg.gemv_block_n, BLOCK_K=cfg.gemv_block_k,
+    ] + [(_gemv_kernel, types, dict(SILU_MUL=silu, NORM=norm, HAS_BIAS=False, HAS_RES=res, EVEN_W=True,
+                                    EVEN_K=True, BLOCK_N=cfg.gemv_block_n, BLOCK_K=cfg.gemv_block_k,
                                     NUM_STAGES=cfg.gemv_num_stages, USE_PDL=pdl),
           cfg.gemv_num_warps, cfg.gemv_num_stages)
-         for silu, bias in ((False, False), (False, True), (True, False))]
+         # as a decoder layer calls them: q/k/v and gate/up (norm), o (residual), down (SiLU, residual)
+         for silu, norm, res in ((False, True, False), (False, False, True), (True, False, True))]
 
 
 def compile_kernel(fn, types: dict, constexprs: dict, target: GPUTarget, num_warps: int, num_stages: int):

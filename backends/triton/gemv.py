@@ -6,9 +6,12 @@ projection but 73-76% on the smaller q/k/v and o projections, and splits the dow
 along K with a separate reduce kernel (benchmarks/RESULTS.md, H200). This kernel gives each
 program BLOCK_N output features and streams their rows of W along K, so no reduce is needed,
 and can take the MLP's [gate | up] activations and apply SiLU-and-mul while it loads them,
-which removes that kernel too.
+which removes that kernel too. It can also norm its input (RMSNorm: the programs sum the squares
+of the x chunks they load anyway and scale their dot products by 1 / rms at the end, so the norm
+costs no pass of its own) and add a residual to its output.
 
-out[m, n] = sum_k x[m, k] * W[n, k] (+ bias[n]), fp32 accumulation, rounded once at the end.
+out[m, n] = sum_k x[m, k] * W[n, k] (+ bias[n]) (+ residual[m, n]), fp32 accumulation, rounded
+once at the end; with a norm, x[m, k] * g[k] / rms(x[m]) in place of x[m, k].
 """
 from __future__ import annotations
 
@@ -22,8 +25,9 @@ from backends.triton.tl_helpers import pdl_launch, pdl_launch_dependents, pdl_wa
 
 
 @triton.jit
-def _load_x(x_row, ks, K, SILU_MUL: tl.constexpr, EVEN_K: tl.constexpr):
-    """x[k0:k0 + BLOCK_K] in fp32; with SILU_MUL, of silu_and_mul([gate | up])."""
+def _load_x(x_row, g_ptr, ks, K, SILU_MUL: tl.constexpr, NORM: tl.constexpr, EVEN_K: tl.constexpr):
+    """(x[k0:k0 + BLOCK_K] in fp32, its squares or 0). SILU_MUL: of silu_and_mul([gate | up]).
+    NORM: times the norm weight g (the 1 / rms factor comes at the end)."""
     if EVEN_K:
         x = tl.load(x_row + ks)
     else:
@@ -38,7 +42,15 @@ def _load_x(x_row, ks, K, SILU_MUL: tl.constexpr, EVEN_K: tl.constexpr):
         gate = x.to(tl.float32)
         silu = (gate / (1.0 + tl.exp(-gate))).to(up.dtype).to(tl.float32)
         x = (silu * up.to(tl.float32)).to(up.dtype)
-    return x.to(tl.float32)
+    xf = x.to(tl.float32)
+    sq = tl.zeros_like(xf)
+    if NORM:
+        sq = xf * xf
+        if EVEN_K:
+            xf = xf * tl.load(g_ptr + ks).to(tl.float32)
+        else:
+            xf = xf * tl.load(g_ptr + ks, mask=ks < K, other=0.0).to(tl.float32)
+    return xf, sq
 
 
 @triton.jit
@@ -49,10 +61,11 @@ def _load_w(w_rows, ks, n_mask, K, EVEN: tl.constexpr):
 
 
 @triton.jit
-def _gemv_kernel(X, W, B, Out, stride_xm, stride_wn, stride_om, out_features, in_features,
-                 SILU_MUL: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN_W: tl.constexpr,
-                 EVEN_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                 NUM_STAGES: tl.constexpr, USE_PDL: tl.constexpr):
+def _gemv_kernel(X, W, B, Out, R, G, stride_xm, stride_wn, stride_om, stride_rm, out_features, in_features,
+                 eps, SILU_MUL: tl.constexpr, NORM: tl.constexpr, HAS_BIAS: tl.constexpr,
+                 HAS_RES: tl.constexpr, EVEN_W: tl.constexpr, EVEN_K: tl.constexpr,
+                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NUM_STAGES: tl.constexpr,
+                 USE_PDL: tl.constexpr):
     N = out_features
     K = in_features
     pid_n = tl.program_id(0)
@@ -63,6 +76,7 @@ def _gemv_kernel(X, W, B, Out, stride_xm, stride_wn, stride_om, out_features, in
     x_row = X + m * stride_xm
     w_rows = W + offs_n.to(tl.int64)[:, None] * stride_wn
     acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+    sq = tl.zeros([BLOCK_K], dtype=tl.float32)
     pdl_launch_dependents(USE_PDL)
     k_start = 0
     if USE_PDL:
@@ -70,27 +84,39 @@ def _gemv_kernel(X, W, B, Out, stride_xm, stride_wn, stride_om, out_features, in
         # still finishing; x only after the wait
         w = _load_w(w_rows, offs_k, n_mask, K, EVEN_W)
         pdl_wait(USE_PDL)
-        acc += w.to(tl.float32) * _load_x(x_row, offs_k, K, SILU_MUL, EVEN_K)[None, :]
+        xk, xsq = _load_x(x_row, G, offs_k, K, SILU_MUL, NORM, EVEN_K)
+        acc += w.to(tl.float32) * xk[None, :]
+        sq += xsq
         k_start = BLOCK_K
     for k0 in tl.range(k_start, K, BLOCK_K, num_stages=NUM_STAGES):
         ks = k0 + offs_k
-        acc += _load_w(w_rows, ks, n_mask, K, EVEN_W).to(tl.float32) * _load_x(
-            x_row, ks, K, SILU_MUL, EVEN_K)[None, :]
+        xk, xsq = _load_x(x_row, G, ks, K, SILU_MUL, NORM, EVEN_K)
+        acc += _load_w(w_rows, ks, n_mask, K, EVEN_W).to(tl.float32) * xk[None, :]
+        sq += xsq
     out = tl.sum(acc, axis=1)
+    if NORM:
+        out = out * tl.rsqrt(tl.sum(sq, 0) / K + eps)
     if HAS_BIAS:
         out += tl.load(B + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+    if HAS_RES:
+        out += tl.load(R + m * stride_rm + offs_n, mask=n_mask, other=0.0).to(tl.float32)
     tl.store(Out + m * stride_om + offs_n, out.to(Out.dtype.element_ty), mask=n_mask)
 
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None, *,
-         silu_mul_input: bool = False, block_n: int = 8, block_k: int = 512, num_warps: int = 4,
-         num_stages: int = 3, pdl: bool = False) -> torch.Tensor:
+         silu_mul_input: bool = False, residual: Optional[torch.Tensor] = None,
+         norm: Optional[tuple[torch.Tensor, float]] = None, block_n: int = 8, block_k: int = 512,
+         num_warps: int = 4, num_stages: int = 3, pdl: bool = False) -> torch.Tensor:
     """x: [..., K] (or [..., 2K] = [gate | up] with ``silu_mul_input``); weight: [N, K] with unit
-    stride along K -> [..., N] in x's dtype. One program per (BLOCK_N features, row of x)."""
+    stride along K -> [..., N] in x's dtype, plus ``residual`` [..., N] if given. norm = (g [K],
+    eps): the product is of rms_norm(x) * g (in fp32: the separate norm rounds twice, this does
+    not). One program per (BLOCK_N features, row of x)."""
     n, k = weight.shape
     width = 2 * k if silu_mul_input else k
     if x.shape[-1] != width:
         raise ValueError(f"gemv: x has {x.shape[-1]} features, the weight {tuple(weight.shape)} needs {width}")
+    if norm is not None and silu_mul_input:
+        raise ValueError("gemv: a norm of a SiLU-and-mul input is not supported")
     if weight.stride(1) != 1:
         weight = weight.contiguous()
     x2 = x.reshape(-1, width)
@@ -98,11 +124,17 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = N
         x2 = x2.contiguous()
     rows = x2.shape[0]
     out = torch.empty((rows, n), dtype=x.dtype, device=x.device)
+    r2 = out
+    if residual is not None:
+        r2 = residual.reshape(rows, n)
+        r2 = r2 if r2.stride(-1) == 1 else r2.contiguous()
+    g, eps = norm if norm is not None else (weight, 0.0)
     if rows:
         block_k = min(block_k, triton.next_power_of_2(k))
         _gemv_kernel[(triton.cdiv(n, block_n), rows)](
-            x2, weight, bias if bias is not None else weight, out, x2.stride(0), weight.stride(0),
-            out.stride(0), n, k, SILU_MUL=silu_mul_input, HAS_BIAS=bias is not None,
-            EVEN_W=n % block_n == 0 and k % block_k == 0, EVEN_K=k % block_k == 0, BLOCK_N=block_n, BLOCK_K=block_k,
-            NUM_STAGES=num_stages, num_warps=num_warps, **pdl_launch(pdl))
+            x2, weight, bias if bias is not None else weight, out, r2, g, x2.stride(0), weight.stride(0),
+            out.stride(0), r2.stride(0), n, k, float(eps), SILU_MUL=silu_mul_input, NORM=norm is not None,
+            HAS_BIAS=bias is not None, HAS_RES=residual is not None,
+            EVEN_W=n % block_n == 0 and k % block_k == 0, EVEN_K=k % block_k == 0, BLOCK_N=block_n,
+            BLOCK_K=block_k, NUM_STAGES=num_stages, num_warps=num_warps, **pdl_launch(pdl))
     return out.view(*x.shape[:-1], n)

@@ -101,6 +101,7 @@ class TritonLayerOps(LayerOps):
         cfg = kernel_config or KernelConfig()
         self.num_warps = cfg.elementwise_num_warps
         self.gemv_max_rows = cfg.gemv_max_rows
+        self.gemv_fuse_norm = bool(cfg.gemv_fuse_norm)
         self.pdl = bool(cfg.pdl)
         self._pdl_kw = pdl_launch(self.pdl)          # the element-wise launches' PDL arguments
         self.gemv_launch = dict(block_n=cfg.gemv_block_n, block_k=cfg.gemv_block_k,
@@ -108,13 +109,23 @@ class TritonLayerOps(LayerOps):
                                 pdl=self.pdl)
 
     def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None, *,
-               silu_mul_input: bool = False) -> torch.Tensor:
+               silu_mul_input: bool = False, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
         """The GEMV (backends/triton/gemv.py) for at most ``gemv_max_rows`` rows, the vendor BLAS
         otherwise."""
+        if self._gemv_rows(x, weight):
+            return gemv(x, weight, bias, silu_mul_input=silu_mul_input, residual=residual, **self.gemv_launch)
+        return super().linear(x, weight, bias, silu_mul_input=silu_mul_input, residual=residual)
+
+    def rms_norm_linear(self, x: torch.Tensor, norm_weight: torch.Tensor, eps: float, weight: torch.Tensor,
+                        bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Where the GEMV runs, the norm is folded into it (``KernelConfig.gemv_fuse_norm``)."""
+        if self.gemv_fuse_norm and self._gemv_rows(x, weight) and norm_weight.dtype == x.dtype:
+            return gemv(x, weight, bias, norm=(norm_weight, eps), **self.gemv_launch)
+        return super().rms_norm_linear(x, norm_weight, eps, weight, bias)
+
+    def _gemv_rows(self, x: torch.Tensor, weight: torch.Tensor) -> bool:
         rows = x.numel() // max(1, x.shape[-1])
-        if 0 < rows <= self.gemv_max_rows and weight.dtype == x.dtype and weight.dim() == 2:
-            return gemv(x, weight, bias, silu_mul_input=silu_mul_input, **self.gemv_launch)
-        return super().linear(x, weight, bias, silu_mul_input=silu_mul_input)
+        return 0 < rows <= self.gemv_max_rows and weight.dtype == x.dtype and weight.dim() == 2
 
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float,
                  residual: Optional[torch.Tensor] = None

@@ -76,6 +76,12 @@ class ColumnParallelLinear(LinearBase):
     def checkpoint_shapes(self, param):
         return {None: (self.output_size, *param.shape[1:])}
 
+    def forward_normed(self, x: torch.Tensor, norm: nn.Module) -> torch.Tensor:
+        """self(norm(x)) for an RMSNorm ``norm`` (its ``weight`` and ``eps``) that nothing else
+        reads: the layer ops may fold it into the matmul. The input is replicated on every rank,
+        so this holds at any TP size."""
+        return self.layer_ops.rms_norm_linear(x, norm.weight, norm.eps, self.weight, self.bias)
+
 
 class MergedColumnParallelLinear(ColumnParallelLinear):
     """Several column-parallel matrices stacked on the output dim (gate_proj and up_proj)."""
@@ -163,14 +169,17 @@ class RowParallelLinear(LinearBase):
             return {None: tuple(param.shape)}
         return {None: (param.shape[0], self.input_size)}
 
-    def forward(self, x: torch.Tensor, silu_mul_input: bool = False) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, silu_mul_input: bool = False,
+                residual: Optional[torch.Tensor] = None) -> torch.Tensor:
         """With silu_mul_input, x is the MLP's [gate | up] and SiLU-and-mul is applied first (in
-        the same kernel where the layer ops can)."""
+        the same kernel where the layer ops can). residual: added to the (reduced) output, in the
+        matmul's kernel on one rank."""
         if self.tp_size == 1:
-            return self.layer_ops.linear(x, self.weight, self.bias, silu_mul_input=silu_mul_input)
+            return self.layer_ops.linear(x, self.weight, self.bias, silu_mul_input=silu_mul_input,
+                                         residual=residual)
         out = self.layer_ops.linear(x, self.weight, silu_mul_input=silu_mul_input)
         if self.reduce_results:
             out = self.collectives.all_reduce(out)
         if self.bias is not None:
             out = out + self.bias
-        return out
+        return out if residual is None else out + residual

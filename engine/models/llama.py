@@ -3,7 +3,7 @@ per-head q/k RMSNorm, tied embeddings), so Mistral, Qwen2 and Qwen3 only subclas
 from __future__ import annotations
 
 import logging
-from typing import Iterable, Optional
+from typing import Iterable
 
 import torch
 from torch import nn
@@ -28,10 +28,11 @@ class LlamaMLP(nn.Module):
             config.hidden_size, [config.intermediate_size] * 2, bias=config.mlp_bias)
         self.down_proj = RowParallelLinear(config.intermediate_size, config.hidden_size, bias=config.mlp_bias)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # SiLU-and-mul of [gate | up] happens inside the down projection (one kernel where the
-        # layer ops fuse it, layer_ops.silu_and_mul then the matmul otherwise)
-        return self.down_proj(self.gate_up_proj(x), silu_mul_input=True)
+    def forward(self, x: torch.Tensor, norm: nn.Module) -> torch.Tensor:
+        """x + mlp(norm(x)) for the residual stream x: the norm inside the gate/up projection,
+        SiLU-and-mul of [gate | up] and the residual add inside the down projection, where the
+        layer ops fuse them."""
+        return self.down_proj(self.gate_up_proj.forward_normed(x, norm), silu_mul_input=True, residual=x)
 
 
 class LlamaAttention(nn.Module):
@@ -54,15 +55,17 @@ class LlamaAttention(nn.Module):
         self.attn = Attention(self.num_heads, self.num_kv_heads, d, d ** -0.5, layer_id)
         self.rotary = QKRotary()
 
-    def forward(self, hidden: torch.Tensor, cos_sin: CosSin, forward_batch) -> torch.Tensor:
-        t = hidden.shape[0]
-        q, k, v = self.qkv_proj(hidden).split(self.split_sizes, dim=-1)
+    def forward(self, x: torch.Tensor, norm: nn.Module, cos_sin: CosSin, forward_batch) -> torch.Tensor:
+        """x + attention(norm(x)) for the residual stream x: the norm inside the q/k/v projection
+        and the residual add inside the o projection, where the layer ops fuse them."""
+        t = x.shape[0]
+        q, k, v = self.qkv_proj.forward_normed(x, norm).split(self.split_sizes, dim=-1)
         q = q.view(t, self.num_heads, self.head_dim)     # [T, num_heads, head_dim]
         k = k.view(t, self.num_kv_heads, self.head_dim)  # [T, num_kv_heads, head_dim]
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         # rotated inside the attention backend's kernels where it can, else by self.rotary first
-        return self.o_proj(self.attn(q, k, v, forward_batch, rotary=(self.rotary, *cos_sin)))
+        return self.o_proj(self.attn(q, k, v, forward_batch, rotary=(self.rotary, *cos_sin)), residual=x)
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -73,15 +76,12 @@ class LlamaDecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def forward(self, hidden: torch.Tensor, residual: Optional[torch.Tensor], cos_sin: CosSin,
-                forward_batch) -> tuple[torch.Tensor, torch.Tensor]:
-        if residual is None:
-            residual, hidden = hidden, self.input_layernorm(hidden)
-        else:
-            hidden, residual = self.input_layernorm(hidden, residual)
-        hidden = self.self_attn(hidden, cos_sin, forward_batch)
-        hidden, residual = self.post_attention_layernorm(hidden, residual)
-        return self.mlp(hidden), residual
+    def forward(self, x: torch.Tensor, cos_sin: CosSin, forward_batch) -> torch.Tensor:
+        """The residual stream x [T, hidden] -> after this layer. Each norm is done by the
+        projection that reads it and each residual add by the projection before it, so at batch 1
+        the layer is four GEMVs and the attention kernels."""
+        x = self.self_attn(x, self.input_layernorm, cos_sin, forward_batch)
+        return self.mlp(x, self.post_attention_layernorm)
 
 
 class LlamaModel(nn.Module):
@@ -95,11 +95,9 @@ class LlamaModel(nn.Module):
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, forward_batch) -> torch.Tensor:
         hidden = self.embed_tokens(input_ids)  # [T, hidden_size]
         cos_sin = self.rotary_emb.cos_sin(positions, hidden.dtype)  # once per step, shared by all layers
-        residual = None
         for layer in self.layers:
-            hidden, residual = layer(hidden, residual, cos_sin, forward_batch)
-        hidden, _ = self.norm(hidden, residual)
-        return hidden
+            hidden = layer(hidden, cos_sin, forward_batch)
+        return self.norm(hidden)
 
 
 def _plain_loader(param: nn.Parameter, loaded: torch.Tensor, shard_id=None) -> None:

@@ -111,9 +111,10 @@ def test_dependent_launch_and_gemv_keep_the_tokens(llama_tiny, disable_graph):
 
 
 @pytest.mark.parametrize("disable_graph", [False, True])
-def test_rotary_in_the_decode_kernel_keeps_the_tokens(llama_tiny, disable_graph):
-    """Rotary and the KV store inside the decode attention kernel against the separate kernels:
-    the same greedy tokens in fp32, eager and captured, at batch 1 (the GEMV path) and 8."""
+def test_fused_decode_kernels_keep_the_tokens(llama_tiny, disable_graph):
+    """Rotary and the KV store inside the decode attention kernel, and the norms inside the GEMVs,
+    against the separate kernels: the same greedy tokens in fp32, eager and captured, at batch 1
+    (the GEMV path) and 8."""
     import json
 
     from engine import Engine
@@ -121,7 +122,7 @@ def test_rotary_in_the_decode_kernel_keeps_the_tokens(llama_tiny, disable_graph)
     batch = prompts(8, seed=5)
     runs = []
     for fused in (0, 1):
-        cfg = dict(gemv_max_rows=1, decode_fused_rotary=fused)
+        cfg = dict(gemv_max_rows=1, decode_fused_rotary=fused, gemv_fuse_norm=fused)
         with Engine(model_path=str(llama_tiny), dtype="float32", disable_cuda_graph=disable_graph,
                     kernel_config=json.dumps(cfg), **ENGINE_KW) as eng:
             alone = eng.generate(input_ids=batch[0], sampling_params={**GREEDY, "max_new_tokens": N_TOKENS})

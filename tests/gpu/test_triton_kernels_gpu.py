@@ -226,3 +226,35 @@ def test_gemv_llama8b_projections(dtype, rows):
         graph.replay()
         torch.testing.assert_close(captured, gemv(x, w, b, silu_mul_input=silu, **launch), atol=0, rtol=0)
 
+
+
+def test_gemv_norm_and_residual_llama8b_projections():
+    """The GEMV as a decoder layer calls it at batch 1: the RMSNorm folded into q/k/v and gate/up,
+    the residual added by o and down, against fp32 references, eager and in a CUDA graph."""
+    from backends.cpu.torch_layer_ops import TorchLayerOps
+    from backends.triton.gemv import gemv
+    from hal.platform import get_platform
+
+    cfg = get_platform("cuda").kernel_config()
+    launch = dict(block_n=cfg.gemv_block_n, block_k=cfg.gemv_block_k, num_warps=cfg.gemv_num_warps,
+                  num_stages=cfg.gemv_num_stages)
+    g = torch.Generator(device=DEVICE).manual_seed(3)
+    dt = torch.bfloat16
+    for n, k, norm in ((6144, 4096, True), (28672, 4096, True), (4096, 4096, False), (4096, 14336, False)):
+        x = (4 * torch.randn(1, k, device=DEVICE, generator=g)).to(dt)
+        w = (torch.randn(n, k, device=DEVICE, generator=g) / k ** 0.5).to(dt)
+        if norm:
+            norm_w = (1 + 0.3 * torch.randn(k, device=DEVICE, generator=g)).to(dt)
+            kw = dict(norm=(norm_w, 1e-5))
+            ref = torch.nn.functional.linear(TorchLayerOps().rms_norm(x, norm_w, 1e-5).float(), w.float())
+        else:
+            r = torch.randn(1, n, device=DEVICE, generator=g).to(dt)
+            kw = dict(residual=r)
+            ref = torch.nn.functional.linear(x.float(), w.float()) + r.float()
+        torch.testing.assert_close(gemv(x, w, **kw, **launch).float(), ref, atol=3e-2, rtol=2e-2)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            captured = gemv(x, w, **kw, **launch)
+        x.copy_((4 * torch.randn(x.shape, device=DEVICE, generator=g)).to(dt))
+        graph.replay()
+        torch.testing.assert_close(captured, gemv(x, w, **kw, **launch), atol=0, rtol=0)
