@@ -336,6 +336,29 @@ def test_triton_linear_takes_the_gemv_only_for_few_rows(monkeypatch):
 
 
 # ---- a whole model ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("arch", ["qwen2", "qwen3"])
+def test_triton_tiny_qwen_greedy_tokens_equal_torch_backend(arch, request):
+    """Qwen2 (q/k/v bias: the GEMV's bias with the norm folded in) and Qwen3 (per-head q/k norms
+    before the rotary that the decode attention kernel applies) through every fused path: the
+    GEMV at batch <= 3 with the norms and residual adds, rotary and the KV write in the decode
+    kernel."""
+    from engine.layers.ops import using_layer_ops
+    from engine.models.config import ModelConfig
+    from engine.runner.model_loader import load_model
+    from model_harness import ModelHarness
+
+    path = request.getfixturevalue(f"{arch}_tiny")
+    cfg = ModelConfig.from_pretrained(str(path), dtype="float32")
+    torch_model = load_model(cfg, "auto", "cpu")
+    with using_layer_ops(TritonLayerOps(kernel_config=KernelConfig(gemv_max_rows=3))):
+        triton_model = load_model(cfg, "auto", "cpu")
+    g = torch.Generator().manual_seed(8)
+    prompts = [torch.randint(3, 500, (n,), generator=g).tolist() for n in (9, 4, 13)]
+    ref = ModelHarness(torch_model, page_size=4).generate_greedy(prompts, 8, first_chunk=3)
+    assert ModelHarness(triton_model, page_size=4, backend="triton").generate_greedy(prompts, 8, first_chunk=3) == ref
+    assert len(set(ref[0])) > 1
+
+
 def test_triton_tiny_llama_greedy_tokens_equal_torch_backend(llama_tiny):
     """Triton attention and Triton layer ops (interpreter, fp32) against the torch backend and
     torch layer ops: a batch of mixed lengths, prompts extended in two chunks (a cached prefix)."""
