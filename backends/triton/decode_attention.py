@@ -37,6 +37,14 @@ def _split_range(seq_len, split, num_splits_cap, MIN_SPLIT: tl.constexpr, BLOCK_
 
 
 @triton.jit
+def _rotate(x, x_partner, cos, signed_sin, dtype):
+    """Neox rotary along the last axis, as the layer ops' rotary kernel computes it (fp32, one
+    rounding): x_partner[j] is x[j + D/2] for the first half and x[j - D/2] for the second, and
+    signed_sin is -sin on the first half."""
+    return (x.to(tl.float32) * cos + x_partner.to(tl.float32) * signed_sin).to(dtype)
+
+
+@triton.jit
 def _decode_partial_kernel(
         Q, KBuf, VBuf, ReqToToken, ReqPoolIdx, SeqLens, PartialO, PartialLse, Out,
         Cos, Sin, KNew, VNew, OutLoc, qk_scale, num_splits_cap,
@@ -81,7 +89,7 @@ def _decode_partial_kernel(
         sin = tl.where(first, -sin, sin)
         q_p = tl.load(Q + b64 * stride_qt + heads[:, None] * stride_qh + partner[None, :], mask=q_mask,
                       other=0.0)
-        q = (q.to(tl.float32) * cos[None, :] + q_p.to(tl.float32) * sin[None, :]).to(q.dtype)
+        q = _rotate(q, q_p, cos[None, :], sin[None, :], q.dtype)
         new_pos = seq_len - 1
         holds_new = (start <= new_pos) & (new_pos < end)
         loop_end = tl.minimum(end, new_pos)
@@ -92,7 +100,7 @@ def _decode_partial_kernel(
         kn_row = KNew + b64 * stride_knt + kv_head * stride_knh
         k_new = tl.load(kn_row + offs_d, mask=new_mask, other=0.0)
         k_p = tl.load(kn_row + partner, mask=new_mask, other=0.0)
-        k_new = (k_new.to(tl.float32) * cos + k_p.to(tl.float32) * sin).to(KBuf.dtype.element_ty)
+        k_new = _rotate(k_new, k_p, cos, sin, KBuf.dtype.element_ty)
         v_new = tl.load(VNew + b64 * stride_vnt + kv_head * stride_vnh + offs_d, mask=new_mask,
                         other=0.0).to(VBuf.dtype.element_ty)
         new_slot = tl.load(OutLoc + b).to(tl.int64)
