@@ -1,11 +1,15 @@
-"""Batch-1 decode speed against the memory-bandwidth floor.
+"""Small-batch decode speed against the memory-bandwidth floor.
 
-    python benchmarks/bench_decode.py --shape llama-3.1-8b --device cuda [--output-file out.json]
+    python benchmarks/bench_decode.py --shape llama-3.1-8b --device cuda [--batch-size 1 4 16]
+                                      [--output-file out.json]
 
 Builds a checkpoint folder with the real model's config.json (weights are random:
 --load-format dummy), runs one request (random prompt, greedy, ignore_eos) through the
 offline Engine, and reports decode tokens/s next to the floor: the device-to-device copy
-bandwidth measured in the same run over the bytes of weights read per token.
+bandwidth measured in the same run over the bytes of weights read per token. With a batch size
+B > 1, B such requests (different prompts) are submitted together; decode tokens/s comes from
+the engine's step clock (decode steps' wall time), and the floor counts each step's reads of the
+weights and of the batch's KV cache (at the mean context length).
 """
 from __future__ import annotations
 
@@ -78,6 +82,8 @@ def main() -> None:
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--prompt-len", type=int, default=512)
     p.add_argument("--output-len", type=int, default=256)
+    p.add_argument("--batch-size", type=int, nargs="+", default=[1],
+                   help="decode batch sizes, each measured in turn in the same engine")
     p.add_argument("--attention-backend", default=None)
     p.add_argument("--extra", default="", help="more Engine kwargs as JSON, e.g. '{\"disable_cuda_graph\": true}'")
     p.add_argument("--output-file", default=None)
@@ -90,37 +96,50 @@ def main() -> None:
               log_level="warning", **json.loads(args.extra or "{}"))
     if args.attention_backend:
         kw["attention_backend"] = args.attention_backend
+    kw.setdefault("max_running_requests", max(args.batch_size))
     engine = Engine(model_path=folder, device=args.device, **kw)
+    rows = []
     try:
         runner = engine.scheduler.runner
         device = runner.device
         weight_bytes = runner.weight_bytes
         bw = copy_bandwidth(runner.platform, device)
         rng = random.Random(0)
-        prompt = [rng.randrange(100, runner.vocab_size) for _ in range(args.prompt_len)]
         params = {"max_new_tokens": args.output_len, "temperature": 0.0, "ignore_eos": True}
-        engine.generate(input_ids=prompt, sampling_params={**params, "max_new_tokens": 8})  # warm-up
-        engine.flush_cache()
-        times = []
-        for chunk in engine.generate(input_ids=prompt, sampling_params=params, stream=True):
-            times.append((time.perf_counter(), len(chunk["output_ids"])))
-        (t_first, n_first), (t_last, n_last) = times[0], times[-1]
-        decode_tps = (n_last - n_first) / (t_last - t_first)
+        for batch in args.batch_size:
+            prompts = [[rng.randrange(100, runner.vocab_size) for _ in range(args.prompt_len)] for _ in range(batch)]
+            engine.generate(input_ids=prompts, sampling_params={**params, "max_new_tokens": 8})  # warm-up
+            engine.flush_cache()
+            if batch == 1:
+                times = []
+                for chunk in engine.generate(input_ids=prompts[0], sampling_params=params, stream=True):
+                    times.append((time.perf_counter(), len(chunk["output_ids"])))
+                (t_first, n_first), (t_last, n_last) = times[0], times[-1]
+                decode_tps = (n_last - n_first) / (t_last - t_first)
+            else:
+                before = engine.get_stats().step_totals
+                engine.generate(input_ids=prompts, sampling_params=params)
+                steps = engine.get_stats().step_totals - before
+                decode_tps = steps.decode_tokens / steps.decode_seconds
+            engine.flush_cache()
+            # bytes a step reads: the weights, and the batch's KV at the mean context of the decode
+            kv_bytes = batch * (args.prompt_len + args.output_len / 2) * runner.kv_bytes_per_token if batch > 1 else 0
+            floor = batch * bw / (weight_bytes + kv_bytes)
+            rows.append({"batch_size": batch, "floor_tokens_per_s": floor, "decode_tokens_per_s": decode_tps,
+                         "fraction_of_floor": decode_tps / floor, "kv_gb_per_step": kv_bytes / 1e9})
     finally:
         engine.shutdown()
         shutil.rmtree(folder, ignore_errors=True)
-    floor = bw / weight_bytes
     result = {"shape": args.shape, "device": str(device), "dtype": args.dtype,
               "attention_backend": runner.attention_backend_name, "prompt_len": args.prompt_len,
               "output_len": args.output_len, "weight_gb": weight_bytes / 1e9, "copy_bandwidth_gb_s": bw / 1e9,
-              "floor_tokens_per_s": floor, "decode_tokens_per_s": decode_tps,
-              "fraction_of_floor": decode_tps / floor,
-              "device_name": runner.platform.description()}
-    print(f"{'shape':14} {'device':10} {'weights GB':>10} {'copy GB/s':>10} {'floor tok/s':>11} "
+              "device_name": runner.platform.description(), **rows[0], "batches": rows}
+    print(f"{'shape':14} {'device':10} {'batch':>5} {'weights GB':>10} {'copy GB/s':>10} {'floor tok/s':>11} "
           f"{'decode tok/s':>12} {'of floor':>8}")
-    print(f"{args.shape:14} {device.type:10} {result['weight_gb']:10.2f} "
-          f"{result['copy_bandwidth_gb_s']:10.0f} {floor:11.1f} {decode_tps:12.1f} "
-          f"{result['fraction_of_floor']:8.1%}")
+    for row in rows:
+        print(f"{args.shape:14} {device.type:10} {row['batch_size']:5d} {result['weight_gb']:10.2f} "
+              f"{result['copy_bandwidth_gb_s']:10.0f} {row['floor_tokens_per_s']:11.1f} "
+              f"{row['decode_tokens_per_s']:12.1f} {row['fraction_of_floor']:8.1%}")
     if args.output_file:
         with open(args.output_file, "w") as f:
             json.dump(result, f, indent=2)

@@ -1,15 +1,17 @@
 """Tune the Triton GEMV (backends/triton/gemv.py) against cuBLAS at Llama-3.1-8B's projections.
 
 For each projection (q/k/v, o, gate/up, and down with SiLU-and-mul fused into its input) and a
-grid of (block_n, block_k, num_warps, num_stages), time one call per distinct copy of the weight
+grid of launch parameters -- (block_n, block_k, num_warps, num_stages) of the one-row kernel at 1
+row, or with ``--kernel tile`` (tile_n, tile_k, tile_num_warps, tile_num_stages) of the several-row
+tile kernel at ``--tune-rows`` rows -- time one call per distinct copy of the weight
 (enough copies that they do not fit in L2, as 32 layers do not) in a device graph, so neither
 launch overhead nor cache reuse is counted. The baseline, in the same run: F.linear (cuBLAS),
 with the separate SiLU-and-mul kernel before the down projection.
 
-    PYTHONPATH=. python benchmarks/sweep_gemv.py [--rows 1 2 4 8] [--output-file sweep.json]
+    PYTHONPATH=. python benchmarks/sweep_gemv.py [--kernel row|tile] [--rows 1 2 4 8] [--output-file sweep.json]
 
 Prints each projection's cuBLAS time, the best few configurations, the best single configuration
-over all four (what KernelConfig can hold), and rows 1..8 at that configuration.
+over all four (what KernelConfig can hold), and each of --rows at that configuration.
 """
 from __future__ import annotations
 
@@ -27,25 +29,37 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # name -> (N, K, silu_mul_input): Llama-3.1-8B, hidden 4096, 32 q / 8 KV heads of 128, MLP 14336
 SHAPES = {"qkv": (6144, 4096, False), "o": (4096, 4096, False), "gate_up": (28672, 4096, False),
           "down": (4096, 14336, True)}
-GRID = dict(block_n=[4, 8, 16], block_k=[256, 512, 1024], num_warps=[2, 4, 8], num_stages=[3])
+GRIDS = {"row": dict(block_n=[4, 8, 16], block_k=[256, 512, 1024], num_warps=[2, 4, 8], num_stages=[3]),
+         "tile": dict(tile_n=[16, 32, 64], tile_k=[128, 256, 512], tile_num_warps=[4, 8],
+                      tile_num_stages=[3, 5])}
 L2_BYTES = 256 << 20   # weights cycled per timing: well above any GPU's L2
 
 
 def main() -> None:
-    from backends.triton.gemv import gemv
+    from backends.triton.gemv import ROW_KERNEL_MAX_ROWS, gemv
     from backends.triton.layer_ops import TritonLayerOps
     from bench_decode import copy_bandwidth
     from sweep_decode_attention import time_graph
     from hal.platform import get_platform
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--rows", type=int, nargs="+", default=[1, 2, 4, 8])
+    p.add_argument("--kernel", choices=sorted(GRIDS), default="row",
+                   help="row: the one-row kernel, tuned at 1 row; tile: the several-row kernel")
+    p.add_argument("--tune-rows", type=int, default=None,
+                   help="rows the configurations are timed at (default: 1 for row, 8 for tile)")
+    p.add_argument("--rows", type=int, nargs="+", default=None,
+                   help="rows compared with cuBLAS at the best configuration (default: 1 2 3 4 for row, "
+                        "2 4 8 16 32 64 for tile)")
     p.add_argument("--output-file", default=None)
     args = p.parse_args()
+    grid = GRIDS[args.kernel]
+    tune_rows = args.tune_rows or (1 if args.kernel == "row" else 8)
+    args.rows = args.rows or ([1, 2, 3, 4] if args.kernel == "row" else [2, 4, 8, 16, 32, 64])
     dev, dtype = torch.device("cuda"), torch.bfloat16
     platform = get_platform("cuda")
     bw = copy_bandwidth(platform, dev)
     ops = TritonLayerOps(dev)
+    smem = ops.gemv_launch["smem_bytes"]   # the device's, as the layer ops fit the tile kernel's stages to it
     print(f"{torch.cuda.get_device_name()}: copy bandwidth {bw / 1e9:,.0f} GB/s")
 
     weights, inputs = {}, {}
@@ -53,12 +67,18 @@ def main() -> None:
         copies = max(4, -(-L2_BYTES // (n * k * 2)))
         weights[name] = [torch.randn(n, k, device=dev, dtype=dtype) / k ** 0.5 for _ in range(copies)]
         inputs[name] = {m: torch.randn(m, 2 * k if silu else k, device=dev, dtype=dtype)
-                        for m in sorted(set(args.rows) | {1})}
+                        for m in sorted(set(args.rows) | {tune_rows})}
+
+    def run_gemv(x, w, silu, cfg):
+        # as the layer ops call it: the tile kernel's rows take silu_and_mul's output
+        if silu and x.shape[0] > ROW_KERNEL_MAX_ROWS:
+            return gemv(ops.silu_and_mul(x), w, smem_bytes=smem, **cfg)
+        return gemv(x, w, silu_mul_input=silu, smem_bytes=smem, **cfg)
 
     def check(name, m, cfg) -> float:
         n, k, silu = SHAPES[name]
         x, w = inputs[name][m], weights[name][0]
-        got = gemv(x, w, silu_mul_input=silu, **cfg).float()
+        got = run_gemv(x, w, silu, cfg).float()
         ref = F.linear((ops.silu_and_mul(x) if silu else x).float(), w.float())
         return ((got - ref).abs().max() / ref.abs().max()).item()
 
@@ -68,23 +88,24 @@ def main() -> None:
 
     def t_gemv(name, m, cfg) -> float:
         silu, x, ws = SHAPES[name][2], inputs[name][m], weights[name]
-        return time_graph(lambda i: gemv(x, ws[i], silu_mul_input=silu, **cfg), len(ws))
+        return time_graph(lambda i: run_gemv(x, ws[i], silu, cfg), len(ws))
 
     def gbs(name, us) -> float:
         n, k, _ = SHAPES[name]
         return n * k * 2 / (us * 1e-6) / 1e9
 
-    results = {"device": torch.cuda.get_device_name(), "copy_bandwidth_gbs": bw / 1e9, "shapes": {}}
-    configs = [dict(zip(GRID, v)) for v in itertools.product(*GRID.values())]
+    results = {"device": torch.cuda.get_device_name(), "copy_bandwidth_gbs": bw / 1e9, "kernel": args.kernel,
+               "tune_rows": tune_rows, "shapes": {}}
+    configs = [dict(zip(grid, v)) for v in itertools.product(*grid.values())]
     table = {}
     for name in SHAPES:
-        base = t_cublas(name, 1)
+        base = t_cublas(name, tune_rows)
         rows = []
         for cfg in configs:
-            err = check(name, 1, cfg)
+            err = check(name, tune_rows, cfg)
             if err > 2e-2:
                 raise SystemExit(f"{name} {cfg}: relative error {err:.3g} against the fp32 reference")
-            rows.append((t_gemv(name, 1, cfg), cfg))
+            rows.append((t_gemv(name, tune_rows, cfg), cfg))
         rows.sort(key=lambda r: r[0])
         table[name] = {tuple(c.values()): t for t, c in rows}
         floor = SHAPES[name][0] * SHAPES[name][1] * 2 / bw * 1e6
@@ -96,7 +117,7 @@ def main() -> None:
                                        best=[dict(us=t, **cfg) for t, cfg in rows[:8]])
 
     key = min(table["qkv"], key=lambda c: sum(table[s][c] for s in SHAPES))
-    cfg = dict(zip(GRID, key))
+    cfg = dict(zip(grid, key))
     print(f"\nbest single configuration over the four projections: {cfg}")
     print(f"{'rows':>4} " + " ".join(f"{s + ' cuBLAS':>14} {s + ' gemv':>12}" for s in SHAPES) + "  layer ratio")
     results["single"] = dict(config=cfg, rows={})

@@ -38,13 +38,19 @@ class KernelConfig:
     # element-wise kernels (norm, activation, rotary, KV store)
     elementwise_num_warps: int = 4
     # linears of at most gemv_max_rows rows (small decode batches) as a GEMV of our own
-    # (backends/triton/gemv.py) instead of the vendor BLAS; 0: never. Each program streams
-    # gemv_block_n rows of the weight along K in gemv_block_k chunks.
+    # (backends/triton/gemv.py) instead of the vendor BLAS; 0: never. For one row each program
+    # streams gemv_block_n rows of the weight along K in gemv_block_k chunks; for more, each
+    # streams gemv_tile_n rows of it in gemv_tile_k chunks and multiplies them by all the rows of
+    # x (16 or 32 per program) on the tensor cores.
     gemv_max_rows: int = 0
     gemv_block_n: int = 8
     gemv_block_k: int = 512
     gemv_num_warps: int = 4
     gemv_num_stages: int = 3
+    gemv_tile_n: int = 32
+    gemv_tile_k: int = 256
+    gemv_tile_num_warps: int = 4
+    gemv_tile_num_stages: int = 4
     # 1: the GEMV also does the RMSNorm of its input where the model asks (rms_norm_linear: a
     # decoder layer's two norms), in the same pass over x (H200 batch 1: 237.4 -> 238.3 tok/s)
     gemv_fuse_norm: int = 1
@@ -65,6 +71,10 @@ class KernelConfig:
             v = getattr(self, name)
             if v < 1 or v & (v - 1):
                 raise ValueError(f"{name} must be a power of two, got {v}")
+        for name in ("gemv_tile_n", "gemv_tile_k"):
+            v = getattr(self, name)
+            if v < 16 or v & (v - 1):
+                raise ValueError(f"{name} must be a power of two >= 16, got {v}")
         if self.gemv_max_rows < 0:
             raise ValueError(f"gemv_max_rows must be >= 0, got {self.gemv_max_rows}")
 

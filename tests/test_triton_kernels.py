@@ -251,8 +251,9 @@ def test_triton_rotary_matches_torch(dtype, head_dim):
 @pytest.mark.parametrize("dtype", OPS_DTYPES)
 @pytest.mark.parametrize("rows,n,k,silu,bias,block_n,block_k", [
     (1, 64, 256, False, False, 8, 128),     # even tiles
-    (3, 50, 200, True, True, 8, 128),       # ragged N and K, SiLU-and-mul input, bias
-    (2, 96, 384, True, False, 16, 512),     # block_k wider than K
+    (1, 50, 200, True, True, 8, 128),       # ragged N and K, SiLU-and-mul input, bias
+    (1, 96, 384, True, False, 16, 512),     # block_k wider than K
+    (3, 50, 200, False, True, 8, 128),      # several rows: the tile kernel
     (1, 7, 33, False, True, 4, 16),
 ])
 def test_triton_gemv_matches_torch(dtype, rows, n, k, silu, bias, block_n, block_k):
@@ -272,7 +273,8 @@ def test_triton_gemv_matches_torch(dtype, rows, n, k, silu, bias, block_n, block
 @pytest.mark.parametrize("rows,n,k,norm,residual,bias,block_n,block_k", [
     (1, 64, 256, True, False, False, 8, 128),     # the q/k/v and gate/up projections: the norm folded in
     (1, 64, 256, False, True, False, 8, 128),     # the o projection: the residual added
-    (3, 50, 200, True, False, True, 8, 128),      # ragged N and K, several rows, bias
+    (1, 50, 200, True, False, True, 8, 128),      # ragged N and K, bias
+    (3, 50, 200, False, True, True, 8, 128),      # several rows (the tile kernel): residual and bias
     (2, 7, 33, False, True, True, 4, 16),
 ])
 def test_triton_gemv_norm_and_residual_match_torch(dtype, rows, n, k, norm, residual, bias, block_n, block_k):
@@ -295,6 +297,60 @@ def test_triton_gemv_norm_and_residual_match_torch(dtype, rows, n, k, norm, resi
     torch.testing.assert_close(ours, ref, **ops_tolerance(dtype))
 
 
+@pytest.mark.parametrize("dtype", OPS_DTYPES)
+@pytest.mark.parametrize("rows,n,k,residual,bias,tile_n,tile_k", [
+    (2, 64, 256, False, False, 16, 64),     # even tiles, one block of 16 rows
+    (3, 50, 200, True, True, 16, 64),       # ragged N and K, residual, bias
+    (16, 96, 128, False, True, 32, 128),    # a full block of 16 rows
+    (17, 40, 96, True, True, 16, 32),       # a 32-row block, 15 rows masked
+    (70, 48, 80, True, False, 16, 16),      # three 32-row blocks, K not a multiple of the tile
+    (6, 7, 33, True, False, 16, 256),       # tile_k wider than K
+])
+def test_triton_gemv_several_rows_match_torch(dtype, rows, n, k, residual, bias, tile_n, tile_k):
+    """More than one row goes through the tensor-core tile kernel; its epilogues (bias, residual)
+    against an fp32 reference, and rows alone through the one-row kernel."""
+    from backends.triton.gemv import gemv
+
+    g = torch.Generator().manual_seed(rows)
+    x = (3 * torch.randn(rows, k, generator=g)).to(dtype)
+    w = (torch.randn(n, k, generator=g) / k ** 0.5).to(dtype)
+    b = torch.randn(n, generator=g).to(dtype) if bias else None
+    r = torch.randn(rows, n, generator=g).to(dtype) if residual else None
+    launch = dict(block_n=4, block_k=16, tile_n=tile_n, tile_k=tile_k)
+    ours = gemv(x, w, b, residual=r, **launch)
+    ref = torch.nn.functional.linear(x.float(), w.float(), None if b is None else b.float())
+    ref = ref if r is None else ref + r.float()
+    assert ours.dtype == x.dtype and ours.shape == (rows, n)
+    # one rounding of the output in x's dtype
+    ulps = 1e-5 if dtype == torch.float32 else 2 * torch.finfo(dtype).eps
+    torch.testing.assert_close(ours.float(), ref, atol=ulps * ref.abs().max().item(), rtol=ulps)
+    some = sorted({0, rows // 2, rows - 1})
+    one = torch.cat([gemv(x[i:i + 1], w, b, residual=None if r is None else r[i:i + 1], **launch) for i in some])
+    torch.testing.assert_close(ours[some].float(), one.float(), atol=2 * ulps * ref.abs().max().item(),
+                               rtol=2 * ulps)
+
+
+def test_triton_gemv_tile_rows_take_silu_and_norm_from_the_layer_ops():
+    """The tile kernel takes no SiLU-and-mul input or norm: gemv says so, and for those rows the
+    layer ops run silu_and_mul or rms_norm first, so linear() and rms_norm_linear() still match."""
+    from backends.triton.gemv import ROW_KERNEL_MAX_ROWS, gemv
+
+    g = torch.Generator().manual_seed(12)
+    rows = ROW_KERNEL_MAX_ROWS + 2
+    x, w = torch.randn(rows, 96, generator=g), torch.randn(40, 48, generator=g) / 7
+    r, norm_w = torch.randn(rows, 40, generator=g), torch.rand(48, generator=g) + 0.5
+    with pytest.raises(ValueError, match="apply silu_and_mul or rms_norm first"):
+        gemv(x, w, silu_mul_input=True)
+    with pytest.raises(ValueError, match="apply silu_and_mul or rms_norm first"):
+        gemv(x[:, :48], w, norm=(norm_w, 1e-6))
+    ops = TritonLayerOps(kernel_config=KernelConfig(gemv_max_rows=16, gemv_tile_n=16, gemv_tile_k=32))
+    ref = TorchLayerOps()
+    torch.testing.assert_close(ops.linear(x, w, silu_mul_input=True, residual=r),
+                               ref.linear(x, w, silu_mul_input=True, residual=r), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(ops.rms_norm_linear(x[:, :48], norm_w, 1e-6, w),
+                               ref.rms_norm_linear(x[:, :48], norm_w, 1e-6, w), atol=1e-5, rtol=1e-5)
+
+
 def test_triton_rms_norm_linear_folds_the_norm_only_into_the_gemv(monkeypatch):
     import backends.triton.layer_ops as layer_ops
 
@@ -311,7 +367,9 @@ def test_triton_rms_norm_linear_folds_the_norm_only_into_the_gemv(monkeypatch):
             x = torch.randn(rows, 80, generator=g)
             torch.testing.assert_close(ops.rms_norm_linear(x, norm_w, 1e-6, w),
                                        TorchLayerOps().rms_norm_linear(x, norm_w, 1e-6, w), atol=1e-5, rtol=1e-5)
-            assert any("norm" in kw for kw in calls) == (used and bool(fuse))   # else norm kernel + GEMV
+            assert bool(calls) == used
+            # folded into the one-row GEMV only; else the norm kernel, then the GEMV
+            assert any("norm" in kw for kw in calls) == (rows == 1 and bool(fuse))
 
 
 def test_triton_linear_takes_the_gemv_only_for_few_rows(monkeypatch):
@@ -320,7 +378,8 @@ def test_triton_linear_takes_the_gemv_only_for_few_rows(monkeypatch):
     calls = []
     real = layer_ops.gemv
     monkeypatch.setattr(layer_ops, "gemv", lambda *a, **kw: calls.append(kw) or real(*a, **kw))
-    ops = TritonLayerOps(kernel_config=KernelConfig(gemv_max_rows=2, gemv_block_n=4, gemv_block_k=64))
+    ops = TritonLayerOps(kernel_config=KernelConfig(gemv_max_rows=2, gemv_block_n=4, gemv_block_k=64,
+                                                    gemv_tile_n=16, gemv_tile_k=32))
     g = torch.Generator().manual_seed(9)
     w = torch.randn(24, 80, generator=g)
     for rows, used in ((1, True), (2, True), (3, False)):
@@ -332,7 +391,8 @@ def test_triton_linear_takes_the_gemv_only_for_few_rows(monkeypatch):
     assert calls == [] and TritonLayerOps(kernel_config=KernelConfig()).gemv_max_rows == 0   # off by default
     ops.linear(torch.randn(1, 160, generator=g), w, silu_mul_input=True)
     assert calls[0] == dict(silu_mul_input=True, residual=None, block_n=4, block_k=64, num_warps=4, num_stages=3,
-                            pdl=False)
+                            tile_n=16, tile_k=32, tile_num_warps=4, tile_num_stages=4,
+                            smem_bytes=KernelConfig().shared_memory_bytes, pdl=False)
 
 
 # ---- a whole model ---------------------------------------------------------------------------------

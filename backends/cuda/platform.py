@@ -15,15 +15,18 @@ from hal.platform import Platform
 # balance_splits stays 1: 4 splits were 17-21% faster per attention call at batch 32-128 with
 # ShareGPT-like uneven contexts, but three same-run A/Bs of the whole 1000-prompt run were within
 # run-to-run noise (decode 14.92 -> 14.59 s; 14.46 -> 14.57 and 14.56 s; H200, RESULTS.md).
-# gemv_max_rows 1: at batch 1 the GEMV streams Llama-3.1-8B's four projections in 112.5 against
-# cuBLAS's 126.4 us per layer (down with SiLU-and-mul fused in; H200, benchmarks/sweep_gemv.py) and
-# batch-1 decode went 209.4 -> 229.0 tok/s in the same run; at 2 rows it is 0.6x of cuBLAS.
+# gemv_max_rows 16: at batch 1 the one-row GEMV streams Llama-3.1-8B's four projections in 112.5
+# against cuBLAS's 126.4 us per layer (down with SiLU-and-mul fused in; H200, benchmarks/sweep_gemv.py)
+# and batch-1 decode went 209.4 -> 229.0 tok/s in the same run. At 2-16 rows the tile GEMV is 1.05x
+# cuBLAS per layer (o 1.15x, no split-K reduce) and decode at batch 2/4/8/16 gains 2.4-3.2%; at 32
+# rows it is slower than cuBLAS (sweep_gemv.py --kernel tile, bench_decode.py --batch-size).
 CUDA_KERNEL_CONFIG = KernelConfig(
     warp_size=32, shared_memory_bytes=99 * 1024,
     decode_block_n=64, decode_num_warps=4, decode_num_stages=2, max_kv_splits=16, min_split_tokens=64,
     extend_block_m=128, extend_block_n=64, extend_num_warps=8, extend_num_stages=2,
     elementwise_num_warps=4,
-    gemv_max_rows=1, gemv_block_n=8, gemv_block_k=512, gemv_num_warps=4, gemv_num_stages=3)
+    gemv_max_rows=16, gemv_block_n=8, gemv_block_k=512, gemv_num_warps=4, gemv_num_stages=3,
+    gemv_tile_n=32, gemv_tile_k=256, gemv_tile_num_warps=4, gemv_tile_num_stages=5)
 
 
 class CudaLikePlatform(Platform):

@@ -17,7 +17,7 @@ from triton.compiler import ASTSource
 
 from backends.triton.decode_attention import _decode_partial_kernel, _decode_reduce_kernel
 from backends.triton.extend_attention import _extend_kernel
-from backends.triton.gemv import _gemv_kernel
+from backends.triton.gemv import _gemv_kernel, _gemv_tile_kernel
 from backends.triton.kv_store import _store_kv_kernel
 from backends.triton.layer_ops import _rms_norm_kernel, _rotary_kernel, _silu_and_mul_kernel
 from backends.triton.tl_helpers import next_pow2
@@ -76,7 +76,12 @@ def kernel_cases(cfg: KernelConfig, dt: str, head_dim: int, num_q_heads: int = 3
                                     NUM_STAGES=cfg.gemv_num_stages, USE_PDL=pdl),
           cfg.gemv_num_warps, cfg.gemv_num_stages)
          # as a decoder layer calls them: q/k/v and gate/up (norm), o (residual), down (SiLU, residual)
-         for silu, norm, res in ((False, True, False), (False, False, True), (True, False, True))]
+         for silu, norm, res in ((False, True, False), (False, False, True), (True, False, True))
+    ] + [(_gemv_tile_kernel, types, dict(HAS_BIAS=False, HAS_RES=res, EVEN_W=True, FP32_DOT=fp32, BLOCK_M=16,
+                                         BLOCK_N=cfg.gemv_tile_n, BLOCK_K=cfg.gemv_tile_k,
+                                         NUM_STAGES=cfg.gemv_tile_num_stages, USE_PDL=pdl),
+          cfg.gemv_tile_num_warps, cfg.gemv_tile_num_stages)
+         for res in (False, True)]     # q/k/v and gate/up; o and down (residual)
 
 
 def compile_kernel(fn, types: dict, constexprs: dict, target: GPUTarget, num_warps: int, num_stages: int):

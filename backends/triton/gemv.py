@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from backends.triton.tl_helpers import pdl_launch, pdl_launch_dependents, pdl_wait
+from backends.triton.tl_helpers import fp32_dot, mma, next_pow2, pdl_launch, pdl_launch_dependents, pdl_wait
 
 
 @triton.jit
@@ -66,6 +66,7 @@ def _gemv_kernel(X, W, B, Out, R, G, stride_xm, stride_wn, stride_om, stride_rm,
                  HAS_RES: tl.constexpr, EVEN_W: tl.constexpr, EVEN_K: tl.constexpr,
                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NUM_STAGES: tl.constexpr,
                  USE_PDL: tl.constexpr):
+    """One row of x: each program's products are summed along K in registers until the end."""
     N = out_features
     K = in_features
     pid_n = tl.program_id(0)
@@ -103,14 +104,67 @@ def _gemv_kernel(X, W, B, Out, R, G, stride_xm, stride_wn, stride_om, stride_rm,
     tl.store(Out + m * stride_om + offs_n, out.to(Out.dtype.element_ty), mask=n_mask)
 
 
+@triton.jit
+def _gemv_tile_kernel(X, W, B, Out, R, stride_xm, stride_wn, stride_om, stride_rm, rows, out_features,
+                      in_features, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, EVEN_W: tl.constexpr,
+                      FP32_DOT: tl.constexpr,
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                      NUM_STAGES: tl.constexpr, USE_PDL: tl.constexpr):
+    """Several rows: each program streams its BLOCK_N rows of W once and multiplies every chunk
+    by the [BLOCK_M, BLOCK_K] tile of x on the tensor cores (rows past the last are masked). x
+    goes from memory to the tensor cores untouched: no SiLU-and-mul or norm prologue, which every
+    program would redo on the whole tile in registers (2-4x slower at Llama-3.1-8B's projections
+    on the H200) where one pass of silu_and_mul or rms_norm does it once."""
+    N = out_features
+    K = in_features
+    pid_n = tl.program_id(0)
+    offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    m_mask = offs_m < rows
+    n_mask = offs_n < N
+    x_rows = X + offs_m.to(tl.int64)[:, None] * stride_xm
+    w_rows = W + offs_n.to(tl.int64)[:, None] * stride_wn
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    pdl_launch_dependents(USE_PDL)
+    k_start = 0
+    if USE_PDL:
+        w = _load_w(w_rows, offs_k, n_mask, K, EVEN_W)
+        pdl_wait(USE_PDL)
+        xk = tl.load(x_rows + offs_k[None, :], mask=m_mask[:, None] & (offs_k < K)[None, :], other=0.0)
+        acc += mma(xk, tl.trans(w), FP32_DOT)
+        k_start = BLOCK_K
+    for k0 in tl.range(k_start, K, BLOCK_K, num_stages=NUM_STAGES):
+        ks = k0 + offs_k
+        w = _load_w(w_rows, ks, n_mask, K, EVEN_W)
+        xk = tl.load(x_rows + ks[None, :], mask=m_mask[:, None] & (ks < K)[None, :], other=0.0)
+        acc += mma(xk, tl.trans(w), FP32_DOT)
+    if HAS_BIAS:
+        acc += tl.load(B + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+    mask = m_mask[:, None] & n_mask[None, :]
+    if HAS_RES:
+        acc += tl.load(R + offs_m.to(tl.int64)[:, None] * stride_rm + offs_n[None, :], mask=mask,
+                       other=0.0).to(tl.float32)
+    tl.store(Out + offs_m.to(tl.int64)[:, None] * stride_om + offs_n[None, :], acc.to(Out.dtype.element_ty),
+             mask=mask)
+
+
+# rows up to this go through _gemv_kernel (CUDA cores), more through _gemv_tile_kernel (tensor
+# cores). Two or four rows a program on the CUDA cores were no faster than cuBLAS (H200).
+ROW_KERNEL_MAX_ROWS = 1
+
+
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None, *,
          silu_mul_input: bool = False, residual: Optional[torch.Tensor] = None,
          norm: Optional[tuple[torch.Tensor, float]] = None, block_n: int = 8, block_k: int = 512,
-         num_warps: int = 4, num_stages: int = 3, pdl: bool = False) -> torch.Tensor:
+         num_warps: int = 4, num_stages: int = 3, tile_n: int = 32, tile_k: int = 256, tile_num_warps: int = 4,
+         tile_num_stages: int = 4, smem_bytes: int = 99 * 1024, pdl: bool = False) -> torch.Tensor:
     """x: [..., K] (or [..., 2K] = [gate | up] with ``silu_mul_input``); weight: [N, K] with unit
     stride along K -> [..., N] in x's dtype, plus ``residual`` [..., N] if given. norm = (g [K],
     eps): the product is of rms_norm(x) * g (in fp32: the separate norm rounds twice, this does
-    not). One program per (BLOCK_N features, row of x)."""
+    not). One row: one program per block_n features (``_gemv_kernel``); more: one per tile_n
+    features and 16 or 32 rows (``_gemv_tile_kernel``; no SiLU-and-mul input or norm there), its
+    stages and then tile_k cut until they fit in ``smem_bytes``."""
     n, k = weight.shape
     width = 2 * k if silu_mul_input else k
     if x.shape[-1] != width:
@@ -129,12 +183,33 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = N
         r2 = residual.reshape(rows, n)
         r2 = r2 if r2.stride(-1) == 1 else r2.contiguous()
     g, eps = norm if norm is not None else (weight, 0.0)
-    if rows:
-        block_k = min(block_k, triton.next_power_of_2(k))
+    b = bias if bias is not None else weight
+    flags = dict(HAS_BIAS=bias is not None, HAS_RES=residual is not None, **pdl_launch(pdl))
+    if rows == 1:
+        block_k = min(block_k, next_pow2(k))
         _gemv_kernel[(triton.cdiv(n, block_n), rows)](
-            x2, weight, bias if bias is not None else weight, out, r2, g, x2.stride(0), weight.stride(0),
-            out.stride(0), r2.stride(0), n, k, float(eps), SILU_MUL=silu_mul_input, NORM=norm is not None,
-            HAS_BIAS=bias is not None, HAS_RES=residual is not None,
-            EVEN_W=n % block_n == 0 and k % block_k == 0, EVEN_K=k % block_k == 0, BLOCK_N=block_n,
-            BLOCK_K=block_k, NUM_STAGES=num_stages, num_warps=num_warps, **pdl_launch(pdl))
+            x2, weight, b, out, r2, g, x2.stride(0), weight.stride(0), out.stride(0), r2.stride(0), n, k,
+            float(eps), EVEN_W=n % block_n == 0 and k % block_k == 0, EVEN_K=k % block_k == 0, BLOCK_N=block_n,
+            BLOCK_K=block_k, NUM_STAGES=num_stages, num_warps=num_warps, SILU_MUL=silu_mul_input,
+            NORM=norm is not None, **flags)
+    elif rows:
+        if silu_mul_input or norm is not None:
+            raise ValueError(f"gemv: a SiLU-and-mul input or a norm needs at most {ROW_KERNEL_MAX_ROWS} row "
+                             f"(got {rows}); apply silu_and_mul or rms_norm first")
+        block_m = 16 if rows <= 16 else 32   # 64 rows spill registers (and serialize wgmma) on sm_90
+        tile_k = min(tile_k, max(16, next_pow2(k)))
+        stages = tile_num_stages
+
+        def smem() -> int:   # a stage holds the x tile and the W tile
+            return stages * tile_k * (block_m + tile_n) * x.element_size()
+
+        while smem() > smem_bytes and stages > 2:
+            stages -= 1
+        while smem() > smem_bytes and tile_k > 32:
+            tile_k //= 2
+        _gemv_tile_kernel[(triton.cdiv(n, tile_n), triton.cdiv(rows, block_m))](
+            x2, weight, b, out, r2, x2.stride(0), weight.stride(0), out.stride(0), r2.stride(0), rows, n, k,
+            EVEN_W=n % tile_n == 0 and k % tile_k == 0, FP32_DOT=fp32_dot(x.dtype), BLOCK_M=block_m,
+            BLOCK_N=tile_n, BLOCK_K=tile_k, NUM_STAGES=stages, num_warps=tile_num_warps, num_stages=stages,
+            **flags)
     return out.view(*x.shape[:-1], n)

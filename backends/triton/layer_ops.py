@@ -8,7 +8,7 @@ import torch
 import triton
 import triton.language as tl
 
-from backends.triton.gemv import gemv
+from backends.triton.gemv import ROW_KERNEL_MAX_ROWS, gemv
 from backends.triton.tl_helpers import next_pow2, pdl_launch, pdl_launch_dependents, pdl_wait
 from hal.kernel_config import KernelConfig
 from hal.layer_ops import LayerOps
@@ -106,26 +106,35 @@ class TritonLayerOps(LayerOps):
         self._pdl_kw = pdl_launch(self.pdl)          # the element-wise launches' PDL arguments
         self.gemv_launch = dict(block_n=cfg.gemv_block_n, block_k=cfg.gemv_block_k,
                                 num_warps=cfg.gemv_num_warps, num_stages=cfg.gemv_num_stages,
-                                pdl=self.pdl)
+                                tile_n=cfg.gemv_tile_n, tile_k=cfg.gemv_tile_k,
+                                tile_num_warps=cfg.gemv_tile_num_warps,
+                                tile_num_stages=cfg.gemv_tile_num_stages,
+                                smem_bytes=cfg.shared_memory_bytes, pdl=self.pdl)
 
     def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None, *,
                silu_mul_input: bool = False, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
         """The GEMV (backends/triton/gemv.py) for at most ``gemv_max_rows`` rows, the vendor BLAS
         otherwise."""
         if self._gemv_rows(x, weight):
+            if silu_mul_input and self._rows(x) > ROW_KERNEL_MAX_ROWS:
+                x, silu_mul_input = self.silu_and_mul(x), False    # the tile kernel takes no SiLU input
             return gemv(x, weight, bias, silu_mul_input=silu_mul_input, residual=residual, **self.gemv_launch)
         return super().linear(x, weight, bias, silu_mul_input=silu_mul_input, residual=residual)
 
     def rms_norm_linear(self, x: torch.Tensor, norm_weight: torch.Tensor, eps: float, weight: torch.Tensor,
                         bias: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """Where the GEMV runs, the norm is folded into it (``KernelConfig.gemv_fuse_norm``)."""
-        if self.gemv_fuse_norm and self._gemv_rows(x, weight) and norm_weight.dtype == x.dtype:
+        """Where the one-row GEMV runs, the norm is folded into it (``KernelConfig.gemv_fuse_norm``)."""
+        if (self.gemv_fuse_norm and self._gemv_rows(x, weight) and self._rows(x) <= ROW_KERNEL_MAX_ROWS
+                and norm_weight.dtype == x.dtype):
             return gemv(x, weight, bias, norm=(norm_weight, eps), **self.gemv_launch)
         return super().rms_norm_linear(x, norm_weight, eps, weight, bias)
 
+    @staticmethod
+    def _rows(x: torch.Tensor) -> int:
+        return x.numel() // max(1, x.shape[-1])
+
     def _gemv_rows(self, x: torch.Tensor, weight: torch.Tensor) -> bool:
-        rows = x.numel() // max(1, x.shape[-1])
-        return 0 < rows <= self.gemv_max_rows and weight.dtype == x.dtype and weight.dim() == 2
+        return 0 < self._rows(x) <= self.gemv_max_rows and weight.dtype == x.dtype and weight.dim() == 2
 
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float,
                  residual: Optional[torch.Tensor] = None

@@ -198,18 +198,23 @@ def test_layer_ops_llama8b_sizes(dtype):
         torch.testing.assert_close(a, b, **tol)
 
 
+def gemv_launch() -> dict:
+    """The GEMV launch parameters of the platform's kernel config, as the layer ops pass them."""
+    from backends.triton.layer_ops import TritonLayerOps
+
+    return TritonLayerOps(torch.device(DEVICE)).gemv_launch
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("rows", [1, 2, 5])
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 16, 40])
 def test_gemv_llama8b_projections(dtype, rows):
     """The GEMV at Llama-3.1-8B's four projections (SiLU-and-mul fused into down's input) against
-    an fp32 reference, with the platform's launch parameters, eager and replayed in a CUDA graph."""
+    an fp32 reference, with the platform's launch parameters (one row: the one-row kernel; more:
+    the CUDA-core kernel up to 4 rows, the tile kernel beyond), eager and replayed in a CUDA graph."""
     from backends.cpu.torch_layer_ops import TorchLayerOps
-    from backends.triton.gemv import gemv
-    from hal.platform import get_platform
+    from backends.triton.gemv import ROW_KERNEL_MAX_ROWS, gemv
 
-    cfg = get_platform("cuda").kernel_config()
-    launch = dict(block_n=cfg.gemv_block_n, block_k=cfg.gemv_block_k, num_warps=cfg.gemv_num_warps,
-                  num_stages=cfg.gemv_num_stages)
+    launch = gemv_launch()
     g = torch.Generator(device=DEVICE).manual_seed(rows)
     for n, k, silu in ((6144, 4096, False), (4096, 4096, False), (28672, 4096, False), (4096, 14336, True)):
         x = torch.randn(rows, 2 * k if silu else k, device=DEVICE, generator=g).to(dtype)
@@ -217,6 +222,8 @@ def test_gemv_llama8b_projections(dtype, rows):
         b = torch.randn(n, device=DEVICE, generator=g).to(dtype)
         xin = TorchLayerOps().silu_and_mul(x) if silu else x
         ref = torch.nn.functional.linear(xin.float(), w.float(), b.float())
+        if silu and rows > ROW_KERNEL_MAX_ROWS:          # the tile kernel takes the product's input
+            x, silu = xin, False
         out = gemv(x, w, b, silu_mul_input=silu, **launch)
         torch.testing.assert_close(out.float(), ref, atol=2e-2, rtol=2e-2)
         graph = torch.cuda.CUDAGraph()
@@ -227,28 +234,28 @@ def test_gemv_llama8b_projections(dtype, rows):
         torch.testing.assert_close(captured, gemv(x, w, b, silu_mul_input=silu, **launch), atol=0, rtol=0)
 
 
-
-def test_gemv_norm_and_residual_llama8b_projections():
-    """The GEMV as a decoder layer calls it at batch 1: the RMSNorm folded into q/k/v and gate/up,
-    the residual added by o and down, against fp32 references, eager and in a CUDA graph."""
+@pytest.mark.parametrize("rows", [1, 8])
+def test_gemv_norm_and_residual_llama8b_projections(rows):
+    """The GEMV as a decoder layer calls it: at batch 1 the RMSNorm folded into q/k/v and gate/up,
+    and at batches 1 and 8 the residual added by o and down, against fp32 references, eager and in
+    a CUDA graph."""
     from backends.cpu.torch_layer_ops import TorchLayerOps
     from backends.triton.gemv import gemv
-    from hal.platform import get_platform
 
-    cfg = get_platform("cuda").kernel_config()
-    launch = dict(block_n=cfg.gemv_block_n, block_k=cfg.gemv_block_k, num_warps=cfg.gemv_num_warps,
-                  num_stages=cfg.gemv_num_stages)
+    launch = gemv_launch()
     g = torch.Generator(device=DEVICE).manual_seed(3)
     dt = torch.bfloat16
     for n, k, norm in ((6144, 4096, True), (28672, 4096, True), (4096, 4096, False), (4096, 14336, False)):
-        x = (4 * torch.randn(1, k, device=DEVICE, generator=g)).to(dt)
+        if norm and rows > 1:
+            continue                    # the tile kernel takes rms_norm's output
+        x = (4 * torch.randn(rows, k, device=DEVICE, generator=g)).to(dt)
         w = (torch.randn(n, k, device=DEVICE, generator=g) / k ** 0.5).to(dt)
         if norm:
             norm_w = (1 + 0.3 * torch.randn(k, device=DEVICE, generator=g)).to(dt)
             kw = dict(norm=(norm_w, 1e-5))
             ref = torch.nn.functional.linear(TorchLayerOps().rms_norm(x, norm_w, 1e-5).float(), w.float())
         else:
-            r = torch.randn(1, n, device=DEVICE, generator=g).to(dt)
+            r = torch.randn(rows, n, device=DEVICE, generator=g).to(dt)
             kw = dict(residual=r)
             ref = torch.nn.functional.linear(x.float(), w.float()) + r.float()
         torch.testing.assert_close(gemv(x, w, **kw, **launch).float(), ref, atol=3e-2, rtol=2e-2)
