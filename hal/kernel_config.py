@@ -51,8 +51,8 @@ class KernelConfig:
     gemv_tile_k: int = 256
     gemv_tile_num_warps: int = 4
     gemv_tile_num_stages: int = 4
-    # 1: the GEMV also does the RMSNorm of its input where the model asks (rms_norm_linear: a
-    # decoder layer's two norms), in the same pass over x (H200 batch 1: 237.4 -> 238.3 tok/s)
+    # 1: the one-row GEMV also does the RMSNorm of its input where the model asks (rms_norm_linear:
+    # a decoder layer's two norms), in the same pass over x (H200 batch 1: 237.4 -> 238.3 tok/s)
     gemv_fuse_norm: int = 1
     # 1: launch the Triton kernels of a decode step (all but extend attention) with programmatic
     # dependent launch (NVIDIA sm90+): each may start while the one before it finishes, and the
