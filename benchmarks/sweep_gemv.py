@@ -48,18 +48,18 @@ def main() -> None:
     p.add_argument("--tune-rows", type=int, default=None,
                    help="rows the configurations are timed at (default: 1 for row, 8 for tile)")
     p.add_argument("--rows", type=int, nargs="+", default=None,
-                   help="rows compared with cuBLAS at the best configuration (default: 1 2 3 4 for row, "
-                        "2 4 8 16 32 64 for tile)")
+                   help="rows compared with cuBLAS at the best configuration (default: 1 2 4 8 for row, "
+                        "where more than 1 row runs the platform's tile configuration; 2 4 8 16 32 64 for tile)")
     p.add_argument("--output-file", default=None)
     args = p.parse_args()
     grid = GRIDS[args.kernel]
     tune_rows = args.tune_rows or (1 if args.kernel == "row" else 8)
-    args.rows = args.rows or ([1, 2, 3, 4] if args.kernel == "row" else [2, 4, 8, 16, 32, 64])
+    args.rows = args.rows or ([1, 2, 4, 8] if args.kernel == "row" else [2, 4, 8, 16, 32, 64])
     dev, dtype = torch.device("cuda"), torch.bfloat16
     platform = get_platform("cuda")
     bw = copy_bandwidth(platform, dev)
     ops = TritonLayerOps(dev)
-    smem = ops.gemv_launch["smem_bytes"]   # the device's, as the layer ops fit the tile kernel's stages to it
+    base_launch = ops.gemv_launch          # the platform's, as the layer ops pass it; cfg overrides some
     print(f"{torch.cuda.get_device_name()}: copy bandwidth {bw / 1e9:,.0f} GB/s")
 
     weights, inputs = {}, {}
@@ -72,8 +72,8 @@ def main() -> None:
     def run_gemv(x, w, silu, cfg):
         # as the layer ops call it: the tile kernel's rows take silu_and_mul's output
         if silu and x.shape[0] > ROW_KERNEL_MAX_ROWS:
-            return gemv(ops.silu_and_mul(x), w, smem_bytes=smem, **cfg)
-        return gemv(x, w, silu_mul_input=silu, smem_bytes=smem, **cfg)
+            return gemv(ops.silu_and_mul(x), w, **{**base_launch, **cfg})
+        return gemv(x, w, silu_mul_input=silu, **{**base_launch, **cfg})
 
     def check(name, m, cfg) -> float:
         n, k, silu = SHAPES[name]
