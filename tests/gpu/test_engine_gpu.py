@@ -111,26 +111,33 @@ def test_bf16_prefill_logits_within_tolerance(llama_tiny):
     torch.testing.assert_close(ours, ref, atol=BF16_LOGIT_TOL * scale, rtol=0)
 
 
-@pytest.mark.parametrize("disable_graph", [False, True])
-def test_dependent_launch_and_gemv_keep_the_tokens(llama_tiny, disable_graph):
-    """Programmatic dependent launch (sm90+) changes when kernels start, never what they compute:
-    the same tokens with it on and off, eager and captured, at batch 1 (the GEMV path) and 8."""
+def tokens_per_kernel_config(path, dtype, disable_graph, configs, batch, sizes=(1, 8)):
+    """For each --kernel-config in ``configs`` (checked to be applied), one Engine's greedy tokens
+    for batch[:n], n in ``sizes``, all in one list."""
     import json
 
     from engine import Engine
 
+    runs = []
+    for cfg in configs:
+        with Engine(model_path=str(path), dtype=dtype, disable_cuda_graph=disable_graph,
+                    kernel_config=json.dumps(cfg), **ENGINE_KW) as eng:
+            applied = eng.scheduler.runner.platform.kernel_config()
+            assert {k: getattr(applied, k) for k in cfg} == cfg
+            runs.append([o["output_ids"] for n in sizes
+                         for o in eng.generate(input_ids=batch[:n],
+                                               sampling_params={**GREEDY, "max_new_tokens": N_TOKENS})])
+    return runs
+
+
+@pytest.mark.parametrize("disable_graph", [False, True])
+def test_dependent_launch_and_gemv_keep_the_tokens(llama_tiny, disable_graph):
+    """Programmatic dependent launch (sm90+) changes when kernels start, never what they compute:
+    the same tokens with it on and off, eager and captured, at batch 1 (the GEMV path) and 8."""
     if torch.cuda.get_device_capability()[0] < 9:
         pytest.skip("programmatic dependent launch needs sm90 or later")
-    batch = prompts(8, seed=4)
-    runs = []
-    for pdl in (0, 1):
-        with Engine(model_path=str(llama_tiny), dtype="bfloat16", disable_cuda_graph=disable_graph,
-                    kernel_config=json.dumps({"pdl": pdl, "gemv_max_rows": 1}), **ENGINE_KW) as eng:
-            cfg = eng.scheduler.runner.platform.kernel_config()
-            assert (cfg.pdl, cfg.gemv_max_rows) == (pdl, 1)
-            alone = eng.generate(input_ids=batch[0], sampling_params={**GREEDY, "max_new_tokens": N_TOKENS})
-            outs = eng.generate(input_ids=batch, sampling_params={**GREEDY, "max_new_tokens": N_TOKENS})
-        runs.append([alone["output_ids"]] + [o["output_ids"] for o in outs])
+    runs = tokens_per_kernel_config(llama_tiny, "bfloat16", disable_graph,
+                                    [{"pdl": pdl, "gemv_max_rows": 1} for pdl in (0, 1)], prompts(8, seed=4))
     assert runs[0] == runs[1]
 
 
@@ -139,38 +146,16 @@ def test_fused_decode_kernels_keep_the_tokens(llama_tiny, disable_graph):
     """Rotary and the KV store inside the decode attention kernel, and the norms inside the GEMVs,
     against the separate kernels: the same greedy tokens in fp32, eager and captured, at batch 1
     (the GEMV path) and 8."""
-    import json
-
-    from engine import Engine
-
-    batch = prompts(8, seed=5)
-    runs = []
-    for fused in (0, 1):
-        cfg = dict(gemv_max_rows=1, decode_fused_rotary=fused, gemv_fuse_norm=fused)
-        with Engine(model_path=str(llama_tiny), dtype="float32", disable_cuda_graph=disable_graph,
-                    kernel_config=json.dumps(cfg), **ENGINE_KW) as eng:
-            alone = eng.generate(input_ids=batch[0], sampling_params={**GREEDY, "max_new_tokens": N_TOKENS})
-            outs = eng.generate(input_ids=batch, sampling_params={**GREEDY, "max_new_tokens": N_TOKENS})
-        runs.append([alone["output_ids"]] + [o["output_ids"] for o in outs])
+    configs = [dict(gemv_max_rows=1, decode_fused_rotary=fused, gemv_fuse_norm=fused) for fused in (0, 1)]
+    runs = tokens_per_kernel_config(llama_tiny, "float32", disable_graph, configs, prompts(8, seed=5))
     assert runs[0] == runs[1]
 
 
 @pytest.mark.parametrize("disable_graph", [False, True])
 def test_several_row_gemv_keeps_the_tokens(llama_tiny, disable_graph):
-    """The tile GEMV for decode batches of 2-16 rows (norms and residual adds folded in) against
-    the vendor BLAS with the separate norm kernels: the same greedy tokens in fp32, eager and
-    captured, at batches 1, 3 and 8."""
-    import json
-
-    from engine import Engine
-
-    batch = prompts(8, seed=6)
-    runs = []
-    for max_rows in (0, 16):
-        with Engine(model_path=str(llama_tiny), dtype="float32", disable_cuda_graph=disable_graph,
-                    kernel_config=json.dumps({"gemv_max_rows": max_rows}), **ENGINE_KW) as eng:
-            assert eng.scheduler.runner.platform.kernel_config().gemv_max_rows == max_rows
-            outs = [eng.generate(input_ids=batch[:n], sampling_params={**GREEDY, "max_new_tokens": N_TOKENS})
-                    for n in (1, 3, 8)]
-        runs.append([o["output_ids"] for group in outs for o in group])
+    """The tile GEMV for decode batches of 2-16 rows (the residual adds in its epilogue) against the
+    vendor BLAS: the same greedy tokens in fp32, eager and captured, at batches 1, 3 and 8."""
+    runs = tokens_per_kernel_config(llama_tiny, "float32", disable_graph,
+                                    [{"gemv_max_rows": rows} for rows in (0, 16)], prompts(8, seed=6),
+                                    sizes=(1, 3, 8))
     assert runs[0] == runs[1]
