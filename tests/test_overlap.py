@@ -1,7 +1,8 @@
 """The overlap scheduler (launch step N+1, then read step N's tokens) gives exactly the plain loop's
 outputs. On the CPU the device is synchronous, so overlap is off by default there; these tests turn
 it on to run the same bookkeeping the GPU runs (tokens fed from the device-side future slots, one
-step of lag in finishing, syncs for grammars and penalties, retraction, aborts)."""
+step of lag in finishing, syncs for grammars, penalties counting the token in flight, retraction,
+aborts)."""
 from __future__ import annotations
 
 import json
@@ -65,7 +66,7 @@ def _workload(stop_id: int) -> list[TokenizedGenerateReq]:
         _req("stop-id", p[0] + [3], max_new_tokens=30, temperature=0, stop_token_ids=[stop_id]),
         _req("min-new", p[0] + [4], max_new_tokens=30, temperature=0, stop_token_ids=[stop_id], min_new_tokens=8),
         _req("penalties", p[4], max_new_tokens=14, temperature=0.8, seed=3, frequency_penalty=0.7,
-             repetition_penalty=1.3, ignore_eos=True),
+             presence_penalty=0.4, repetition_penalty=1.3, ignore_eos=True),
         _req("no-stream", p[5], stream=False, max_new_tokens=9, temperature=0, ignore_eos=True, logprobs=2),
         _req("shared-a", p[6] * 3, max_new_tokens=10, temperature=0, ignore_eos=True),
         _req("shared-b", p[6] * 3 + [5, 6], max_new_tokens=10, temperature=0, ignore_eos=True),
@@ -89,9 +90,77 @@ def test_overlap_equals_plain_loop(llama_tiny):
     assert want["stop-id"]["finish"]["type"] == "stop" and len(want["stop-id"]["ids"]) <= 5
     assert len(want["min-new"]["ids"]) >= 8
     assert got["no-stream"]["chunks"] == 1
-    # it really overlapped (steps launched before the previous one's tokens were read), except
-    # while the penalties request ran: its counts need every token on the host
+    # it really overlapped (steps launched before the previous one's tokens were read)
     assert s.num_overlapped_steps >= 3
+
+
+def test_overlap_with_penalties_equals_plain_loop(llama_tiny):
+    """Penalties need every earlier token; the one in flight is counted in on the device, so
+    requests with penalties overlap too and sample exactly what the plain loop samples."""
+    def reqs():
+        return [_req("all", [10, 11, 12, 11], max_new_tokens=20, temperature=0.9, seed=7, frequency_penalty=0.6,
+                     presence_penalty=0.5, repetition_penalty=1.4, ignore_eos=True, logprobs=2),
+                _req("rep", [13, 14], max_new_tokens=16, temperature=0, repetition_penalty=1.8, ignore_eos=True),
+                _req("neg", [15, 16, 17], max_new_tokens=16, temperature=0, frequency_penalty=-1.5,
+                     presence_penalty=-1.0, ignore_eos=True),
+                _req("none", [18], max_new_tokens=12, temperature=0, ignore_eos=True)]
+
+    want = _run(_scheduler(llama_tiny, overlap=False), reqs())
+    s = _scheduler(llama_tiny, overlap=True)
+    got = _run(s, reqs())
+    for rid in want:
+        assert got[rid]["ids"] == want[rid]["ids"], rid
+        assert got[rid]["logprobs"] == pytest.approx(want[rid]["logprobs"], abs=1e-4), rid
+    assert s.num_overlapped_steps >= 15        # every decode step after the first overlapped
+    # the penalties did something: greedy with a strong negative frequency penalty repeats
+    assert len(set(want["neg"]["ids"])) < len(want["neg"]["ids"])
+
+
+def test_overlap_penalties_count_the_token_in_flight(llama_tiny):
+    """With the model's logits zeroed, the greedy tokens come from logit_bias and the penalties
+    alone, so each step depends on the token just before it, which under overlap is still in
+    flight: both loops must give the sequence worked out by hand."""
+    import torch
+
+    vocab_probe = _scheduler(llama_tiny, overlap=False)
+    vocab = vocab_probe.runner.vocab_size
+
+    def expected(bias: dict, n: int, freq=0.0, pres=0.0, rep=1.0) -> list[int]:
+        out = []
+        for _ in range(n):
+            logits = torch.zeros(vocab)
+            for t, b in bias.items():
+                logits[t] += b
+            for t in set(out):
+                v = logits[t]
+                logits[t] = v / rep if v > 0 else v * rep
+                logits[t] -= out.count(t) * freq + pres
+            out.append(int(logits.argmax()))
+        return out
+
+    cases = {"freq": dict(bias={5: 1.0, 6: 0.9}, freq=0.3), "pres": dict(bias={5: 1.0, 6: 0.9}, pres=0.5),
+             "rep": dict(bias={5: 1.0, 6: 0.8}, rep=2.0)}
+
+    def reqs():
+        return [_req(rid, [10 + i, 11], max_new_tokens=10, temperature=0, ignore_eos=True,
+                     logit_bias={str(t): b for t, b in c["bias"].items()}, frequency_penalty=c.get("freq", 0.0),
+                     presence_penalty=c.get("pres", 0.0), repetition_penalty=c.get("rep", 1.0))
+                for i, (rid, c) in enumerate(cases.items())]
+
+    def zero_logits(s: Scheduler) -> Scheduler:
+        real = s.runner.model.forward
+        s.runner.model.forward = lambda *a, **kw: torch.zeros_like(real(*a, **kw))
+        return s
+
+    plain = _run(zero_logits(vocab_probe), reqs())
+    s = zero_logits(_scheduler(llama_tiny, overlap=True))
+    got = _run(s, reqs())
+    for rid, c in cases.items():
+        want = expected(c["bias"], 10, c.get("freq", 0.0), c.get("pres", 0.0), c.get("rep", 1.0))
+        assert want[:3] == [5, 6, 5], want          # the previous token decides each step
+        assert plain[rid]["ids"] == want, rid
+        assert got[rid]["ids"] == want, rid
+    assert s.num_overlapped_steps >= 8
 
 
 def test_overlap_with_grammar_equals_plain_loop(llama_tiny):

@@ -16,7 +16,7 @@ CPU = torch.device("cpu")
 
 
 def make_info(params, *, vocab, seeds=None, steps=None, output_ids=None, prompt_ids=None,
-              banned=None, top_logprobs=None, return_logprob=None) -> SamplingBatchInfo:
+              banned=None, top_logprobs=None, return_logprob=None, pending=()) -> SamplingBatchInfo:
     n = len(params)
     return SamplingBatchInfo.build(
         params, seeds=seeds if seeds is not None else list(range(n)),
@@ -24,7 +24,7 @@ def make_info(params, *, vocab, seeds=None, steps=None, output_ids=None, prompt_
         output_ids=output_ids or [[] for _ in range(n)], prompt_ids=prompt_ids or [[] for _ in range(n)],
         banned_token_ids=banned or [[] for _ in range(n)],
         top_logprobs_nums=top_logprobs or [0] * n, return_logprob=return_logprob or [False] * n,
-        vocab_size=vocab, device=CPU)
+        vocab_size=vocab, device=CPU, pending=pending)
 
 
 def sp(**kw) -> SamplingParams:
@@ -213,6 +213,38 @@ def test_penalties_match_direct_formula():
     got = logits.clone()
     info.apply_logit_adjustments(got)
     torch.testing.assert_close(got, expected)
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_penalties_with_the_last_token_in_flight_equal_the_host_lists(seed):
+    """Overlap scheduling: a request's last token is the step's input id on the device, not yet in
+    its host list. Counting it in there gives the very logits of the plain loop (which knows it),
+    whether the token is new to the request or seen before, with every mix of penalties."""
+    g = torch.Generator().manual_seed(seed)
+    vocab, batch = 12, 7
+    params = [sp(repetition_penalty=1.3, frequency_penalty=0.5, presence_penalty=0.25),
+              sp(frequency_penalty=-0.7), sp(presence_penalty=1.5), sp(repetition_penalty=0.8),
+              sp(), sp(repetition_penalty=1.1, presence_penalty=-0.3), sp(frequency_penalty=0.2)]
+    prompt = [torch.randint(0, vocab, (int(torch.randint(1, 6, (1,), generator=g)),), generator=g).tolist()
+              for _ in range(batch)]
+    output = [torch.randint(0, vocab, (int(torch.randint(1, 8, (1,), generator=g)),), generator=g).tolist()
+              for _ in range(batch)]
+    output[6] = [4]                          # its only token is the one in flight: no known pairs
+    pending = [bool(torch.rand(1, generator=g) < 0.7) for _ in range(batch)]
+    pending[6] = True
+    step_inputs = torch.tensor([o[-1] for o in output])
+    logits = torch.randn(batch, vocab, generator=g) * 3
+    want = logits.clone()
+    make_info(params, vocab=vocab, prompt_ids=prompt, output_ids=output).apply_logit_adjustments(want)
+    info = make_info(params, vocab=vocab, prompt_ids=prompt, pending=pending,
+                     output_ids=[o[:-1] if p else o for o, p in zip(output, pending)])
+    info.step_input_ids = step_inputs
+    got = logits.clone()
+    info.apply_logit_adjustments(got)
+    assert torch.equal(got, want)
+    info.step_input_ids = None
+    with pytest.raises(ValueError, match="step's input ids"):
+        info.apply_logit_adjustments(logits.clone())
 
 
 def test_no_penalty_builds_nothing():

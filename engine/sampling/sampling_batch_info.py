@@ -52,6 +52,9 @@ class SamplingBatchInfo:
     # When only some rows are constrained: [R] int64, the rows vocab_mask ([R, V']) belongs to;
     # the other rows are left alone (a request's tokens never depend on its batch).
     vocab_mask_rows: Optional[torch.Tensor] = None
+    # [B] int64, the step's input ids on the device (a decode step under the overlap scheduler):
+    # the penalties' pending rows take their last token from here
+    step_input_ids: Optional[torch.Tensor] = None
 
     @property
     def batch_size(self) -> int:
@@ -71,7 +74,9 @@ class SamplingBatchInfo:
               output_ids: Sequence[Sequence[int]], prompt_ids: Sequence[Sequence[int]],
               banned_token_ids: Sequence[Sequence[int]], top_logprobs_nums: Sequence[int],
               return_logprob: Sequence[bool], vocab_size: int,
-              device: Union[str, torch.device]) -> "SamplingBatchInfo":
+              device: Union[str, torch.device], pending: Sequence[bool] = ()) -> "SamplingBatchInfo":
+        """``pending[i]``: request i's last output token is not in ``output_ids[i]`` yet but is the
+        step's input id (set ``step_input_ids`` before the logit adjustments)."""
         batch = len(params)
         for name, seq in (("seeds", seeds), ("steps", steps), ("output_ids", output_ids),
                           ("prompt_ids", prompt_ids), ("banned_token_ids", banned_token_ids),
@@ -116,7 +121,7 @@ class SamplingBatchInfo:
         )
         info._build_sparse(params, banned_token_ids, device)
         info.penalties = PenaltyBatch.build(params, output_ids=output_ids, prompt_ids=prompt_ids,
-                                            vocab_size=vocab_size, device=device)
+                                            vocab_size=vocab_size, device=device, pending=pending)
         return info
 
     def _build_sparse(self, params: Sequence[SamplingParams], banned_token_ids: Sequence[Sequence[int]],
@@ -152,7 +157,7 @@ class SamplingBatchInfo:
             if rows is not None:
                 logits.index_copy_(0, rows, sub)
         if self.penalties is not None:
-            self.penalties.apply(logits)
+            self.penalties.apply(logits, self.step_input_ids)
 
 
 def _to_device(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:

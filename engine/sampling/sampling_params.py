@@ -60,12 +60,6 @@ class SamplingParams:
         return dataclasses.asdict(self)
 
     @property
-    def has_penalties(self) -> bool:
-        """Repetition, frequency or presence penalty: sampling reads every earlier token."""
-        return (self.frequency_penalty != 0.0 or self.presence_penalty != 0.0
-                or self.repetition_penalty != 1.0)
-
-    @property
     def is_greedy(self) -> bool:
         return self.temperature == 0.0 or self.top_k == 1
 

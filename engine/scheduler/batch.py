@@ -60,4 +60,5 @@ def build_sampling_info(reqs: list[Req], vocab_size: int, device: torch.device) 
         [r.params for r in reqs], seeds=[r.seed for r in reqs], steps=[r.num_out for r in reqs],
         output_ids=[r.output_ids for r in reqs], prompt_ids=[r.origin_input_ids for r in reqs],
         banned_token_ids=banned, top_logprobs_nums=[r.top_logprobs_num for r in reqs],
-        return_logprob=[r.return_logprob for r in reqs], vocab_size=vocab_size, device=device)
+        return_logprob=[r.return_logprob for r in reqs], vocab_size=vocab_size, device=device,
+        pending=[r.pending > 0 for r in reqs])

@@ -247,9 +247,9 @@ class Scheduler:
             self._process(flight)
 
     def _needs_tokens(self) -> bool:
-        """Whether the next decode must know every token so far on the host: a grammar's mask and
-        the penalties' counts come from them."""
-        return any(r.grammar is not None or r.params.has_penalties for r in self.running)
+        """Whether the next decode must know every token so far on the host: a grammar's mask comes
+        from them. (Penalties count the token in flight on the device: PenaltyBatch.)"""
+        return any(r.grammar is not None for r in self.running)
 
     def _launch(self) -> tuple[bool, Optional["_InFlight"]]:
         batch, locs = self._schedule_extend()
@@ -340,7 +340,7 @@ class Scheduler:
         logits = self.runner.forward(fb)
         for r in reqs:
             r.kv_len += 1
-        flight = self._launch_sample(reqs, logits, fb.future_slots[0], DECODE, len(reqs))
+        flight = self._launch_sample(reqs, logits, fb.future_slots[0], DECODE, len(reqs), fb.input_ids)
         self.forward_ct += 1
         if self.clock.decode_launched():
             cap = self.runner.max_total_tokens
@@ -379,9 +379,11 @@ class Scheduler:
 
     # -- results -----------------------------------------------------------------------------
     def _launch_sample(self, reqs: list[Req], logits: torch.Tensor, future_base: int, kind: str,
-                       tokens: int) -> "_InFlight":
-        """Queue the sampling of ``reqs``'s next tokens and their copy to the host."""
+                       tokens: int, input_ids: Optional[torch.Tensor] = None) -> "_InFlight":
+        """Queue the sampling of ``reqs``'s next tokens and their copy to the host. ``input_ids``:
+        a decode step's inputs on the device (its in-flight tokens resolved)."""
         info = build_sampling_info(reqs, self.runner.vocab_size, self.device)
+        info.step_input_ids = input_ids
         if self.grammar is not None:    # CPU work that overlaps the device's forward pass
             info.vocab_mask, info.vocab_mask_rows = self.grammar.vocab_mask(reqs, self.device)
         out = self.runner.sample(logits, info, future_base)
