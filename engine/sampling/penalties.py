@@ -19,6 +19,7 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
+from engine.runner.host_to_device import to_device
 from engine.sampling.sampling_params import SamplingParams
 
 
@@ -49,22 +50,25 @@ class PenaltyBatch:
         if not additive and not repetitive:
             return None
 
-        def per_row(attr: str) -> torch.Tensor:
-            return torch.tensor([getattr(p, attr) for p in params], dtype=torch.float32, device=device)
-
-        out = cls(frequency=per_row("frequency_penalty"), presence=per_row("presence_penalty"),
-                  repetition=per_row("repetition_penalty"), vocab_size=vocab_size)
+        # copies through pinned memory: under the overlap scheduler the device is still busy
+        # with the step before, and a pageable copy would wait for it
+        device = torch.device(device)
+        rates = to_device([[getattr(p, attr) for p in params]
+                           for attr in ("frequency_penalty", "presence_penalty", "repetition_penalty")],
+                          device, torch.float32)
+        out = cls(frequency=rates[0], presence=rates[1], repetition=rates[2], vocab_size=vocab_size)
         waiting = sorted(i for i in set(additive) | set(repetitive) if i < len(pending) and pending[i])
         if waiting:
-            out.pending_rows = torch.tensor(waiting, dtype=torch.int64, device=device)
+            out.pending_rows = to_device(waiting, device)
         if additive:
             rows, cols, counts = _distinct_pairs(additive, [output_ids[i] for i in additive], vocab_size,
                                                  counted=True)
-            out.count_rows, out.count_cols, out.counts = rows.to(device), cols.to(device), counts.to(device)
+            out.count_rows, out.count_cols = to_device(rows, device), to_device(cols, device)
+            out.counts = to_device(counts, device)
         if repetitive:
             seqs = [itertools.chain(prompt_ids[i], output_ids[i]) for i in repetitive]
             rows, cols, _ = _distinct_pairs(repetitive, seqs, vocab_size)
-            out.rep_rows, out.rep_cols = rows.to(device), cols.to(device)
+            out.rep_rows, out.rep_cols = to_device(rows, device), to_device(cols, device)
         return out
 
     def apply(self, logits: torch.Tensor, step_input_ids: Optional[torch.Tensor] = None) -> None:
