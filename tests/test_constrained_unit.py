@@ -18,7 +18,8 @@ from engine.constrained.grammar_manager import GrammarManager
 from engine.constrained.schema_prep import EXACT_FORMATS, prepare_schema_text, unsupported_feature
 from engine.constrained.xgrammar_backend import XGrammarBackend, json_schema_ebnf
 from engine.entrypoints.openai.tool_calls import plan_tools
-from engine.entrypoints.openai.tool_parsers import (HermesParser, Llama3Parser, ToolCallStreamer, detect_parser,
+from engine.entrypoints.openai.tool_parsers import (HermesParser, Llama3Parser, MistralParser, ToolCallStreamer,
+                                                    detect_parser,
                                                     extract_tool_calls)
 from engine.sampling.sampling_params import SamplingParams
 from engine.sampling.sampling_batch_info import SamplingBatchInfo
@@ -211,12 +212,19 @@ HERMES_TEXT = ('Let me check.\n<tool_call>\n{"name": "get_weather", "arguments":
                '</tool_call>\n<tool_call>\n{"name": "get_time", "arguments": {"tz": "UTC"}}\n</tool_call>')
 LLAMA_TEXT = ('{"name": "get_weather", "parameters": {"city": "Paris", "days": 2}}; '
               '{"name": "get_time", "parameters": {"tz": "UTC"}}')
+MISTRAL_TEXT = ('Let me check. [TOOL_CALLS] [{"name": "get_weather", "arguments": {"city": "Paris", "days": 2}}, '
+                '{"name": "get_time", "arguments": {"tz": "UTC"}}]')
 
 
 @pytest.mark.parametrize("parser, text, content", [
     (HermesParser(), HERMES_TEXT, "Let me check."),
     (Llama3Parser(), LLAMA_TEXT, None),
     (Llama3Parser(), "<|python_tag|>" + LLAMA_TEXT, None),
+    (MistralParser(), MISTRAL_TEXT, "Let me check."),
+    (MistralParser(), MISTRAL_TEXT.replace("Let me check. ", ""), None),
+    # forced calls: one list each, back to back
+    (MistralParser(), '[TOOL_CALLS] [{"name": "get_weather", "arguments": {"city": "Paris", "days": 2}}]'
+                      '[TOOL_CALLS] [{"name": "get_time", "arguments": {"tz": "UTC"}}]', None),
 ])
 def test_whole_answer_parses_into_openai_tool_calls(parser, text, content):
     got_content, calls = extract_tool_calls(parser, text)
@@ -233,13 +241,18 @@ def test_whole_answer_parses_into_openai_tool_calls(parser, text, content):
     (Llama3Parser(), '{"answer": 42}'),
     (Llama3Parser(), "The weather is fine."),
     (Llama3Parser(), '{"name": "get_weather", "parameters": {"ci'),
+    (MistralParser(), "Plain [text] with [TOOL_ in it"),
+    (MistralParser(), "[TOOL_CALLS] not a list"),
+    (MistralParser(), '[TOOL_CALLS] [{"name": "get_weather", "arguments": {"ci'),                # cut off
+    (MistralParser(), '[TOOL_CALLS] [{"name": "get_time", "arguments": {"tz": "UTC"}}, {"name": "get_w'),
 ])
 def test_text_without_a_complete_call_is_plain_content(parser, text):
     assert extract_tool_calls(parser, text) == (text, [])
 
 
 @pytest.mark.parametrize("parser, text", [(HermesParser(), HERMES_TEXT), (Llama3Parser(), LLAMA_TEXT),
-                                          (HermesParser(), "No call here.\n"), (Llama3Parser(), "Hello {x}")])
+                                          (MistralParser(), MISTRAL_TEXT), (HermesParser(), "No call here.\n"),
+                                          (Llama3Parser(), "Hello {x}"), (MistralParser(), "A [list] of [TOOL_ things")])
 def test_streamed_deltas_add_up_to_the_whole_answer(parser, text):
     """Token-sized pieces (any split) give the same content and calls as the whole text."""
     rng = random.Random(len(text))
@@ -278,7 +291,7 @@ def test_parser_detection_from_template_and_architecture():
     assert detect_parser(None, "... <tool_call> ...") == "qwen25"
     assert detect_parser("mistral", "{{ '<|python_tag|>' }}") == "llama3"
     assert detect_parser("llama", None) == "llama3" and detect_parser("qwen3", "") == "qwen25"
-    assert detect_parser("mistral", "[TOOL_CALLS]") is None
+    assert detect_parser("mistral", "... [TOOL_CALLS] ...") == "mistral" and detect_parser("mistral", None) == "mistral"
 
 
 # ---- planning tool_choice, and the grammars that force calls ----------------------------------
@@ -309,6 +322,10 @@ def test_none_and_auto_plans():
       'Hi <tool_call>\n{"name": "get_time", "arguments": {"tz": "CET"}}\n</tool_call>', ""]),
     ("llama3", '{"name": "get_time", "parameters": {"tz": "UTC"}}',
      ['{"name": "get_weather", "parameters": {"city": "a very long city name"}}', "text"]),
+    ("mistral", '[TOOL_CALLS] [{"name": "get_weather", "arguments": {"city": "Oslo"}}]'
+                '[TOOL_CALLS] [{"name": "get_time", "arguments": {"tz": "CET"}}]',
+     ['[TOOL_CALLS] [{"name": "get_time", "arguments": {"tz": "PST"}}]',
+      'Hi [TOOL_CALLS] [{"name": "get_time", "arguments": {"tz": "CET"}}]', ""]),
 ])
 def test_required_grammar_accepts_only_calls_of_the_offered_functions(backend, parser_name, good, bad):
     plan = plan_tools([WEATHER, CLOCK], "required", True, parser_name, "xgrammar")

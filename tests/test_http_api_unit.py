@@ -96,6 +96,20 @@ def test_chat_messages_become_template_input(fake):
     assert sent[1]["content"] == "a\nb" and sent[3]["tool_call_id"] == "c1" and sent_tools == tools
 
 
+def test_mistral_tool_calls_keep_special_tokens_in_the_answer():
+    """Mistral's [TOOL_CALLS] marker is a special token: with tools offered the answer keeps
+    special tokens so the parser sees it; without tools the request is left as sent."""
+    tm, client = make(tool_call_parser="mistral")
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {}}}]
+    with client:
+        assert chat(client, tools=tools).status_code == 200
+        assert tm.requests[-1].sampling_params["skip_special_tokens"] is False
+        assert chat(client).status_code == 200
+        assert tm.requests[-1].sampling_params["skip_special_tokens"] is True
+        assert chat(client, tools=tools, tool_choice="none").status_code == 200
+        assert tm.requests[-1].sampling_params["skip_special_tokens"] is True
+
+
 def test_stop_string_trimmed_and_seed_varies_per_sample(fake):
     _, client = fake
     body = chat(client, stop="fox").json()

@@ -36,6 +36,8 @@ async def create_chat_completion(ctx: ApiContext, request: Request) -> Response:
         if max_new is None:     # OpenAI's default: as much as the context leaves
             max_new = max(tm.context_len - len(prompt_ids), 1)
         base_sp = req.sampling_params(max_new, ctx.grammar_enabled)
+        if plan.parser is not None and plan.parser.keeps_special_tokens:
+            base_sp["skip_special_tokens"] = False      # the call marker is a special token
         if plan.ebnf is not None:
             if any(base_sp.get(k) is not None for k in ("json_schema", "regex", "ebnf")):
                 raise ValueError("tool_choice that forces a tool call cannot be combined with "

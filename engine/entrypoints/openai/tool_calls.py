@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 from engine.constrained.base import TaggedSchema, backend_class
-from engine.entrypoints.openai.tool_parsers import ToolCallParser, detect_parser, get_parser
+from engine.entrypoints.openai.tool_parsers import PARSERS, ToolCallParser, detect_parser, get_parser
 
 logger = logging.getLogger(__name__)
 
@@ -63,7 +63,7 @@ def plan_tools(tools: Optional[list[dict[str, Any]]], tool_choice: Any, parallel
     what = f"tool_choice {json.dumps(choice)}"
     if parser is None:
         raise ValueError(f"{what} needs to know the model's tool-call format; start the server with "
-                         "--tool-call-parser (llama3, qwen25 or hermes)")
+                         f"--tool-call-parser ({', '.join(PARSERS)})")
     if grammar_backend == "none":
         raise ValueError(f"{what} needs constrained decoding, but the server was started with "
                          "--grammar-backend none")

@@ -7,7 +7,8 @@ how its calls are written, so that ``tool_choice`` "required" or a named functio
 forced with a grammar (``TaggedSchema`` per function, see engine.constrained).
 
 Formats: ``llama3`` a bare JSON object {"name": ..., "parameters": {...}} (several separated by
-newlines or ";"); ``qwen25`` / ``hermes`` <tool_call>\\n{"name": ..., "arguments": {...}}\\n</tool_call>.
+newlines or ";"); ``qwen25`` / ``hermes`` <tool_call>\\n{"name": ..., "arguments": {...}}\\n</tool_call>;
+``mistral`` [TOOL_CALLS] [{"name": ..., "arguments": {...}}, ...] after any content.
 The arguments returned are the model's own JSON text of the arguments object.
 """
 from __future__ import annotations
@@ -170,6 +171,8 @@ class ToolCallParser:
 
     name = ""
     separator = "\n"
+    # the format's marker is a special token, which the answer's text must keep for the parser
+    keeps_special_tokens = False
 
     def parse(self, text: str, final: bool) -> ParseResult:
         raise NotImplementedError
@@ -262,6 +265,66 @@ class Llama3Parser(ToolCallParser):
             return ParseResult(content=text) if final else ParseResult(content="", calls=calls)
 
 
+class MistralParser(ToolCallParser):
+    """Mistral (v3 tokenizer, tool use): text, then [TOOL_CALLS] and a JSON list of calls. The
+    marker is a special token, so answers keep special tokens while this parser reads them.
+    Forced calls are written one list each, back to back; the parser reads any number of lists."""
+
+    name = "mistral"
+    marker = "[TOOL_CALLS]"
+    separator = ""
+    call_end = "}]"
+    keeps_special_tokens = True
+
+    def call_begin(self, function_name: str) -> str:
+        return f'{self.marker} [{{"name": {json.dumps(function_name)}, "arguments": '
+
+    def parse(self, text: str, final: bool) -> ParseResult:
+        res = ParseResult(content="")
+        pos = 0
+        while True:
+            start = text.find(self.marker, pos)
+            if start < 0:
+                rest = text[pos:]
+                res.content += rest if final else rest[: len(rest) - _partial_suffix(rest, self.marker)]
+                return res
+            res.content += text[pos:start]
+            before = len(res.calls)
+            pos = self._scan_list(text, _skip_ws(text, start + len(self.marker)), res, final)
+            if pos is None:             # not a call list, or cut off inside it
+                if final:
+                    del res.calls[before:]
+                    res.content += text[start:]
+                return res
+
+    @staticmethod
+    def _scan_list(text: str, i: int, res: ParseResult, final: bool) -> Optional[int]:
+        """Append the calls of the list at text[i] to res; the index after it, or None when the
+        text is not (or not yet) a whole list. A final answer may leave the list unclosed."""
+        if i == len(text):
+            return None
+        if text[i] != "[":
+            return None
+        i += 1
+        while True:
+            try:
+                call = scan_call(text, i, ("arguments", "parameters"))
+            except _Invalid:
+                return None
+            if call.end is None:
+                if not final:
+                    res.calls.append(call)
+                return None
+            res.calls.append(call)
+            i = _skip_ws(text, call.end)
+            if i < len(text) and text[i] == ",":
+                i += 1
+                continue
+            if i < len(text) and text[i] == "]":
+                return i + 1
+            return i if final else None     # unclosed at the end of a final answer: the calls stand
+
+
 def _partial_suffix(text: str, tag: str) -> int:
     """Length of the longest suffix of text that is a proper prefix of tag."""
     for n in range(min(len(tag) - 1, len(text)), 0, -1):
@@ -279,7 +342,7 @@ def _could_start_call(rest: str) -> bool:
 
 
 PARSERS: dict[str, type[ToolCallParser]] = {"llama3": Llama3Parser, "qwen25": HermesParser,
-                                            "hermes": HermesParser}
+                                            "hermes": HermesParser, "mistral": MistralParser}
 
 
 def get_parser(name: str) -> ToolCallParser:
@@ -297,10 +360,14 @@ def detect_parser(model_type: Optional[str], chat_template: Optional[str]) -> Op
         return "qwen25"
     if "<|python_tag|>" in template or ("ipython" in template and '"parameters"' in template):
         return "llama3"
+    if "[TOOL_CALLS]" in template:
+        return "mistral"
     if model_type == "llama":
         return "llama3"
     if model_type in ("qwen2", "qwen3"):
         return "qwen25"
+    if model_type == "mistral":
+        return "mistral"
     return None
 
 
