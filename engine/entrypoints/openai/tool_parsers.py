@@ -202,12 +202,9 @@ class HermesParser(ToolCallParser):
         res = ParseResult(content="")
         pos = 0
         while True:
-            start = text.find(self.open_tag, pos)
+            start = _content_until(res, text, pos, self.open_tag, final)
             if start < 0:
-                rest = text[pos:]
-                res.content += rest if final else rest[: len(rest) - _partial_suffix(rest, self.open_tag)]
                 return res
-            res.content += text[pos:start]
             try:
                 call = scan_call(text, start + len(self.open_tag), ("arguments", "parameters"))
             except _Invalid:
@@ -283,12 +280,9 @@ class MistralParser(ToolCallParser):
         res = ParseResult(content="")
         pos = 0
         while True:
-            start = text.find(self.marker, pos)
+            start = _content_until(res, text, pos, self.marker, final)
             if start < 0:
-                rest = text[pos:]
-                res.content += rest if final else rest[: len(rest) - _partial_suffix(rest, self.marker)]
                 return res
-            res.content += text[pos:start]
             before = len(res.calls)
             pos = self._scan_list(text, _skip_ws(text, start + len(self.marker)), res, final)
             if pos is None:             # not a call list, or cut off inside it
@@ -323,6 +317,18 @@ class MistralParser(ToolCallParser):
             if i < len(text) and text[i] == "]":
                 return i + 1
             return i if final else None     # unclosed at the end of a final answer: the calls stand
+
+
+def _content_until(res: ParseResult, text: str, pos: int, tag: str, final: bool) -> int:
+    """Add text[pos:] up to the next ``tag`` to res.content (while streaming, not an end of it
+    that may still grow into the tag); the tag's index, or -1 when there is none."""
+    start = text.find(tag, pos)
+    if start < 0:
+        rest = text[pos:]
+        res.content += rest if final else rest[: len(rest) - _partial_suffix(rest, tag)]
+        return -1
+    res.content += text[pos:start]
+    return start
 
 
 def _partial_suffix(text: str, tag: str) -> int:
