@@ -7,7 +7,7 @@ Under the overlap scheduler a decode step is launched before the previous step's
 the host: a request's last token is then not in its host list yet but is this step's input id,
 on the device. Such rows are ``pending_rows``; ``apply`` takes the step's input ids and counts
 that token in on the device (no sync), with the same arithmetic as if the host had known it, so
-the logits are bit-identical to the plain loop's.
+the logits equal the plain loop's.
 """
 from __future__ import annotations
 
