@@ -89,9 +89,8 @@ class PenaltyBatch:
             # OpenAI: a known pair's count goes up by one, an unknown one enters with count 1
             # (its presence too); a known pair's new entry adds exactly -0.0
             idx, known = _find(rows, toks, count_rows, count_cols, self.vocab_size)
-            counts = counts.clone() if counts is not None else None
             if counts is not None and counts.numel():
-                counts.index_add_(0, idx, known.to(counts.dtype))
+                counts = counts.index_add(0, idx, known.to(counts.dtype))      # a copy: built once per step
             count_rows, count_cols = _cat(count_rows, rows), _cat(count_cols, toks)
             counts = _cat(counts, (~known).to(torch.float32))
         if rep_rows is not None and rep_rows.numel():
