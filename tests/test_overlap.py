@@ -1,8 +1,8 @@
 """The overlap scheduler (launch step N+1, then read step N's tokens) gives exactly the plain loop's
 outputs. On the CPU the device is synchronous, so overlap is off by default there; these tests turn
 it on to run the same bookkeeping the GPU runs (tokens fed from the device-side future slots, one
-step of lag in finishing, syncs for grammars, penalties counting the token in flight, retraction,
-aborts)."""
+step of lag in finishing, grammar masks built from the token read back during the next forward,
+penalties counting the token in flight, retraction, aborts)."""
 from __future__ import annotations
 
 import json
@@ -15,6 +15,7 @@ from engine.io_struct import AbortReq, TokenizedGenerateReq
 from engine.sampling.sampling_params import SamplingParams
 from engine.scheduler.scheduler import Scheduler
 from engine.server_args import ServerArgs
+from engine.tokenizer import load_tokenizer
 
 
 def _scheduler(model_path, overlap: bool, **kw) -> Scheduler:
@@ -54,6 +55,10 @@ def _run(s: Scheduler, reqs: list[TokenizedGenerateReq], abort_at: dict[int, str
 def _req(rid: str, ids: list[int], stream: bool = True, logprobs: int = 0, **params) -> TokenizedGenerateReq:
     return TokenizedGenerateReq(rid=rid, input_ids=ids, sampling_params=SamplingParams.from_dict(params),
                                 stream=stream, return_logprob=logprobs > 0, top_logprobs_num=logprobs)
+
+
+def _text(model_path, ids: list[int]) -> str:
+    return load_tokenizer(str(model_path)).decode(ids)
 
 
 def _workload(stop_id: int) -> list[TokenizedGenerateReq]:
@@ -164,12 +169,32 @@ def test_overlap_penalties_count_the_token_in_flight(llama_tiny):
 
 
 def test_overlap_with_grammar_equals_plain_loop(llama_tiny):
+    """A grammar's mask needs the token in flight: the step's forward is launched first and the
+    token read back while it runs, so grammar batches overlap too, with the plain loop's outputs
+    (grammars that end early, one that ends while its next step is in flight, penalties, free rows)."""
     schema = json.dumps({"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]})
-    reqs = lambda: [_req("json", [10, 11, 12], max_new_tokens=24, temperature=0.7, seed=1, json_schema=schema),  # noqa: E731
-                    _req("free", [13, 14, 15], max_new_tokens=24, temperature=0, ignore_eos=True)]
+
+    def reqs():
+        return [_req("json", [10, 11, 12], max_new_tokens=24, temperature=0.7, seed=1, json_schema=schema),
+                _req("yes-no", [16, 17], max_new_tokens=24, temperature=0.9, seed=2, regex="(yes|no)"),
+                _req("long", [18, 19], max_new_tokens=30, temperature=1.0, seed=4, regex="[a-z ]{40,60}",
+                     frequency_penalty=0.5, repetition_penalty=1.2, logprobs=2),
+                _req("ebnf", [20], max_new_tokens=16, temperature=0, ebnf='root ::= "x" [0-9]+'),
+                _req("free", [13, 14, 15], max_new_tokens=24, temperature=0, ignore_eos=True)]
+
     want = _run(_scheduler(llama_tiny, overlap=False), reqs())
-    got = _run(_scheduler(llama_tiny, overlap=True), reqs())
-    assert {k: (v["ids"], v["finish"]) for k, v in got.items()} == {k: (v["ids"], v["finish"]) for k, v in want.items()}
+    s = _scheduler(llama_tiny, overlap=True)
+    got = _run(s, reqs())
+    for rid in want:
+        assert got[rid]["ids"] == want[rid]["ids"], rid
+        assert got[rid]["finish"] == want[rid]["finish"], rid
+        assert got[rid]["logprobs"] == pytest.approx(want[rid]["logprobs"], abs=1e-4), rid
+    assert want["yes-no"]["finish"]["type"] == "stop" and len(want["yes-no"]["ids"]) <= 3
+    assert want["long"]["finish"]["type"] == "stop"      # the grammar let it end at 40+ characters
+    assert re.fullmatch("[a-z ]{40,60}", _text(llama_tiny, want["long"]["ids"][:-1]))
+    assert want["ebnf"]["finish"]["type"] == "length" and len(want["ebnf"]["ids"]) == 16
+    # every decode step after the first overlapped, grammar rows in the batch or not
+    assert s.num_overlapped_steps >= 22
 
 
 def test_overlap_retraction_in_a_small_pool(llama_tiny):

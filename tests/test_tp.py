@@ -26,16 +26,20 @@ from hal.collectives import SingleProcessCollectives
 PROMPTS = [[5 + i, 17, 33 + i, 99, 4, 250 + 3 * i] * (i + 1) for i in range(6)] + [[7] * 40, [7] * 40 + [9, 10]]
 
 
-def _generate(model_path, tp: int, max_new_tokens: int = 24, device: str = "cpu", **kw) -> dict[str, list[int]]:
+def _generate(model_path, tp: int, max_new_tokens: int = 24, device: str = "cpu", regex: dict[int, str] | None = None,
+              **kw) -> dict[str, list[int]]:
+    """Greedy tokens of PROMPTS; ``regex``: prompt index -> a grammar for that request."""
     args = ServerArgs(model_path=str(model_path), device=device, tp_size=tp, max_total_tokens=4096,
                       log_level="warning", **kw)
     client = ProcessSchedulerClient(args, startup_timeout=180)
     try:
         out: queue.Queue = queue.Queue()
         client.start(out.put)
-        params = SamplingParams.from_dict({"max_new_tokens": max_new_tokens, "temperature": 0, "ignore_eos": True})
+        params = {"max_new_tokens": max_new_tokens, "temperature": 0, "ignore_eos": True}
         for i, p in enumerate(PROMPTS):
-            client.send(TokenizedGenerateReq(rid=str(i), input_ids=p, sampling_params=params))
+            extra = {"regex": regex[i], "ignore_eos": False} if regex and i in regex else {}
+            client.send(TokenizedGenerateReq(rid=str(i), input_ids=p,
+                                             sampling_params=SamplingParams.from_dict({**params, **extra})))
         tokens: dict[str, list[int]] = {str(i): [] for i in range(len(PROMPTS))}
         done: set[str] = set()
         while len(done) < len(PROMPTS):
@@ -44,7 +48,7 @@ def _generate(model_path, tp: int, max_new_tokens: int = 24, device: str = "cpu"
             for rid, ids, fin in zip(o.rids, o.new_token_ids, o.finished_reasons):
                 tokens[rid] += ids
                 if fin:
-                    assert fin["type"] == "length", fin
+                    assert fin["type"] == ("stop" if regex and int(rid) in regex else "length"), fin
                     done.add(rid)
         return tokens
     finally:
@@ -63,11 +67,14 @@ def test_tp2_greedy_tokens_equal_tp1(make_tiny, arch):
 
 def test_tp2_with_the_overlap_scheduler(llama_tiny, monkeypatch):
     """Overlap on (as on GPUs): rank 0 feeds tokens still on the device, the other ranks take
-    them from their own future slots, filled by rank 0's broadcast after each sampling."""
+    them from their own future slots, filled by rank 0's broadcast after each sampling. Two requests
+    follow grammars: rank 0 reads their tokens back between the forward and the sampling."""
+    grammars = {1: "[a-z ]{12,16}", 4: "(yes|no|maybe)"}
     monkeypatch.setenv("ANYSERVE_OVERLAP", "1")     # inherited by the spawned ranks
-    overlapped = _generate(llama_tiny, 2)
+    overlapped = _generate(llama_tiny, 2, regex=grammars)
     monkeypatch.delenv("ANYSERVE_OVERLAP")
-    assert overlapped == _generate(llama_tiny, 1)
+    assert overlapped == _generate(llama_tiny, 1, regex=grammars)
+    assert 2 <= len(overlapped["4"]) <= 4 < len(overlapped["1"]) < 24
 
 
 def test_tp4_replicates_kv_heads_and_chunked_prefill(llama_tiny):

@@ -91,8 +91,9 @@ class GrammarManager:
                    ) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
         """The batch's grammar mask: (mask [R, V'] bool on device, rows [R] int64 or None when
         every row is constrained), or (None, None) when no request is. Runs on the CPU; call
-        it while the device computes the step's logits."""
-        rows = [i for i, r in enumerate(reqs) if r.grammar is not None]
+        it while the device computes the step's logits. A request that finished after its step
+        was launched (the overlap scheduler) is left unconstrained: its token is dropped."""
+        rows = [i for i, r in enumerate(reqs) if r.grammar is not None and not r.finished]
         if not rows:
             return None, None
         if len(rows) > self._bitmask.shape[0]:

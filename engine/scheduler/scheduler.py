@@ -223,8 +223,6 @@ class Scheduler:
     def step(self) -> bool:
         """Launch one batch if there is work, and read back the tokens of the one before it (the
         overlap scheduler) or of this one (the plain loop). Returns whether anything ran."""
-        if self.in_flight is not None and (not self.overlap or self._needs_tokens()):
-            self._drain()
         self.clock.starting_step()
         ran, launched = self._launch()
         self.clock.step_ran(ran)
@@ -245,11 +243,6 @@ class Scheduler:
         if self.in_flight is not None:
             flight, self.in_flight = self.in_flight, None
             self._process(flight)
-
-    def _needs_tokens(self) -> bool:
-        """Whether the next decode must know every token so far on the host: a grammar's mask comes
-        from them. (Penalties count the token in flight on the device: PenaltyBatch.)"""
-        return any(r.grammar is not None for r in self.running)
 
     def _launch(self) -> tuple[bool, Optional["_InFlight"]]:
         batch, locs = self._schedule_extend()
@@ -340,6 +333,11 @@ class Scheduler:
         logits = self.runner.forward(fb)
         for r in reqs:
             r.kv_len += 1
+        if self.in_flight is not None and any(r.grammar is not None for r in reqs):
+            # A grammar's mask needs the token in flight: read it back while this step's forward
+            # runs, then sample. (Penalties count it on the device: PenaltyBatch.)
+            self._drain()
+            self.num_overlapped_steps += 1
         flight = self._launch_sample(reqs, logits, fb.future_slots[0], DECODE, len(reqs), fb.input_ids)
         self.forward_ct += 1
         if self.clock.decode_launched():
