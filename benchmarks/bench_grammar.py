@@ -1,17 +1,23 @@
-"""Decode throughput with a JSON schema against unconstrained decoding, same batch, one run.
+"""Decode throughput with JSON schemas against unconstrained decoding, and the overlap scheduler
+on against off, same batch, one run.
 
     python benchmarks/bench_grammar.py [--batch-sizes 8,32] [--output-len 128] [--output-file out.json]
     python benchmarks/bench_grammar.py --shape llama-3.1-8b --device cuda --batch-sizes 1,32
 
-For each batch size, the same prompts run twice through the offline Engine: unconstrained
-(ignore_eos) and constrained by a schema whose documents are far longer than --output-len (an
-array of 64 strings), so both stop at exactly --output-len tokens. Decode time is the time of
-the full run minus that of a one-token run (the prefill, and for the schema its cached
-compile), with the prefix cache flushed before each. Per decode step, it also reports the
-scheduler's sampling time (for the schema: building the grammar mask, applying it, accepting
-tokens) and the part spent building masks, which end-to-end noise on a shared host hides. Default model: the 'small' qwen2 checkpoint (Qwen2.5-0.5B's
-shape, random weights). --shape builds a real model's config with dummy weights (see
-bench_decode.py); its tokenizer is a small local one, so the grammar covers a small vocabulary.
+For each batch size, the same prompts run through the offline Engine in three modes: "free"
+(unconstrained, ignore_eos), "json" (every request constrained by a schema whose documents are
+far longer than --output-len: an array of 64 strings) and "one-json" (only the first request
+constrained: a grammar used to make the whole batch wait for the step before). All stop at
+exactly --output-len tokens. Each mode runs with the overlap scheduler on and off where the
+device runs asynchronously (--overlap-ab forces both on a synchronous device, where they measure
+only the bookkeeping). Decode time is the time of the full run minus that of a one-token run
+(the prefill, and for a schema its cached compile), with the prefix cache flushed before each.
+Per decode step it also reports the host time of sampling (building and applying the grammar
+mask included) and of building masks, which end-to-end noise on a shared host hides.
+
+Default model: the 'small' qwen2 checkpoint (Qwen2.5-0.5B's shape, random weights). --shape
+builds a real model's config with dummy weights (see bench_decode.py); its tokenizer is a small
+local one, so the grammar covers a small vocabulary.
 """
 from __future__ import annotations
 
@@ -29,17 +35,17 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # Far longer than any --output-len: every request stops on the length limit, as with ignore_eos.
 LONG_SCHEMA = {"type": "array", "minItems": 64, "maxItems": 64,
                "items": {"type": "string", "minLength": 8, "maxLength": 16}}
+MODES = ("free", "json", "one-json")
 
 
 class StepTimers:
-    """Wraps scheduler methods and adds up their wall time and calls: the decode step, the
-    sampling that follows the forward pass (mask building included), the mask building."""
+    """Wraps scheduler methods and adds up their host wall time and calls: the sampling launched
+    after each forward pass (mask building and applying included), the mask building."""
 
     def __init__(self, scheduler: Any) -> None:
         self.seconds: dict[str, float] = {}
         self.calls: dict[str, int] = {}
-        self._wrap(scheduler, "_run_decode", "decode_step")
-        self._wrap(scheduler, "_sample_and_process", "sample")
+        self._wrap(scheduler, "_launch_sample", "sample")
         if scheduler.grammar is not None:
             self._wrap(scheduler.grammar, "vocab_mask", "mask", count=lambda out: out[0] is not None)
 
@@ -64,15 +70,23 @@ class StepTimers:
         self.calls.clear()
 
 
-def timed_run(engine: Any, prompts: list[list[int]], params: dict) -> tuple[float, list[dict]]:
+def timed_run(engine: Any, prompts: list[list[int]], params: list[dict]) -> tuple[float, list[dict]]:
     engine.flush_cache()
     t = time.perf_counter()
     outs = engine.generate(input_ids=prompts, sampling_params=params)
     return time.perf_counter() - t, outs
 
 
-def measure(engine: Any, timers: StepTimers, prompts: list[list[int]], params: dict, output_len: int) -> dict:
-    prefill_s, _ = timed_run(engine, prompts, {**params, "max_new_tokens": 1})
+def mode_params(mode: str, batch: int, schema: str, output_len: int) -> list[dict]:
+    free = {"temperature": 0.0, "ignore_eos": True, "max_new_tokens": output_len}
+    constrained = {"temperature": 0.0, "json_schema": schema, "max_new_tokens": output_len}
+    if mode == "free":
+        return [free] * batch
+    return [constrained] * batch if mode == "json" else [constrained] + [free] * (batch - 1)
+
+
+def measure(engine: Any, timers: StepTimers, prompts: list[list[int]], params: list[dict], output_len: int) -> dict:
+    prefill_s, _ = timed_run(engine, prompts, [{**p, "max_new_tokens": 1} for p in params])
     timers.reset()
     total_s, outs = timed_run(engine, prompts, params)
     lengths = [o["meta_info"]["completion_tokens"] for o in outs]
@@ -80,7 +94,7 @@ def measure(engine: Any, timers: StepTimers, prompts: list[list[int]], params: d
     assert reasons == {"length"} and set(lengths) == {output_len}, (reasons, set(lengths))
     decode_s = max(total_s - prefill_s, 1e-9)
     return {"decode_s": decode_s, "decode_tokens_per_s": len(prompts) * (output_len - 1) / decode_s,
-            "step_ms": timers.ms("decode_step"), "sample_ms": timers.ms("sample"), "mask_ms": timers.ms("mask")}
+            "sample_ms": timers.ms("sample"), "mask_ms": timers.ms("mask")}
 
 
 def model_folder(args: argparse.Namespace) -> tuple[str, bool]:
@@ -95,6 +109,31 @@ def model_folder(args: argparse.Namespace) -> tuple[str, bool]:
     return str(cached_model_path("qwen2", "small", dtype="bfloat16")), False
 
 
+def run_batch(engine: Any, timers: StepTimers, prompts: list[list[int]], overlaps: list[bool], schema: str,
+              args: argparse.Namespace) -> list[dict]:
+    """One row per (mode, overlap): the fastest of --repeats runs; modes and overlap settings
+    alternate within each repeat, so that drift hits all alike."""
+    sched = engine.scheduler
+    best: dict[tuple[str, bool], dict] = {}
+    for _ in range(args.repeats):
+        for overlap in overlaps:
+            sched.overlap = overlap
+            for mode in MODES:
+                run = measure(engine, timers, prompts, mode_params(mode, len(prompts), schema, args.output_len),
+                              args.output_len)
+                key = (mode, overlap)
+                if key not in best or run["decode_tokens_per_s"] > best[key]["decode_tokens_per_s"]:
+                    best[key] = run
+    rows = []
+    for (mode, overlap), run in best.items():
+        row = {"batch_size": len(prompts), "mode": mode, "overlap": overlap, **run,
+               "vs_free": run["decode_tokens_per_s"] / best[("free", overlap)]["decode_tokens_per_s"]}
+        if (mode, not overlap) in best and overlap:
+            row["overlap_on_off"] = run["decode_tokens_per_s"] / best[(mode, False)]["decode_tokens_per_s"]
+        rows.append(row)
+    return rows
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model-path", default=None)
@@ -105,6 +144,8 @@ def main() -> None:
     p.add_argument("--prompt-len", type=int, default=32)
     p.add_argument("--output-len", type=int, default=128)
     p.add_argument("--repeats", type=int, default=1, help="runs per case; the fastest counts")
+    p.add_argument("--overlap-ab", action="store_true",
+                   help="run overlap on and off even where the device is synchronous (the CPU)")
     p.add_argument("--output-file", default=None)
     args = p.parse_args()
 
@@ -120,27 +161,15 @@ def main() -> None:
     results = []
     try:
         sched = engine.scheduler
+        overlaps = [True, False] if sched.overlap or args.overlap_ab else [False]
         timers = StepTimers(sched)
         rng = random.Random(0)
         vocab = len(engine.tokenizer)
         schema = json.dumps(LONG_SCHEMA)
-        modes = {"unconstrained": {"temperature": 0.0, "ignore_eos": True},
-                 "json_schema": {"temperature": 0.0, "json_schema": schema}}
-        engine.generate(input_ids=[[5, 6, 7]], sampling_params={**modes["json_schema"], "max_new_tokens": 4})
+        engine.generate(input_ids=[[5, 6, 7]], sampling_params=mode_params("json", 1, schema, 4)[0])
         for b in batch_sizes:
             prompts = [[rng.randrange(10, vocab) for _ in range(args.prompt_len)] for _ in range(b)]
-            row: dict[str, Any] = {"batch_size": b}
-            for _ in range(args.repeats):      # modes alternate, so that drift hits both alike
-                for mode, params in modes.items():
-                    run = measure(engine, timers, prompts, {**params, "max_new_tokens": args.output_len},
-                                  args.output_len)
-                    if mode not in row or run["decode_tokens_per_s"] > row[mode]["decode_tokens_per_s"]:
-                        row[mode] = run
-            free, constrained = row["unconstrained"], row["json_schema"]
-            row["overhead"] = 1 - constrained["decode_tokens_per_s"] / free["decode_tokens_per_s"]
-            # what the grammar adds to a step on the host, against the whole unconstrained step
-            row["sampling_overhead"] = (constrained["sample_ms"] - free["sample_ms"]) / free["step_ms"]
-            results.append(row)
+            results += run_batch(engine, timers, prompts, overlaps, schema, args)
         info = {"model": args.shape or os.path.basename(folder.rstrip("/")),
                 "device": sched.runner.platform.description(),
                 "dtype": args.dtype, "model_vocab": sched.runner.vocab_size,
@@ -153,15 +182,14 @@ def main() -> None:
 
     print(f"{info['model']} on {info['device']}, {args.dtype}, grammar vocab {info['grammar_vocab']} "
           f"of {info['model_vocab']}, output {args.output_len} tokens")
-    print(f"{'batch':>5} {'free tok/s':>11} {'json tok/s':>11} {'overhead':>9} {'free step ms':>12} "
-          f"{'free sample':>11} {'json sample':>11} {'json mask':>9} {'sample overhead':>15}")
+    print(f"{'batch':>5} {'mode':>8} {'overlap':>7} {'tok/s':>9} {'vs free':>8} {'on/off':>7} "
+          f"{'sample ms':>9} {'mask ms':>8}")
     for r in results:
-        u, j = r["unconstrained"], r["json_schema"]
-        print(f"{r['batch_size']:5d} {u['decode_tokens_per_s']:11.1f} {j['decode_tokens_per_s']:11.1f} "
-              f"{r['overhead']:9.1%} {u['step_ms']:12.1f} {u['sample_ms']:11.2f} {j['sample_ms']:11.2f} "
-              f"{j['mask_ms']:9.2f} {r['sampling_overhead']:15.1%}")
-    print("overhead: 1 - json tok/s / free tok/s, end to end (noisy on a shared host); sample overhead: the "
-          "json step's extra sampling time (mask, accept) over the free decode step; times in ms per step")
+        on_off = f"{r['overlap_on_off']:7.3f}" if "overlap_on_off" in r else f"{'':7}"
+        print(f"{r['batch_size']:5d} {r['mode']:>8} {'on' if r['overlap'] else 'off':>7} "
+              f"{r['decode_tokens_per_s']:9.1f} {r['vs_free']:8.3f} {on_off} {r['sample_ms']:9.2f} {r['mask_ms']:8.2f}")
+    print("vs free: tok/s over the unconstrained run with the same overlap setting; on/off: overlap on over "
+          "off for the same mode; sample/mask: host ms per sampling launch (end to end is noisy on a shared host)")
     if args.output_file:
         with open(args.output_file, "w") as f:
             json.dump(info, f, indent=2)

@@ -19,6 +19,8 @@
 #   decode-ab            batch-1 decode (bench_decode.py, 512/256) with the platform's kernel config,
 #                        with $KERNEL_CONFIG, and with the platform's again (one machine: differences
 #                        of ~1% are visible; across machines they are not). ~2 min
+#   grammar              bench_grammar.py: decode batches 1/8/32 unconstrained, all with a JSON schema and
+#                        one with a schema, overlap scheduler on and off for each. ~3 min
 #   summary              one markdown table of every result JSON in $OUT (no device work)
 #
 # Estimates assume: model load ~20 s, graph capture ~15 s, anyserve ~10-15k output tok/s at large
@@ -50,6 +52,7 @@ if [[ "$SMOKE" == "1" ]]; then
   SHAREGPT=(--sharegpt-context-len 256)
   SERVE_LEVELS=(--concurrency 1,4 --num-prompts 2,8 --random-input-len 32 --random-output-len 16)
   DECODE_ARGS=(--shape qwen2.5-0.5b --prompt-len 16 --output-len 8)
+  GRAMMAR_ARGS=(--shape qwen2.5-0.5b --batch-sizes 2 --prompt-len 8 --output-len 5 --overlap-ab)
 else
   MODEL_DIR=${MODEL_DIR:-$OUT/llama-3.1-8b}
   DEVICE=auto; DTYPE=bfloat16
@@ -58,6 +61,7 @@ else
   SHAREGPT=()
   SERVE_LEVELS=(--concurrency 1,16,64 --num-prompts 8,64,256 --random-input-len 1024 --random-output-len 512)
   DECODE_ARGS=(--shape llama-3.1-8b)
+  GRAMMAR_ARGS=(--shape llama-3.1-8b --batch-sizes 1,8,32 --output-len 128 --repeats 2)
 fi
 KERNEL_CONFIG=${KERNEL_CONFIG:-'{"balance_splits": 4}'}
 read -r -a OFFLINE_EXTRA_ARR <<< "${OFFLINE_EXTRA:-}"
@@ -133,6 +137,10 @@ run_stage() {
         $PY benchmarks/bench_decode.py --device "$DEVICE" --dtype "$DTYPE" "${args[@]}" 2>&1 \
           | tee "$OUT/decode-ab-$run.log" | tail -2
       done ;;
+    grammar)
+      echo "=== grammar ==="
+      $PY benchmarks/bench_grammar.py --device "$DEVICE" "${GRAMMAR_ARGS[@]}" --output-file "$OUT/grammar.json" \
+        2>&1 | tee "$OUT/grammar.log" ;;
     summary)
       $PY benchmarks/suite_summary.py "$OUT" ;;
     *)

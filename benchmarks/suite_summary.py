@@ -1,5 +1,5 @@
-"""One markdown table of every result JSON that gpu_suite.sh wrote (offline, serving and batch-1
-decode), for pasting into RESULTS.md.
+"""One markdown table of every result JSON that gpu_suite.sh wrote (offline, serving, batch-1
+decode and structured output), for pasting into RESULTS.md.
 
     python benchmarks/suite_summary.py OUT_DIR
 """
@@ -50,8 +50,17 @@ def decode_row(stage: str, r: dict[str, Any]) -> str:
             f"{r['floor_tokens_per_s']:.1f} | {r['decode_tokens_per_s']:.1f} | {r['fraction_of_floor']:.1%} |")
 
 
+def grammar_rows(stage: str, r: dict[str, Any]) -> list[str]:
+    rows = []
+    for x in r["results"]:
+        on_off = f"{x['overlap_on_off']:.3f}" if "overlap_on_off" in x else ""
+        rows.append(f"| {stage} | {x['batch_size']} | {x['mode']} | {'on' if x['overlap'] else 'off'} | "
+                    f"{x['decode_tokens_per_s']:,.1f} | {x['vs_free']:.3f} | {on_off} |")
+    return rows
+
+
 def summarize(out_dir: Path) -> str:
-    offline, serving, decode = [], [], []
+    offline, serving, decode, grammar = [], [], [], []
     for path in sorted(out_dir.glob("*.json")):
         r = json.loads(path.read_text())
         if "anyserve" in r:
@@ -60,6 +69,8 @@ def summarize(out_dir: Path) -> str:
             serving += serving_rows(path.stem, r)
         elif "decode_tokens_per_s" in r:
             decode.append(decode_row(path.stem, r))
+        elif "schema" in r:
+            grammar += grammar_rows(path.stem, r)
     env = out_dir / "env.txt"
     lines = [env.read_text().strip(), ""] if env.exists() else []
     if offline:
@@ -70,8 +81,11 @@ def summarize(out_dir: Path) -> str:
                   "| ITL mean / median / p99 ms |", "| --- | --- | --- | --- | --- | --- | --- |", *serving, ""]
     if decode:
         lines += ["| stage | shape | prompt / output | copy GB/s | floor tok/s | decode tok/s | of the floor |",
-                  "| --- | --- | --- | --- | --- | --- | --- |", *decode]
-    return "\n".join(lines).rstrip() if offline or serving or decode else f"no result JSON in {out_dir}"
+                  "| --- | --- | --- | --- | --- | --- | --- |", *decode, ""]
+    if grammar:
+        lines += ["| stage | batch | mode | overlap | decode tok/s | vs free | overlap on / off |",
+                  "| --- | --- | --- | --- | --- | --- | --- |", *grammar]
+    return "\n".join(lines).rstrip() if offline or serving or decode or grammar else f"no result JSON in {out_dir}"
 
 
 if __name__ == "__main__":
