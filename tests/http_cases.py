@@ -99,6 +99,10 @@ BAD_INPUTS: list[BadInput] = [
     BadInput(GEN, {"text": "hi", "sampling_params": {"n": 0}}, 400, "n"),
     BadInput(GEN, {"input_ids": [10**9]}, 400, "vocab"),
     BadInput("POST /abort_request", {}, 400, "rid"),
+    # JSON escapes of lone UTF-16 surrogates: not text (a stop string like this once stopped the scheduler)
+    BadInput(CMPL, '{"model": "m", "prompt": "Hi", "max_tokens": 2, "stop": ["\\ud800"]}', 400, "surrogate"),
+    BadInput(CHAT, '{"model": "m", "messages": [{"role": "user", "content": "a\\udfffb"}]}', 400, "surrogate"),
+    BadInput(GEN, '{"text": "\\ud800 x"}', 400, "surrogate"),
     BadInput("GET /v1/models/no-such-model", None, 404, "no-such-model"),
     BadInput("GET /no/such/route", None, 404, "route"),
 ]

@@ -1,5 +1,6 @@
 """The offline Engine end to end on the CPU: scheduler, radix cache, retraction, against
 transformers on the same checkpoint."""
+import json
 import random
 
 import pytest
@@ -208,6 +209,9 @@ BAD_INPUTS = [
     (dict(prompt="hi", sampling_params={"bogus": 1}), "bogus"),
     (dict(prompt="hi", sampling_params={"min_p": 2}), "min_p"),
     (dict(prompt="hi", sampling_params={"repetition_penalty": 0}), "repetition_penalty"),
+    (dict(prompt="a \ud800 b"), "surrogate"),
+    (dict(prompt="hi", sampling_params={"stop": ["x\udfff"]}), "stop"),
+    (dict(prompt="hi", sampling_params={"regex": "\ud800"}), "regex"),
 ]
 
 
@@ -217,6 +221,39 @@ def test_bad_input_names_the_field_and_engine_keeps_serving(llama_engine, kwargs
         llama_engine.generate(**kwargs)
     ok = llama_engine.generate("still serving", {**GREEDY, "max_new_tokens": 3})
     assert ok["meta_info"]["completion_tokens"] == 3
+
+
+def test_a_valid_surrogate_pair_is_text(llama_engine):
+    emoji = json.loads('"\\ud83d\\ude00"')        # JSON's escape of U+1F600, as a client may send it
+    out = llama_engine.generate(f"smile {emoji}", {**GREEDY, "max_new_tokens": 2, "stop": [emoji]})
+    assert out["meta_info"]["completion_tokens"] >= 1
+
+
+def test_a_request_the_scheduler_cannot_admit_is_aborted_and_the_loop_goes_on(llama_tiny):
+    """Defence behind the front end's checks: an exception while admitting one request (here a stop
+    string that cannot be encoded, slipped past validation) finishes that request, not the scheduler."""
+    from engine.io_struct import TokenizedGenerateReq
+    from engine.sampling.sampling_params import SamplingParams
+    from engine.scheduler.scheduler import Scheduler
+    from engine.server_args import ServerArgs
+
+    s = Scheduler(ServerArgs(model_path=str(llama_tiny), device="cpu", log_level="warning"))
+    bad = SamplingParams.from_dict({"max_new_tokens": 4, "stop": ["ok"]})
+    bad.stop = ["\ud800"]
+    good = SamplingParams.from_dict({"max_new_tokens": 4, "temperature": 0, "ignore_eos": True})
+    s.handle(TokenizedGenerateReq(rid="bad", input_ids=[5, 6, 7], sampling_params=bad))
+    s.handle(TokenizedGenerateReq(rid="good", input_ids=[5, 6, 7], sampling_params=good))
+    done = {}
+    while not s.is_idle() or s.outputs:
+        s.step()
+        out = s.take_outputs()
+        for rid, ids, fin in zip(out.rids, out.new_token_ids, out.finished_reasons) if out else ():
+            done.setdefault(rid, []).extend(ids)
+            if fin:
+                done[rid + ":finish"] = fin
+    assert done["bad:finish"]["type"] == "abort" and "UnicodeEncodeError" in done["bad:finish"]["message"]
+    assert len(done["good"]) == 4 and done["good:finish"]["type"] == "length"
+    s.check_memory_whole()
 
 
 def test_abort_frees_slots(llama_engine):

@@ -138,6 +138,26 @@ def test_response_format_becomes_grammar_keys(fake):
     assert "json_schema" not in tm.requests[-1].sampling_params
 
 
+def test_sglang_grammar_fields_on_openai_routes(fake):
+    """json_schema, regex and ebnf as top-level fields (SGLang's extensions), on chat and completions;
+    two constraints at once, or a schema given twice, are a 400 naming the fields."""
+    tm, client = fake
+    schema = json.dumps({"type": "object", "properties": {"a": {"type": "integer"}}})
+    for route, body in (("/v1/chat/completions", {"messages": USER}), ("/v1/completions", {"prompt": "Hi"})):
+        for field, value in (("json_schema", schema), ("regex", "[ab]+"), ("ebnf", 'root ::= "x"')):
+            r = client.post(route, json={"model": MODEL, **body, field: value})
+            assert r.status_code == 200, r.text
+            sp = tm.requests[-1].sampling_params
+            assert sp[field] == value and not ({"json_schema", "regex", "ebnf"} - {field}) & set(sp)
+        r = client.post(route, json={"model": MODEL, **body, "json_schema": schema, "regex": "a"})
+        hc.assert_openai_error(r, 400, "cannot be combined with json_schema")
+        r = client.post(route, json={"model": MODEL, **body, "json_schema": schema,
+                                     "response_format": {"type": "json_object"}})
+        hc.assert_openai_error(r, 400, "json_schema cannot be combined with response_format")
+        r = client.post(route, json={"model": MODEL, **body, "json_schema": {"type": "object"}})
+        hc.assert_openai_error(r, 400, "json_schema")
+
+
 def test_response_format_rejected_without_grammar_backend():
     _, client = make(grammar_backend="none")
     r = chat(client, response_format={"type": "json_object"})

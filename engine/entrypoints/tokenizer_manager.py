@@ -23,7 +23,7 @@ from engine.io_struct import (AbortReq, BatchTokenOutput, FlushCacheOutput, Flus
                               GetStatsReq, SchedulerError, SchedulerInfo, SchedulerStats,
                               TokenizedGenerateReq)
 from engine.sampling.detokenizer import IncrementalDetokenizer
-from engine.sampling.sampling_params import MAX_TOP_LOGPROBS, SamplingParams
+from engine.sampling.sampling_params import MAX_TOP_LOGPROBS, SamplingParams, is_unicode_text
 from engine.sampling.stop import StopStringMatcher
 from engine.server_args import ServerArgs
 from engine.tokenizer import apply_chat_template, load_tokenizer
@@ -95,6 +95,8 @@ class TokenizerManager:
         if req.text is not None:
             if not isinstance(req.text, str):
                 raise ValueError(f"text must be a string, got {type(req.text).__name__}")
+            if not is_unicode_text(req.text):
+                raise ValueError("text holds a lone UTF-16 surrogate, which is not Unicode text")
             ids = self.tokenizer.encode(req.text) if req.text else []
         else:
             ids = req.input_ids

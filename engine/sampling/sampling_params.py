@@ -13,6 +13,16 @@ from typing import Any, Optional, Union
 _MAX_TOP_LOGPROBS = 20
 
 
+def is_unicode_text(s: str) -> bool:
+    """False for a str with a lone UTF-16 surrogate (JSON's "\\ud800" escape without its pair),
+    which no tokenizer can encode."""
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 @dataclass
 class SamplingParams:
     max_new_tokens: Optional[int] = 128
@@ -115,6 +125,8 @@ class SamplingParams:
         self.stop = _str_list("stop", self.stop)
         if any(s == "" for s in self.stop):
             bad("stop", "must not contain an empty string")
+        if any(not is_unicode_text(s) for s in self.stop):
+            bad("stop", "holds a lone UTF-16 surrogate, which is not Unicode text")
         if self.stop_token_ids is None:
             self.stop_token_ids = []
         if not isinstance(self.stop_token_ids, (list, tuple)) or not all(
@@ -140,6 +152,8 @@ class SamplingParams:
         for g in grammars:
             if not isinstance(getattr(self, g), str):
                 bad(g, "must be a string")
+            if not is_unicode_text(getattr(self, g)):
+                bad(g, "holds a lone UTF-16 surrogate, which is not Unicode text")
 
     def check_vocab(self, vocab_size: int) -> None:
         """Checks that need the model: token ids within the vocabulary."""

@@ -132,8 +132,12 @@ class Scheduler:
         req = Req(msg.rid, list(msg.input_ids), p, seed, return_logprob=msg.return_logprob,
                   top_logprobs_num=msg.top_logprobs_num, stream=msg.stream,
                   eos_token_ids=self.eos_token_ids, arrival_time=msg.arrival_time)
-        req.stop_tail = stop_tail_tokens(self.tokenizer, p.stop) if p.stop else 0
-        error = self._check_request(req)
+        try:
+            req.stop_tail = stop_tail_tokens(self.tokenizer, p.stop) if p.stop else 0
+            error = self._check_request(req)
+        except Exception as e:   # one request the front end should have refused must not stop the loop
+            logger.exception("request %s could not be admitted", req.rid)
+            error = f"the request could not be admitted: {type(e).__name__}: {e}"
         if error:
             req.finished_reason = {"type": "abort", "message": error}
             self.outputs.append(req)

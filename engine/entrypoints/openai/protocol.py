@@ -84,6 +84,7 @@ class _SamplingRequest(_Model):
     logit_bias: Optional[dict[str, float]] = None
     skip_special_tokens: bool = True
     response_format: Optional[ResponseFormat] = None
+    json_schema: Optional[str] = None     # SGLang's extensions: a schema as JSON text, a regex, a grammar
     regex: Optional[str] = None
     ebnf: Optional[str] = None
 
@@ -100,6 +101,11 @@ class _SamplingRequest(_Model):
             out["json_schema"] = json.dumps(rf.json_schema.schema_ or PERMISSIVE_JSON_SCHEMA)
         elif rf is not None and rf.type == "json_object":
             out["json_schema"] = json.dumps(PERMISSIVE_JSON_SCHEMA)
+        if self.json_schema is not None:
+            if out:
+                raise ValueError(f"json_schema cannot be combined with response_format {rf.type!r}: "
+                                 "give the schema once")
+            out["json_schema"] = self.json_schema
         if self.regex is not None:
             out["regex"] = self.regex
         if self.ebnf is not None:

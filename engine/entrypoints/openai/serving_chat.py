@@ -41,7 +41,7 @@ async def create_chat_completion(ctx: ApiContext, request: Request) -> Response:
         if plan.ebnf is not None:
             if any(base_sp.get(k) is not None for k in ("json_schema", "regex", "ebnf")):
                 raise ValueError("tool_choice that forces a tool call cannot be combined with "
-                                 "response_format, regex or ebnf")
+                                 "response_format, json_schema, regex or ebnf")
             base_sp["ebnf"] = plan.ebnf
     except ValueError as e:
         raise from_value_error(e) from None

@@ -15,6 +15,7 @@ from engine.entrypoints.openai.protocol import PromptItem, PromptTokensDetails, 
 from engine.entrypoints.fanout import ClientDisconnected, FanOut
 from engine.entrypoints.openai.streaming import SSE_DONE, sse, wait_disconnect
 from engine.io_struct import GenerateRequest
+from engine.sampling.sampling_params import is_unicode_text
 
 logger = logging.getLogger(__name__)
 
@@ -32,6 +33,9 @@ async def parse_body(request: Request, model: type[M]) -> M:
     if not isinstance(obj, dict):
         raise APIError(400, f"the request body must be a JSON object, got "
                             f"{'nothing' if obj is None else type(obj).__name__}", code="invalid_json")
+    if not is_unicode_text(json.dumps(obj, ensure_ascii=False)):     # JSON allows "\ud800" escapes
+        raise APIError(400, "the request body holds a lone UTF-16 surrogate (a \\ud800-\\udfff escape "
+                            "without its pair), which is not Unicode text", code="invalid_json")
     try:
         return model.model_validate(obj)
     except pydantic.ValidationError as e:
