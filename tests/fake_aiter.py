@@ -85,6 +85,62 @@ def mha_batch_prefill_func(q, k, v, cu_seqlens_q, kv_indptr, kv_page_indices, ma
     return out
 
 
+# -- layer ops (aiter/ops/rmsnorm.py, aiter/ops/activation.py) -----------------------------------------
+def _check_rows(name: str, t: torch.Tensor, like: torch.Tensor) -> None:
+    """Every tensor a contiguous [rows, hidden] of the input's dtype (aiter's norms take 2-D rows)."""
+    assert t.dim() == 2 and t.is_contiguous(), f"{name} must be a contiguous [rows, hidden] tensor"
+    assert t.dtype == like.dtype and t.device == like.device, f"{name} must be {like.dtype} like the input"
+
+
+def _check_norm_args(input: torch.Tensor, weight: torch.Tensor, use_model_sensitive_rmsnorm: int) -> None:
+    # the CK norms of older aiter take float16/bfloat16 only (the opus ones of 2026 take float32 too)
+    assert input.dtype in (torch.float16, torch.bfloat16), "aiter's norms are float16/bfloat16"
+    _check_rows("input", input, input)
+    assert weight.dtype == input.dtype and weight.is_contiguous() and weight.shape == input.shape[-1:], \
+        "weight must be a contiguous [hidden] of the input's dtype"
+    assert use_model_sensitive_rmsnorm == 0
+
+
+def _norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """fp32: the weight multiplies before the one rounding (to the caller's dtype)."""
+    x = x.float()
+    return x * torch.rsqrt(x.square().mean(-1, keepdim=True) + eps) * weight.float()
+
+
+def rmsnorm2d_fwd(input, weight, epsilon, use_model_sensitive_rmsnorm=0):
+    """Returns a new tensor: weight * norm(input)."""
+    _check_norm_args(input, weight, use_model_sensitive_rmsnorm)
+    CALLS.append("rms_norm")
+    return _norm(input, weight, epsilon).to(input.dtype)
+
+
+def rmsnorm2d_fwd_with_add(out, input, residual_in, residual_out, weight, epsilon, use_model_sensitive_rmsnorm=0):
+    """Writes residual_out = input + residual_in (rounded) and out = weight * norm(residual_out);
+    returns None and leaves input and residual_in alone."""
+    _check_norm_args(input, weight, use_model_sensitive_rmsnorm)
+    for name, t in (("out", out), ("residual_in", residual_in), ("residual_out", residual_out)):
+        _check_rows(name, t, input)
+        assert t.shape == input.shape, f"{name} must be shaped as the input"
+    residual_out.copy_(input.float() + residual_in.float())
+    out.copy_(_norm(residual_out, weight, epsilon))
+    CALLS.append("rms_norm_add")
+
+
+def silu_and_mul(out, input):
+    """Writes out [rows, d] = silu(input[:, :d]) * input[:, d:] (fp32, one rounding); returns None."""
+    assert input.dtype in (torch.float16, torch.bfloat16, torch.float32) and out.dtype == input.dtype
+    assert input.dim() == 2 and input.is_contiguous(), "the kernel steps rows by 2d: contiguous [rows, 2d]"
+    d = input.shape[1] // 2
+    assert out.is_contiguous() and out.shape == (input.shape[0], d) and input.shape[1] == 2 * d
+    gate, up = input[:, :d].float(), input[:, d:].float()
+    out.copy_(gate * torch.sigmoid(gate) * up)
+    CALLS.append("silu_and_mul")
+
+
+LAYER_OPS = dict(rmsnorm2d_fwd=rmsnorm2d_fwd, rmsnorm2d_fwd_with_add=rmsnorm2d_fwd_with_add,
+                 silu_and_mul=silu_and_mul)
+
+
 def fake_aiter(**functions) -> types.ModuleType:
     """The fake module; ``functions`` replace (or, as None, remove) some of its functions."""
     mod = types.ModuleType("aiter")
@@ -92,7 +148,7 @@ def fake_aiter(**functions) -> types.ModuleType:
     mod.__version__ = "fake"
     mod.paged_attention_ragged = paged_attention_ragged
     mod.mha_batch_prefill_func = mha_batch_prefill_func
-    for name, fn in functions.items():
+    for name, fn in {**LAYER_OPS, **functions}.items():
         setattr(mod, name, fn)
     return mod
 
