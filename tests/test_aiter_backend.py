@@ -1,14 +1,12 @@
 """aiter on ROCm without an AMD GPU: registered exactly where the aiter package is installed and
 preferred over Triton on the hip platform; and the attention backend's page tables and arguments,
-checked by a fake ``aiter`` whose two kernels follow aiter's documented semantics in plain torch,
-against the torch backend on random paged inputs."""
+checked by a fake ``aiter`` (fake_aiter.py) whose two kernels follow aiter's documented semantics
+in plain torch, against the torch backend on random paged inputs."""
 from __future__ import annotations
 
-import importlib.machinery
 import importlib.util
 import re
 import sys
-import types
 
 import pytest
 import torch
@@ -16,101 +14,16 @@ import torch
 import backends.rocm as rocm_backends
 import backends.rocm.aiter_attention as aiter_attention
 import hal
-import hal.registry as registry
 from attention_case import step_inputs
 from backends.cpu.torch_attention import TorchAttentionBackend
 from backends.cuda.platform import CudaPlatform
 from backends.rocm.aiter_attention import AiterAttentionBackend, aiter_importable, import_aiter
 from backends.rocm.platform import RocmPlatform
 from engine.runner.forward_batch import ForwardMode
+from fake_aiter import CALLS, fake_aiter, without_aiter_entries
 from hal.graph_runner import attention_can_be_captured
 from hal.registry import BackendSelectionError, entries
 from test_torch_attention import CASES, NUM_KV_HEADS, make_setup
-
-
-# -- a fake aiter: the documented semantics of the two kernels, in plain torch --------------------
-def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
-    """q: [n, Hq, D] the last n queries of a sequence; k, v: [s, Hkv, D]; bottom-right causal."""
-    n, s, group = q.shape[0], k.shape[0], q.shape[1] // k.shape[1]
-    k, v = k.float().repeat_interleave(group, 1), v.float().repeat_interleave(group, 1)
-    scores = torch.einsum("qhd,khd->hqk", q.float(), k) * scale
-    visible = torch.arange(s)[None, :] <= torch.arange(s - n, s)[:, None]          # [n, s]
-    probs = scores.masked_fill(~visible, float("-inf")).softmax(-1)
-    return torch.einsum("hqk,khd->qhd", probs, v).to(q.dtype)
-
-
-def _check_index(t: torch.Tensor, name: str) -> None:
-    assert t.dtype == torch.int32 and t.dim() == 1 and t.is_contiguous(), f"{name} must be int32 1-D"
-
-
-def paged_attention_ragged(*, out, workspace_buffer, query, key_cache, value_cache, scale, kv_indptr,
-                           kv_page_indices, kv_last_page_lens, block_size, max_num_partitions, alibi_slopes,
-                           kv_cache_dtype, kv_cache_layout, logits_soft_cap, k_scale, v_scale,
-                           fp8_out_scale=None, partition_size=256, mtp=1):
-    """aiter's split-K paged decode, NHD cache [num_pages, block_size, Hkv, D], CSR page table."""
-    assert kv_cache_layout == "NHD" and kv_cache_dtype == "auto" and alibi_slopes is None
-    assert logits_soft_cap == 0.0 and fp8_out_scale is None and mtp == 1 and partition_size == 256
-    assert query.dtype in (torch.float16, torch.bfloat16) and out.shape == query.shape
-    assert query.stride(1) == query.shape[2] and query.stride(2) == 1
-    num_seqs, num_heads, d = query.shape
-    assert key_cache.dim() == 4 and key_cache.shape[1] == block_size and key_cache.shape[3] == d
-    assert value_cache.shape == key_cache.shape and num_heads % key_cache.shape[2] == 0
-    assert k_scale.dtype == torch.float32 and float(k_scale) == 1.0 and float(v_scale) == 1.0
-    for t, name in ((kv_indptr, "kv_indptr"), (kv_page_indices, "kv_page_indices"),
-                    (kv_last_page_lens, "kv_last_page_lens")):
-        _check_index(t, name)
-    assert kv_indptr.numel() == num_seqs + 1 and kv_indptr[0] == 0
-    pages = kv_indptr[1:] - kv_indptr[:-1]
-    if block_size > 1:
-        assert ((kv_last_page_lens >= 1) & (kv_last_page_lens <= block_size)).all()
-        context = (pages - 1) * block_size + kv_last_page_lens
-    else:
-        context = pages
-    assert int(context.max()) <= max_num_partitions * partition_size
-    need = num_seqs * num_heads * max_num_partitions * (d * query.element_size() + 8)
-    assert workspace_buffer.dtype == torch.uint8 and workspace_buffer.numel() >= need
-    for i in range(num_seqs):
-        ids = kv_page_indices[kv_indptr[i]:kv_indptr[i + 1]].long()
-        k = key_cache[ids].flatten(0, 1)[: context[i]]
-        v = value_cache[ids].flatten(0, 1)[: context[i]]
-        out[i] = _attend(query[i:i + 1], k, v, scale)[0]
-    CALLS.append("decode")
-
-
-def mha_batch_prefill_func(q, k, v, cu_seqlens_q, kv_indptr, kv_page_indices, max_seqlen_q, max_seqlen_k,
-                           dropout_p=0.0, softmax_scale=None, logits_soft_cap=0.0, causal=False,
-                           window_size=(-1, -1), alibi_slopes=None, deterministic=False, return_lse=False,
-                           return_attn_probs=False, out=None):
-    """CK's varlen prefill over a paged cache; 3-D K/V is the page-size-1 layout [pages, Hkv, D]."""
-    assert causal and dropout_p == 0.0 and logits_soft_cap == 0.0 and tuple(window_size) == (-1, -1)
-    assert q.dtype in (torch.float16, torch.bfloat16) and k.dtype == v.dtype == q.dtype
-    assert k.dim() == 3 and v.shape == k.shape and k.shape[2] == q.shape[2] and q.shape[2] % 8 == 0
-    for t, name in ((cu_seqlens_q, "cu_seqlens_q"), (kv_indptr, "kv_indptr"), (kv_page_indices, "kv_page_indices")):
-        _check_index(t, name)
-    assert cu_seqlens_q.numel() == kv_indptr.numel() and int(cu_seqlens_q[-1]) == q.shape[0]
-    q_lens, k_lens = cu_seqlens_q.diff(), kv_indptr.diff()
-    assert int(q_lens.max()) <= max_seqlen_q and int(k_lens.max()) <= max_seqlen_k
-    out = torch.empty_like(q)
-    for i in range(q_lens.numel()):
-        ids = kv_page_indices[kv_indptr[i]:kv_indptr[i + 1]].long()
-        rows = slice(int(cu_seqlens_q[i]), int(cu_seqlens_q[i + 1]))
-        out[rows] = _attend(q[rows], k[ids], v[ids], softmax_scale)
-    CALLS.append("extend")
-    return out
-
-
-CALLS: list[str] = []
-
-
-def fake_aiter(**functions) -> types.ModuleType:
-    mod = types.ModuleType("aiter")
-    mod.__spec__ = importlib.machinery.ModuleSpec("aiter", None)
-    mod.__version__ = "fake"
-    mod.paged_attention_ragged = paged_attention_ragged
-    mod.mha_batch_prefill_func = mha_batch_prefill_func
-    for name, fn in functions.items():
-        setattr(mod, name, fn)
-    return mod
 
 
 @pytest.fixture
@@ -125,10 +38,8 @@ def aiter(monkeypatch):
 
 @pytest.fixture
 def registries(monkeypatch):
-    """The attention registry as it is now (minus any real aiter entry), restored after the test."""
-    entries("attention")
-    table = {n: e for n, e in registry._REGISTRY["attention"].items() if n != "aiter"}
-    monkeypatch.setitem(registry._REGISTRY, "attention", table)
+    """The registries as they are now (minus any real aiter entry), restored after the test."""
+    without_aiter_entries(monkeypatch)
     monkeypatch.setattr(rocm_backends, "triton_available", lambda: True)
     aiter_importable.cache_clear()
     yield

@@ -174,5 +174,6 @@ def test_vendor_backends_without_their_package_are_not_registered():
     if importlib.util.find_spec("flashinfer") or importlib.util.find_spec("aiter"):
         pytest.skip("flashinfer or aiter is installed here")
     assert "flashinfer" not in entries("attention") and "aiter" not in entries("attention")
+    assert "aiter" not in entries("layer_ops")
     with pytest.raises(BackendSelectionError, match="unknown attention backend; registered: torch, triton"):
         hal.select("attention", hal.get_platform("cpu"), "flashinfer")

@@ -38,12 +38,15 @@ from typing import Any, Optional
 import torch
 import torch.nn.functional as F
 
+from backends.rocm import aiter_import
 from engine.runner.forward_batch import ForwardBatch
 from hal.attention import AttentionBackend, page_indices
 
 logger = logging.getLogger(__name__)
 
 REQUIRED_FUNCTIONS = ("paged_attention_ragged", "mha_batch_prefill_func")
+USER = "--attention-backend aiter"
+INSTEAD = "use --attention-backend triton"
 PARTITION_SIZE = 256                       # tokens per split of aiter's decode kernel (fixed in it)
 DTYPES = (torch.float16, torch.bfloat16)
 DECODE_HEAD_DIMS = (64, 128)
@@ -54,27 +57,13 @@ MAX_EXTEND_HEAD_DIM = 256
 
 def import_aiter() -> Any:
     """The aiter module, or a clear error when it cannot be imported or lacks what we call."""
-    try:
-        import aiter
-    except Exception as e:  # ImportError, or a HIP/JIT dependency failing at import time
-        raise RuntimeError(f"--attention-backend aiter: aiter is installed but failed to import "
-                           f"({type(e).__name__}: {e})") from e
-    missing = [f"aiter.{n}" for n in REQUIRED_FUNCTIONS if not callable(getattr(aiter, n, None))]
-    if missing:
-        raise RuntimeError(f"--attention-backend aiter: this aiter has no {', '.join(missing)} (written "
-                           "against ROCm/aiter main of 2025-26); update aiter or use --attention-backend triton")
-    return aiter
+    return aiter_import.import_aiter(USER, REQUIRED_FUNCTIONS, INSTEAD)
 
 
 @functools.lru_cache(maxsize=1)
 def aiter_importable() -> bool:
     """Whether aiter imports and offers the functions we call (checked once, when selecting)."""
-    try:
-        import_aiter()
-    except RuntimeError as e:
-        logger.warning("%s", e)
-        return False
-    return True
+    return aiter_import.usable(USER, REQUIRED_FUNCTIONS, INSTEAD)
 
 
 def triton_fallback(**kw) -> AttentionBackend:

@@ -20,6 +20,7 @@ class RocmPlatform(CudaLikePlatform):
     # MI300 (CDNA3) uses the fnuz fp8 variants.
     fp8_dtype = getattr(torch, "float8_e4m3fnuz", None)
     attention_preference = ("aiter", "triton", "torch")
+    layer_ops_preference = ("aiter", "triton", "torch")   # "aiter" is registered only where it is installed
     default_kernel_config = CDNA3_KERNEL_CONFIG
 
     @classmethod
