@@ -160,6 +160,10 @@ class _Req:
         self.grammar = None
         self.finished_reason = None
 
+    @property
+    def finished(self) -> bool:
+        return self.finished_reason is not None
+
 
 class _SlowBackend(XGrammarBackend):
     calls = 0
@@ -192,6 +196,9 @@ def test_manager_compiles_once_per_key_and_reports_failures(tokenizer):
     allowed = set(torch.nonzero(mask[0]).squeeze(1).tolist())
     assert allowed and all(set(tokenizer.decode([t])) <= {"a", "b"} for t in allowed)
     assert mgr.vocab_mask([_Req()], CPU) == (None, None)
+    reqs[1].finished_reason = {"type": "stop"}      # ended by the token read back while this step ran
+    mask, rows = mgr.vocab_mask([reqs[0], reqs[1]], CPU)
+    assert mask.shape == (1, mgr.backend.vocab_size) and rows.tolist() == [0]
     mgr.shutdown()
 
 
