@@ -245,6 +245,9 @@ def test_whole_answer_parses_into_openai_tool_calls(parser, text, content):
     (MistralParser(), "[TOOL_CALLS] not a list"),
     (MistralParser(), '[TOOL_CALLS] [{"name": "get_weather", "arguments": {"ci'),                # cut off
     (MistralParser(), '[TOOL_CALLS] [{"name": "get_time", "arguments": {"tz": "UTC"}}, {"name": "get_w'),
+    # whole objects with malformed JSON inside: content, not an exception
+    (MistralParser(), '[TOOL_CALLS] [{"name": "get_time", "arguments": {"tz": UTC}}]'),
+    (Llama3Parser(), '{"name": "get_time", "parameters": {"tz": "UTC", "n": tru}}'),
 ])
 def test_text_without_a_complete_call_is_plain_content(parser, text):
     assert extract_tool_calls(parser, text) == (text, [])

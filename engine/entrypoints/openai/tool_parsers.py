@@ -85,6 +85,14 @@ def _value_end(text: str, i: int) -> Optional[int]:
     return j
 
 
+def _loads(text: str) -> Any:
+    """A whole JSON value that the scanner delimited; malformed inside means not a call."""
+    try:
+        return json.loads(text)
+    except ValueError:
+        raise _Invalid(f"malformed JSON {text[:40]!r}") from None
+
+
 @dataclass
 class PartialCall:
     name: Optional[str] = None
@@ -132,7 +140,7 @@ def scan_call(text: str, i: int, args_keys: tuple[str, ...]) -> PartialCall:
         key_end = _string_end(text, i)
         if key_end is None:
             return call
-        key = json.loads(text[i:key_end])
+        key = _loads(text[i:key_end])
         i = _skip_ws(text, key_end)
         if i == len(text):
             return call
@@ -145,14 +153,14 @@ def scan_call(text: str, i: int, args_keys: tuple[str, ...]) -> PartialCall:
         if key == "name":
             if end is None:
                 return call
-            name = json.loads(text[i:end])
+            name = _loads(text[i:end])
             if not isinstance(name, str):
                 raise _Invalid("the name must be a string")
             call.name = name
         elif key in args_keys:
             call.args = text[i:end] if end is not None else text[i:]
             call.args_done = end is not None
-            if end is not None and not isinstance(json.loads(call.args), (dict, str)):
+            if end is not None and not isinstance(_loads(call.args), (dict, str)):
                 raise _Invalid("the arguments must be an object")
         if end is None:
             return call
