@@ -20,151 +20,9 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from engine.constrained.base import TaggedSchema
+from engine.entrypoints.openai.tool_call_scan import WS, Invalid, PartialCall, scan_call, skip_ws
 
-_WS = " \t\r\n"
 _EMPTY_PARAMETERS = {"type": "object", "properties": {}}
-
-
-class _Invalid(Exception):
-    """The text cannot be a tool call of this format."""
-
-
-# ---- a forgiving scanner over possibly-truncated JSON ----------------------------------------
-def _skip_ws(text: str, i: int, extra: str = "") -> int:
-    while i < len(text) and (text[i] in _WS or text[i] in extra):
-        i += 1
-    return i
-
-
-def _string_end(text: str, i: int) -> Optional[int]:
-    """text[i] is '"': index after the closing quote, None if the text ends first."""
-    j = i + 1
-    while j < len(text):
-        c = text[j]
-        if c == "\\":
-            j += 2
-            continue
-        if c == '"':
-            return j + 1
-        j += 1
-    return None
-
-
-def _value_end(text: str, i: int) -> Optional[int]:
-    """Index after the JSON value starting at text[i]; None if the text ends first."""
-    c = text[i]
-    if c == '"':
-        return _string_end(text, i)
-    if c in "{[":
-        depth, j = 0, i
-        while j < len(text):
-            c = text[j]
-            if c == '"':
-                end = _string_end(text, j)
-                if end is None:
-                    return None
-                j = end
-                continue
-            if c in "{[":
-                depth += 1
-            elif c in "}]":
-                depth -= 1
-                if depth == 0:
-                    return j + 1
-            j += 1
-        return None
-    j = i
-    while j < len(text) and text[j] not in ",}]" + _WS:
-        j += 1
-    if j == len(text):
-        return None          # a number or literal may still grow
-    try:
-        json.loads(text[i:j])
-    except ValueError:
-        raise _Invalid(f"bad JSON literal {text[i:j]!r}") from None
-    return j
-
-
-def _loads(text: str) -> Any:
-    """A whole JSON value that the scanner delimited; malformed inside means not a call."""
-    try:
-        return json.loads(text)
-    except ValueError:
-        raise _Invalid(f"malformed JSON {text[:40]!r}") from None
-
-
-@dataclass
-class PartialCall:
-    name: Optional[str] = None
-    args: str = ""                 # JSON text of the arguments value, as far as generated
-    args_done: bool = False
-    end: Optional[int] = None      # index after the call object's "}" once complete
-
-    def stream_args(self) -> str:
-        """The arguments text safe to send now (a string-encoded value only when whole)."""
-        if self.args.startswith('"'):
-            return self.final_args() if self.args_done else ""
-        if not self.args and self.end is not None:
-            return "{}"
-        return self.args
-
-    def final_args(self) -> str:
-        if not self.args:
-            return "{}"
-        value = json.loads(self.args)
-        return value if isinstance(value, str) else self.args
-
-
-def scan_call(text: str, i: int, args_keys: tuple[str, ...]) -> PartialCall:
-    """The call object {"name": ..., <args key>: ...} starting at text[i] (after blanks), as
-    far as the text goes. Raises _Invalid if it cannot be one."""
-    call = PartialCall()
-    i = _skip_ws(text, i)
-    if i == len(text):
-        return call
-    if text[i] != "{":
-        raise _Invalid("a call starts with '{'")
-    i += 1
-    while True:
-        i = _skip_ws(text, i, ",")
-        if i == len(text):
-            return call
-        if text[i] == "}":
-            if call.name is None:
-                raise _Invalid("the call has no name")
-            call.args_done = True
-            call.end = i + 1
-            return call
-        if text[i] != '"':
-            raise _Invalid("expected a key")
-        key_end = _string_end(text, i)
-        if key_end is None:
-            return call
-        key = _loads(text[i:key_end])
-        i = _skip_ws(text, key_end)
-        if i == len(text):
-            return call
-        if text[i] != ":":
-            raise _Invalid("expected ':'")
-        i = _skip_ws(text, i + 1)
-        if i == len(text):
-            return call
-        end = _value_end(text, i)
-        if key == "name":
-            if end is None:
-                return call
-            name = _loads(text[i:end])
-            if not isinstance(name, str):
-                raise _Invalid("the name must be a string")
-            call.name = name
-        elif key in args_keys:
-            call.args = text[i:end] if end is not None else text[i:]
-            call.args_done = end is not None
-            if end is not None and not isinstance(_loads(call.args), (dict, str)):
-                raise _Invalid("the arguments must be an object")
-        if end is None:
-            return call
-        i = end
 
 
 @dataclass
@@ -215,7 +73,7 @@ class HermesParser(ToolCallParser):
                 return res
             try:
                 call = scan_call(text, start + len(self.open_tag), ("arguments", "parameters"))
-            except _Invalid:
+            except Invalid:
                 if final:
                     res.content += text[start:]
                 return res
@@ -226,7 +84,7 @@ class HermesParser(ToolCallParser):
                     res.calls.append(call)
                 return res
             res.calls.append(call)
-            close = _skip_ws(text, call.end)
+            close = skip_ws(text, call.end)
             if text.startswith(self.close_tag, close):
                 pos = close + len(self.close_tag)
             elif final or not self.close_tag.startswith(text[close:]):
@@ -247,9 +105,9 @@ class Llama3Parser(ToolCallParser):
         return f'{{"name": {json.dumps(function_name)}, "parameters": '
 
     def parse(self, text: str, final: bool) -> ParseResult:
-        i = _skip_ws(text, 0)
+        i = skip_ws(text, 0)
         if text.startswith(self.python_tag, i):
-            i = _skip_ws(text, i + len(self.python_tag))
+            i = skip_ws(text, i + len(self.python_tag))
         if not self._START.match(text, i):
             if not final and _could_start_call(text[i:]):
                 return ParseResult(content="")      # undecided: hold everything
@@ -261,12 +119,12 @@ class Llama3Parser(ToolCallParser):
                 calls.append(call)
                 if call.end is None:
                     if final:
-                        raise _Invalid("cut off inside a call")
+                        raise Invalid("cut off inside a call")
                     return ParseResult(content="", calls=calls)
-                i = _skip_ws(text, call.end, ";")
+                i = skip_ws(text, call.end, ";")
                 if i == len(text) or text[i] != "{":
                     return ParseResult(content=text[i:], calls=calls)
-        except _Invalid:
+        except Invalid:
             return ParseResult(content=text) if final else ParseResult(content="", calls=calls)
 
 
@@ -292,7 +150,7 @@ class MistralParser(ToolCallParser):
             if start < 0:
                 return res
             before = len(res.calls)
-            pos = self._scan_list(text, _skip_ws(text, start + len(self.marker)), res, final)
+            pos = self._scan_list(text, skip_ws(text, start + len(self.marker)), res, final)
             if pos is None:             # not a call list, or cut off inside it
                 if final:
                     del res.calls[before:]
@@ -311,14 +169,14 @@ class MistralParser(ToolCallParser):
         while True:
             try:
                 call = scan_call(text, i, ("arguments", "parameters"))
-            except _Invalid:
+            except Invalid:
                 return None
             if call.end is None:
                 if not final:
                     res.calls.append(call)
                 return None
             res.calls.append(call)
-            i = _skip_ws(text, call.end)
+            i = skip_ws(text, call.end)
             if i < len(text) and text[i] == ",":
                 i += 1
                 continue
@@ -351,7 +209,7 @@ def _could_start_call(rest: str) -> bool:
     """rest (after blanks) may still grow into '{"name"'."""
     if not rest:
         return True
-    compact = rest[0] + rest[1:].lstrip(_WS) if rest[0] == "{" else rest
+    compact = rest[0] + rest[1:].lstrip(WS) if rest[0] == "{" else rest
     return '{"name"'.startswith(compact)
 
 
