@@ -8,7 +8,8 @@ forced with a grammar (``TaggedSchema`` per function, see engine.constrained).
 
 Formats: ``llama3`` a bare JSON object {"name": ..., "parameters": {...}} (several separated by
 newlines or ";"); ``qwen25`` / ``hermes`` <tool_call>\\n{"name": ..., "arguments": {...}}\\n</tool_call>;
-``mistral`` [TOOL_CALLS] [{"name": ..., "arguments": {...}}, ...] after any content.
+``mistral`` [TOOL_CALLS] [{"name": ..., "arguments": {...}}, ...] after any content, and
+``mistral_v11`` [TOOL_CALLS]name[ARGS]{...} per call (both read either; they force different ones).
 The arguments returned are the model's own JSON text of the arguments object.
 """
 from __future__ import annotations
@@ -17,10 +18,11 @@ import json
 import re
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Collection, Optional
 
 from engine.constrained.base import TaggedSchema
-from engine.entrypoints.openai.tool_call_scan import WS, Invalid, PartialCall, scan_call, skip_ws
+from engine.entrypoints.openai.tool_call_scan import (WS, Invalid, PartialCall, loads_whole, scan_call, skip_ws,
+                                                      value_end)
 
 _EMPTY_PARAMETERS = {"type": "object", "properties": {}}
 
@@ -129,15 +131,23 @@ class Llama3Parser(ToolCallParser):
 
 
 class MistralParser(ToolCallParser):
-    """Mistral (v3 tokenizer, tool use): text, then [TOOL_CALLS] and a JSON list of calls. The
-    marker is a special token, so answers keep special tokens while this parser reads them.
-    Forced calls are written one list each, back to back; the parser reads any number of lists."""
+    """Mistral with tool use, whose answers write calls after any content in one of two ways,
+    both read here:
+      v3 tokenizer (Mistral-7B-v0.3, Nemo): [TOOL_CALLS] [{"name": ..., "arguments": {...}}, ...]
+      v11+ (Small 3.1/3.2, Devstral, Magistral): [TOOL_CALLS]name[ARGS]{...} for each call, some
+          templates with [CALL_ID]id before [ARGS] (dropped: answers get our own call ids).
+    The markers are special tokens, so answers keep special tokens while this parser reads them.
+    Forced calls are written in the v3 form, one list each, back to back (MistralV11Parser
+    writes the v11 form)."""
 
     name = "mistral"
     marker = "[TOOL_CALLS]"
+    args_tag, call_id_tag = "[ARGS]", "[CALL_ID]"
     separator = ""
     call_end = "}]"
     keeps_special_tokens = True
+    _NAME = re.compile(r'[^\s\[\]{}"]+')
+    _CALL_ID = re.compile(r"[A-Za-z0-9_-]*")
 
     def call_begin(self, function_name: str) -> str:
         return f'{self.marker} [{{"name": {json.dumps(function_name)}, "arguments": '
@@ -150,8 +160,10 @@ class MistralParser(ToolCallParser):
             if start < 0:
                 return res
             before = len(res.calls)
-            pos = self._scan_list(text, skip_ws(text, start + len(self.marker)), res, final)
-            if pos is None:             # not a call list, or cut off inside it
+            i = skip_ws(text, start + len(self.marker))
+            scan = self._scan_list if text.startswith("[", i) else self._scan_named
+            pos = scan(text, i, res, final)
+            if pos is None:             # not a call, or cut off inside it
                 if final:
                     del res.calls[before:]
                     res.content += text[start:]
@@ -161,10 +173,6 @@ class MistralParser(ToolCallParser):
     def _scan_list(text: str, i: int, res: ParseResult, final: bool) -> Optional[int]:
         """Append the calls of the list at text[i] to res; the index after it, or None when the
         text is not (or not yet) a whole list. A final answer may leave the list unclosed."""
-        if i == len(text):
-            return None
-        if text[i] != "[":
-            return None
         i += 1
         while True:
             try:
@@ -183,6 +191,50 @@ class MistralParser(ToolCallParser):
             if i < len(text) and text[i] == "]":
                 return i + 1
             return i if final else None     # unclosed at the end of a final answer: the calls stand
+
+    def _scan_named(self, text: str, i: int, res: ParseResult, final: bool) -> Optional[int]:
+        """Append the v11 call name([CALL_ID]id)?[ARGS]{...} at text[i] to res; the index after
+        its arguments object, or None when the text is not (or not yet) such a call."""
+        m = self._NAME.match(text, i)
+        if m is None:
+            return None
+        j = skip_ws(text, m.end())
+        if text.startswith(self.call_id_tag, j):
+            j = skip_ws(text, self._CALL_ID.match(text, j + len(self.call_id_tag)).end())
+        elif not text.startswith(self.args_tag, j):
+            return None         # not a call, or its name or first tag is still arriving
+        call = PartialCall(name=m.group())
+        if not text.startswith(self.args_tag, j):
+            if not final and self.args_tag.startswith(text[j:]):
+                res.calls.append(call)      # after [CALL_ID]: the name is known
+            return None
+        j = skip_ws(text, j + len(self.args_tag))
+        end = value_end(text, j) if text.startswith("{", j) else None
+        if end is None:
+            if not final and (j == len(text) or text[j] == "{"):
+                call.args = text[j:]
+                res.calls.append(call)
+            return None
+        try:
+            loads_whole(text[j:end])
+        except Invalid:
+            return None
+        call.args, call.args_done, call.end = text[j:end], True, end
+        res.calls.append(call)
+        return end
+
+
+class MistralV11Parser(MistralParser):
+    """Mistral v11+ tokenizers: reads both forms like MistralParser, and forces calls the way
+    these models write them, [TOOL_CALLS]name[ARGS]{...} each, back to back. No [CALL_ID]: the
+    templates that render one take it from the request's history, and the model's own output
+    does not need it (the answer's call ids are ours)."""
+
+    name = "mistral_v11"
+    call_end = ""
+
+    def call_begin(self, function_name: str) -> str:
+        return f"{self.marker}{function_name}{self.args_tag}"
 
 
 def _content_until(res: ParseResult, text: str, pos: int, tag: str, final: bool) -> int:
@@ -214,7 +266,8 @@ def _could_start_call(rest: str) -> bool:
 
 
 PARSERS: dict[str, type[ToolCallParser]] = {"llama3": Llama3Parser, "qwen25": HermesParser,
-                                            "hermes": HermesParser, "mistral": MistralParser}
+                                            "hermes": HermesParser, "mistral": MistralParser,
+                                            "mistral_v11": MistralV11Parser}
 
 
 def get_parser(name: str) -> ToolCallParser:
@@ -224,22 +277,24 @@ def get_parser(name: str) -> ToolCallParser:
         raise ValueError(f"unknown tool-call parser {name!r}; choose one of {', '.join(PARSERS)}") from None
 
 
-def detect_parser(model_type: Optional[str], chat_template: Optional[str]) -> Optional[str]:
+def detect_parser(model_type: Optional[str], chat_template: Optional[str],
+                  tokens: Collection[str] = ()) -> Optional[str]:
     """The parser for a model when --tool-call-parser is not given: from the chat template's
-    call format, else from the architecture."""
+    call format, else from the architecture. ``tokens``: the tokenizer's added tokens."""
     template = chat_template or ""
     if "<tool_call>" in template:
         return "qwen25"
     if "<|python_tag|>" in template or ("ipython" in template and '"parameters"' in template):
         return "llama3"
-    if "[TOOL_CALLS]" in template:
-        return "mistral"
+    if "[TOOL_CALLS]" in template or model_type == "mistral":
+        # The tokenizer decides over the template: a v11 model writes [ARGS] even where its
+        # template renders history in the older list (the Mistral-Small-3.1 one llama.cpp keeps does).
+        v11 = MistralParser.args_tag in template or MistralParser.args_tag in tokens
+        return "mistral_v11" if v11 else "mistral"
     if model_type == "llama":
         return "llama3"
     if model_type in ("qwen2", "qwen3"):
         return "qwen25"
-    if model_type == "mistral":
-        return "mistral"
     return None
 
 
