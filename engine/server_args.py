@@ -155,8 +155,9 @@ class ServerArgs:
     grammar_backend: str = _flag("xgrammar", "Constrained decoding backend; 'none' turns it off.",
                                  ["xgrammar", "none"], group="server")
     tool_call_parser: Optional[str] = _flag(None, "Tool-call format of the model family (llama3, qwen25 = hermes, "
-                                            "mistral); default: detected from the chat template or architecture.",
-                                            ["llama3", "qwen25", "hermes", "mistral"], group="server")
+                                            "mistral for [TOOL_CALLS] [list], mistral_v11 for [TOOL_CALLS]name[ARGS]"
+                                            "); default: detected from the chat template, tokenizer or architecture.",
+                                            ["llama3", "qwen25", "hermes", "mistral", "mistral_v11"], group="server")
     log_level: str = _flag("info", "Logging level.", ["debug", "info", "warning", "error"], group="server")
 
     def __post_init__(self) -> None:

@@ -15,7 +15,7 @@ import pytest
 
 from engine import Engine
 from engine.constrained.base import GrammarKey
-from engine.entrypoints.openai.tool_calls import plan_tools
+from engine.entrypoints.openai.tool_calls import plan_tools, resolve_parser_name
 from engine.entrypoints.openai.tool_parsers import extract_tool_calls
 from json_schema_corpus import SCHEMAS
 
@@ -299,10 +299,13 @@ WEATHER = {"type": "function", "function": {"name": "get_weather", "parameters":
                                      "unit": {"enum": ["C", "F"]}}, "required": ["city", "unit"]}}}
 
 
-@pytest.mark.parametrize("arch, parser", [("llama", "llama3"), ("qwen2", "qwen25"), ("mistral", "mistral")])
-def test_required_tool_choice_always_gives_a_parseable_call(make_tiny, arch, parser):
+@pytest.mark.parametrize("arch, chat, parser", [("llama", None, "llama3"), ("qwen2", None, "qwen25"),
+                                               ("mistral", None, "mistral"), ("mistral", "mistral_v11", "mistral_v11")])
+def test_required_tool_choice_always_gives_a_parseable_call(make_tiny, arch, chat, parser):
+    model = make_tiny(arch, **({"chat": chat} if chat else {}))
     plan = plan_tools([WEATHER], "required", False, parser, "xgrammar")
-    with Engine(model_path=str(make_tiny(arch)), device="cpu", dtype="float32") as e:
+    with Engine(model_path=str(model), device="cpu", dtype="float32") as e:
+        assert resolve_parser_name(None, str(model), e.tokenizer_manager.tokenizer) == parser
         prompt = e.tokenizer_manager.apply_chat_template([{"role": "user", "content": "Weather?"}], plan.template_tools)
         # as the chat endpoint asks: Mistral's call marker is a special token the text must keep
         outs = e.generate(input_ids=[prompt] * 4, sampling_params=[
@@ -310,6 +313,8 @@ def test_required_tool_choice_always_gives_a_parseable_call(make_tiny, arch, par
              "skip_special_tokens": not plan.parser.keeps_special_tokens} for s in range(4)])
     for out in outs:
         assert finish(out) == "stop", out
+        if parser == "mistral_v11":     # the form the model's template writes, markers as special tokens
+            assert re.fullmatch(r"\[TOOL_CALLS\]get_weather\[ARGS\]\{.*\}", out["text"]), out["text"]
         content, calls = extract_tool_calls(plan.parser, out["text"])
         assert content is None and len(calls) == 1 and calls[0]["function"]["name"] == "get_weather"
         jsonschema.validate(json.loads(calls[0]["function"]["arguments"]), WEATHER["function"]["parameters"])

@@ -17,10 +17,9 @@ from engine.constrained.bitmask import unpack_bitmask
 from engine.constrained.grammar_manager import GrammarManager
 from engine.constrained.schema_prep import EXACT_FORMATS, prepare_schema_text, unsupported_feature
 from engine.constrained.xgrammar_backend import XGrammarBackend, json_schema_ebnf
-from engine.entrypoints.openai.tool_calls import plan_tools
-from engine.entrypoints.openai.tool_parsers import (HermesParser, Llama3Parser, MistralParser, ToolCallStreamer,
-                                                    detect_parser,
-                                                    extract_tool_calls)
+from engine.entrypoints.openai.tool_calls import plan_tools, resolve_parser_name
+from engine.entrypoints.openai.tool_parsers import (HermesParser, Llama3Parser, MistralParser, MistralV11Parser,
+                                                    ToolCallStreamer, detect_parser, extract_tool_calls)
 from engine.sampling.sampling_params import SamplingParams
 from engine.sampling.sampling_batch_info import SamplingBatchInfo
 from json_schema_corpus import SCHEMAS
@@ -221,6 +220,11 @@ LLAMA_TEXT = ('{"name": "get_weather", "parameters": {"city": "Paris", "days": 2
               '{"name": "get_time", "parameters": {"tz": "UTC"}}')
 MISTRAL_TEXT = ('Let me check. [TOOL_CALLS] [{"name": "get_weather", "arguments": {"city": "Paris", "days": 2}}, '
                 '{"name": "get_time", "arguments": {"tz": "UTC"}}]')
+# Mistral v11+ (Small 3.x, Devstral, Magistral): one [TOOL_CALLS]name[ARGS]{...} per call
+MISTRAL_V11_TEXT = ('Let me check.[TOOL_CALLS]get_weather[ARGS]{"city": "Paris", "days": 2}'
+                    '[TOOL_CALLS]get_time[ARGS]{"tz": "UTC"}')
+MISTRAL_V11_IDS_TEXT = ('[TOOL_CALLS]get_weather[CALL_ID]a1B2c3D4e[ARGS]{"city": "Paris", "days": 2}'
+                        '[TOOL_CALLS]get_time[CALL_ID]Zz9Yy8Xx7[ARGS]{"tz": "UTC"}')
 
 
 @pytest.mark.parametrize("parser, text, content", [
@@ -232,6 +236,12 @@ MISTRAL_TEXT = ('Let me check. [TOOL_CALLS] [{"name": "get_weather", "arguments"
     # forced calls: one list each, back to back
     (MistralParser(), '[TOOL_CALLS] [{"name": "get_weather", "arguments": {"city": "Paris", "days": 2}}]'
                       '[TOOL_CALLS] [{"name": "get_time", "arguments": {"tz": "UTC"}}]', None),
+    (MistralV11Parser(), MISTRAL_V11_TEXT, "Let me check."),
+    (MistralV11Parser(), MISTRAL_V11_IDS_TEXT, None),
+    (MistralV11Parser(), MISTRAL_V11_TEXT.replace("[TOOL_CALLS]", " [TOOL_CALLS] ").replace("[ARGS]", " [ARGS] "),
+     "Let me check."),                          # blanks around the special tokens
+    (MistralV11Parser(), MISTRAL_TEXT, "Let me check."),        # each reads the other's form
+    (MistralParser(), MISTRAL_V11_TEXT, "Let me check."),
 ])
 def test_whole_answer_parses_into_openai_tool_calls(parser, text, content):
     got_content, calls = extract_tool_calls(parser, text)
@@ -252,6 +262,17 @@ def test_whole_answer_parses_into_openai_tool_calls(parser, text, content):
     (MistralParser(), "[TOOL_CALLS] not a list"),
     (MistralParser(), '[TOOL_CALLS] [{"name": "get_weather", "arguments": {"ci'),                # cut off
     (MistralParser(), '[TOOL_CALLS] [{"name": "get_time", "arguments": {"tz": "UTC"}}, {"name": "get_w'),
+    # whole objects with malformed JSON inside: content, not an exception
+    (MistralParser(), '[TOOL_CALLS] [{"name": "get_time", "arguments": {"tz": UTC}}]'),
+    (Llama3Parser(), '{"name": "get_time", "parameters": {"tz": "UTC", "n": tru}}'),
+    (MistralV11Parser(), '[TOOL_CALLS]get_weather[ARGS]{"city": "Pa'),                          # cut off
+    (MistralV11Parser(), '[TOOL_CALLS]get_time[ARGS]{"tz": UTC}'),                              # malformed
+    (MistralV11Parser(), '[TOOL_CALLS]get_time[ARGS]"UTC"'),                                    # not an object
+    (MistralV11Parser(), "[TOOL_CALLS]get_time"),                                              # no [ARGS]
+    (MistralV11Parser(), '[TOOL_CALLS]get_time[CALL_ID]a1B2c3D4e'),
+    (MistralV11Parser(), '[TOOL_CALLS]Sure, the time[ARGS]{"tz": "UTC"}'),                     # not a name
+    (MistralV11Parser(), '[TOOL_CALLS][ARGS]{"tz": "UTC"}'),
+    (MistralV11Parser(), "Plain [text] with [TOOL_ and [ARGS in it"),
 ])
 def test_text_without_a_complete_call_is_plain_content(parser, text):
     assert extract_tool_calls(parser, text) == (text, [])
@@ -259,7 +280,9 @@ def test_text_without_a_complete_call_is_plain_content(parser, text):
 
 @pytest.mark.parametrize("parser, text", [(HermesParser(), HERMES_TEXT), (Llama3Parser(), LLAMA_TEXT),
                                           (MistralParser(), MISTRAL_TEXT), (HermesParser(), "No call here.\n"),
-                                          (Llama3Parser(), "Hello {x}"), (MistralParser(), "A [list] of [TOOL_ things")])
+                                          (Llama3Parser(), "Hello {x}"), (MistralParser(), "A [list] of [TOOL_ things"),
+                                          (MistralV11Parser(), MISTRAL_V11_TEXT), (MistralV11Parser(), MISTRAL_V11_IDS_TEXT),
+                                          (MistralV11Parser(), "No [TOOL_CALLS]call here, [ARGS] or not")])
 def test_streamed_deltas_add_up_to_the_whole_answer(parser, text):
     """Token-sized pieces (any split) give the same content and calls as the whole text."""
     rng = random.Random(len(text))
@@ -294,11 +317,95 @@ def test_hermes_never_streams_a_partial_open_tag_as_content():
     assert delta == "" and calls[0]["function"] == {"name": "get_time", "arguments": '{"tz": "U'}
 
 
+def test_mistral_v11_malformed_call_is_content_and_the_good_ones_stand():
+    text = '[TOOL_CALLS]get_time[ARGS]{"tz": "UTC"}[TOOL_CALLS]get_weather[ARGS]{"city": Oslo}'
+    content, calls = extract_tool_calls(MistralV11Parser(), text)
+    assert content == '[TOOL_CALLS]get_weather[ARGS]{"city": Oslo}'
+    assert [(c["function"]["name"], c["function"]["arguments"]) for c in calls] == [("get_time", '{"tz": "UTC"}')]
+
+
+def test_mistral_v11_one_call_with_call_id_after_content():
+    content, calls = extract_tool_calls(MistralV11Parser(), 'Checking the time.\n[TOOL_CALLS]get_time[CALL_ID]'
+                                                            'a1B2c3D4e[ARGS]{"tz": "CET"}')
+    assert content == "Checking the time."
+    assert [(c["function"]["name"], c["function"]["arguments"]) for c in calls] == [("get_time", '{"tz": "CET"}')]
+    assert calls[0]["id"].startswith("call_")      # our id, not the model's [CALL_ID]
+
+
+def test_mistral_v11_streams_split_inside_markers_and_json():
+    """Chunks cut inside [TOOL_CALLS], the name, [ARGS], [CALL_ID] and the JSON: no marker
+    piece leaks into content, the name is sent once whole, the arguments as they come."""
+    streamer = ToolCallStreamer(MistralV11Parser())
+    text = "Sure.[TOOL_C"
+    assert streamer.update(text) == ("Sure.", [])
+    for more in ("ALLS]get_ti", "me[AR"):
+        text += more
+        assert streamer.update(text) == ("", [])
+    text += 'GS]{"tz": "U'
+    content, deltas = streamer.update(text)
+    assert content == "" and deltas == [{"index": 0, "id": streamer.ids[0], "type": "function",
+                                         "function": {"name": "get_time", "arguments": '{"tz": "U'}}]
+    text += 'TC"}[TOOL_CALLS]get_weather[CALL_'
+    assert streamer.update(text) == ("", [{"index": 0, "function": {"arguments": 'TC"}'}}])
+    text += "ID]a1B2c3D4e[ARGS"
+    content, deltas = streamer.update(text)
+    assert content == "" and deltas == [{"index": 1, "id": streamer.ids[1], "type": "function",
+                                         "function": {"name": "get_weather", "arguments": ""}}]
+    text += ']{"city": "Oslo"}'
+    assert streamer.update(text) == ("", [{"index": 1, "function": {"arguments": '{"city": "Oslo"}'}}])
+    assert streamer.update(text, final=True) == ("", [])
+
+
+@pytest.mark.parametrize("text", [MISTRAL_V11_TEXT, MISTRAL_V11_IDS_TEXT,
+                                  'Hi [TOOL_CALLS]get_time[CALL_ID]x[ARGS]{"tz": "UTC"} bye'])
+def test_mistral_v11_streamed_one_character_at_a_time_matches_the_whole_answer(text):
+    streamer = ToolCallStreamer(MistralV11Parser())
+    content, args = "", {}
+    for cut in range(1, len(text) + 1):
+        delta, deltas = streamer.update(text[:cut], final=cut == len(text))
+        content += delta
+        for d in deltas:
+            args[d["index"]] = args.get(d["index"], "") + d["function"]["arguments"]
+    whole_content, whole_calls = extract_tool_calls(MistralV11Parser(), text)
+    assert (content or None) == whole_content and "[" not in content     # no piece of a marker
+    assert list(args.values()) == [c["function"]["arguments"] for c in whole_calls]
+
+
 def test_parser_detection_from_template_and_architecture():
     assert detect_parser(None, "... <tool_call> ...") == "qwen25"
     assert detect_parser("mistral", "{{ '<|python_tag|>' }}") == "llama3"
     assert detect_parser("llama", None) == "llama3" and detect_parser("qwen3", "") == "qwen25"
     assert detect_parser("mistral", "... [TOOL_CALLS] ...") == "mistral" and detect_parser("mistral", None) == "mistral"
+
+
+V11_TEMPLATE = "{{- '[TOOL_CALLS]' + call.function.name + '[ARGS]' + call.function.arguments }}"
+V3_TEMPLATE = "{{- '[TOOL_CALLS] [' + calls | tojson + ']' }}"
+
+
+@pytest.mark.parametrize("model_type, template, tokens, name", [
+    (None, V11_TEMPLATE, (), "mistral_v11"),                   # the template renders [ARGS]
+    ("mistral", None, {"[ARGS]": 32, "[TOOL_CALLS]": 9}, "mistral_v11"),   # the tokenizer has it
+    ("mistral", V3_TEMPLATE, ["[TOOL_CALLS]", "[ARGS]"], "mistral_v11"),  # the tokenizer wins
+    ("mistral", V3_TEMPLATE, ["[TOOL_CALLS]"], "mistral"),
+    (None, V3_TEMPLATE, (), "mistral"),
+    ("llama", None, ["[ARGS]"], "llama3"),
+])
+def test_mistral_call_form_detected_from_template_and_tokenizer(model_type, template, tokens, name):
+    assert detect_parser(model_type, template, tokens) == name
+
+
+class _Tokenizer:
+    chat_template = V3_TEMPLATE
+
+    def get_added_vocab(self) -> dict[str, int]:
+        return {"[TOOL_CALLS]": 9, "[ARGS]": 32}
+
+
+def test_resolved_parser_reads_the_tokenizers_added_tokens(caplog):
+    assert resolve_parser_name(None, None, _Tokenizer()) == "mistral_v11"
+    assert resolve_parser_name("mistral", None, _Tokenizer()) == "mistral"     # the flag wins, with a warning
+    assert "mistral_v11" in caplog.text
+    assert resolve_parser_name("qwen25", None, _Tokenizer()) == "qwen25"
 
 
 # ---- planning tool_choice, and the grammars that force calls ----------------------------------
@@ -333,6 +440,9 @@ def test_none_and_auto_plans():
                 '[TOOL_CALLS] [{"name": "get_time", "arguments": {"tz": "CET"}}]',
      ['[TOOL_CALLS] [{"name": "get_time", "arguments": {"tz": "PST"}}]',
       'Hi [TOOL_CALLS] [{"name": "get_time", "arguments": {"tz": "CET"}}]', ""]),
+    ("mistral_v11", '[TOOL_CALLS]get_weather[ARGS]{"city": "Oslo"}[TOOL_CALLS]get_time[ARGS]{"tz": "CET"}',
+     ['[TOOL_CALLS]get_time[ARGS]{"tz": "PST"}', 'Hi [TOOL_CALLS]get_time[ARGS]{"tz": "CET"}',
+      '[TOOL_CALLS] [{"name": "get_time", "arguments": {"tz": "CET"}}]', '[TOOL_CALLS]get_time[ARGS]{"tz": "CET"} ', ""]),
 ])
 def test_required_grammar_accepts_only_calls_of_the_offered_functions(backend, parser_name, good, bad):
     plan = plan_tools([WEATHER, CLOCK], "required", True, parser_name, "xgrammar")
@@ -351,6 +461,17 @@ def test_named_function_grammar_forces_exactly_one_call_of_it(backend):
     assert accepts(backend, key, one)
     assert not accepts(backend, key, one + "\n" + one)
     assert not accepts(backend, key, '<tool_call>\n{"name": "get_weather", "arguments": {"city": "x"}}\n</tool_call>')
+
+
+def test_named_function_grammar_in_mistral_v11_form_forces_one_call(backend):
+    plan = plan_tools([WEATHER, CLOCK], {"type": "function", "function": {"name": "get_time"}}, True,
+                      "mistral_v11", "xgrammar")
+    key = GrammarKey("ebnf", plan.ebnf)
+    one = '[TOOL_CALLS]get_time[ARGS]{"tz": "UTC"}'
+    assert accepts(backend, key, one)
+    assert not accepts(backend, key, one + one)
+    assert not accepts(backend, key, '[TOOL_CALLS]get_weather[ARGS]{"city": "x"}')
+    assert extract_tool_calls(plan.parser, one)[1][0]["function"] == {"name": "get_time", "arguments": '{"tz": "UTC"}'}
 
 
 def test_tool_grammar_refuses_unenforceable_parameter_schemas():

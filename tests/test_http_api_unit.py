@@ -96,10 +96,11 @@ def test_chat_messages_become_template_input(fake):
     assert sent[1]["content"] == "a\nb" and sent[3]["tool_call_id"] == "c1" and sent_tools == tools
 
 
-def test_mistral_tool_calls_keep_special_tokens_in_the_answer():
-    """Mistral's [TOOL_CALLS] marker is a special token: with tools offered the answer keeps
-    special tokens so the parser sees it; without tools the request is left as sent."""
-    tm, client = make(tool_call_parser="mistral")
+@pytest.mark.parametrize("parser", ["mistral", "mistral_v11"])
+def test_mistral_tool_calls_keep_special_tokens_in_the_answer(parser):
+    """Mistral's [TOOL_CALLS] (and v11's [ARGS]) markers are special tokens: with tools offered
+    the answer keeps special tokens so the parser sees them; without tools the request is left as sent."""
+    tm, client = make(tool_call_parser=parser)
     tools = [{"type": "function", "function": {"name": "f", "parameters": {}}}]
     with client:
         assert chat(client, tools=tools).status_code == 200
@@ -108,6 +109,34 @@ def test_mistral_tool_calls_keep_special_tokens_in_the_answer():
         assert tm.requests[-1].sampling_params["skip_special_tokens"] is True
         assert chat(client, tools=tools, tool_choice="none").status_code == 200
         assert tm.requests[-1].sampling_params["skip_special_tokens"] is True
+
+
+V11_ANSWER = 'Let me look.[TOOL_CALLS]f[ARGS]{"city": "Oslo"}[TOOL_CALLS]g[CALL_ID]a1B2c3D4e[ARGS]{}'
+
+
+def test_mistral_v11_answer_gives_the_same_tool_calls_whole_and_streamed(monkeypatch):
+    """One token per character, so the stream is cut inside every marker and the JSON."""
+    import fake_tokenizer_manager
+
+    monkeypatch.setattr(fake_tokenizer_manager, "REPLY", V11_ANSWER)
+    tm, client = make(tool_call_parser="mistral_v11")
+    tools = [{"type": "function", "function": {"name": n, "parameters": {}}} for n in ("f", "g")]
+    with client:
+        whole = chat(client, tools=tools).json()["choices"][0]
+        events = hc.sse_events(chat(client, tools=tools, stream=True).text)[:-1]
+    msg = whole["message"]
+    assert whole["finish_reason"] == "tool_calls" and msg["content"] == "Let me look."
+    assert [(c["function"]["name"], c["function"]["arguments"]) for c in msg["tool_calls"]] == \
+        [("f", '{"city": "Oslo"}'), ("g", "{}")]
+    content, calls = "", {}
+    for e in events:
+        delta = e["choices"][0]["delta"]
+        content += delta.get("content") or ""
+        for d in delta.get("tool_calls") or []:
+            c = calls.setdefault(d["index"], {"name": d["function"].get("name"), "arguments": ""})
+            c["arguments"] += d["function"].get("arguments") or ""
+    assert content == "Let me look." and events[-1]["choices"][0]["finish_reason"] == "tool_calls"
+    assert [(c["name"], c["arguments"]) for c in calls.values()] == [("f", '{"city": "Oslo"}'), ("g", "{}")]
 
 
 def test_stop_string_trimmed_and_seed_varies_per_sample(fake):

@@ -241,6 +241,21 @@ def test_refuses_a_folder_it_did_not_make(tmp_path):
         mm.make_model("llama", "tiny", tmp_path)
     with pytest.raises(ValueError, match="unknown arch 'gpt2'"):
         mm.make_model("gpt2", "tiny", tmp_path / "x")
+    with pytest.raises(ValueError, match="'mistral_v11' for llama"):
+        mm.make_model("llama", "tiny", tmp_path / "y", chat="mistral_v11")
+
+
+def test_mistral_v11_chat_has_the_args_token_and_renders_it(make_tiny):
+    from engine.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(str(make_tiny("mistral", chat="mistral_v11")))
+    added = tok.get_added_vocab()
+    assert {"[ARGS]", "[CALL_ID]", "[TOOL_CALLS]"} <= added.keys()
+    assert tok.encode("[ARGS]", add_special_tokens=False) == [added["[ARGS]"]]
+    call = {"id": "a1B2c3D4e", "type": "function", "function": {"name": "f", "arguments": '{"x": 1}'}}
+    text = tok.apply_chat_template([{"role": "user", "content": "Hi"},
+                                    {"role": "assistant", "content": None, "tool_calls": [call]}], tokenize=False)
+    assert text.endswith('[TOOL_CALLS]f[CALL_ID]a1B2c3D4e[ARGS]{"x": 1}</s>')
 
 
 def test_cli_flags_reach_make_model(tmp_path):

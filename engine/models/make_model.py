@@ -73,6 +73,13 @@ FAMILIES: dict[str, ChatFamily] = {
                         "[/AVAILABLE_TOOLS]", "[TOOL_RESULTS]", "[/TOOL_RESULTS]"),
         text_tokens=(), control_tokens_first=True,
         bos_token="<s>", eos_token="</s>", stop_tokens=("</s>",), unk_token="<unk>"),
+    # a chat variant of the mistral arch (chat="mistral_v11"): v11+ tokenizers' [ARGS] / [CALL_ID] tool calls
+    "mistral_v11": ChatFamily(
+        template_file="mistral_v11.jinja",
+        control_tokens=("<unk>", "<s>", "</s>", "[INST]", "[/INST]", "[TOOL_CALLS]", "[AVAILABLE_TOOLS]",
+                        "[/AVAILABLE_TOOLS]", "[TOOL_RESULTS]", "[/TOOL_RESULTS]", "[ARGS]", "[CALL_ID]"),
+        text_tokens=(), control_tokens_first=True,
+        bos_token="<s>", eos_token="</s>", stop_tokens=("</s>",), unk_token="<unk>"),
     "qwen2": ChatFamily(
         template_file="qwen2.jinja", control_tokens=_QWEN_CONTROL, text_tokens=_QWEN_TEXT,
         control_tokens_first=False, bos_token=None, eos_token="<|im_end|>",
@@ -96,14 +103,19 @@ _TOKENIZER_VOCAB = {"tiny": 2048, "small": 8192}
 
 
 def make_model(arch: str, size: str, out_dir: str | Path, *, dtype: str = "float32", seed: int = 0,
-               num_shards: int = 1) -> Path:
+               num_shards: int = 1, chat: Optional[str] = None) -> Path:
     """Write a random-weight `arch` checkpoint of `size` to `out_dir`, loadable by AutoModelForCausalLM and
-    AutoTokenizer. The same arguments always give the same files. Returns the folder."""
+    AutoTokenizer; `chat` picks another tokenizer and template of the arch (FAMILIES, e.g. mistral_v11).
+    The same arguments always give the same files. Returns the folder."""
     _check_args(arch, size, dtype, num_shards)
+    chat = chat or arch
+    if chat not in FAMILIES or not chat.startswith(arch):
+        raise ValueError(f"unknown chat format {chat!r} for {arch}: choose one of "
+                         f"{', '.join(f for f in FAMILIES if f.startswith(arch))}")
     started = time.perf_counter()
     out = _prepare_out_dir(Path(out_dir))
-    family = FAMILIES[arch]
-    tokenizer = _tokenizer(arch, _TOKENIZER_VOCAB[size])
+    family = FAMILIES[chat]
+    tokenizer = _tokenizer(chat, _TOKENIZER_VOCAB[size])
     ids = {tok: tokenizer.token_to_id(tok) for tok in family.control_tokens + family.text_tokens}
     config = _model_config(arch, size, tokenizer.get_vocab_size(), _token_ids(family, ids))
 
@@ -114,7 +126,8 @@ def make_model(arch: str, size: str, out_dir: str | Path, *, dtype: str = "float
     _write_tokenizer(out, tokenizer, family, config.max_position_embeddings)
     (out / MARKER_FILE).write_text(json.dumps({
         "version": MAKE_MODEL_VERSION, "arch": arch, "size": size, "dtype": dtype, "seed": seed,
-        "num_shards": num_shards, "note": "random weights made by anyserve make-model; output is meaningless"},
+        "num_shards": num_shards, **({"chat": chat} if chat != arch else {}),
+        "note": "random weights made by anyserve make-model; output is meaningless"},
         indent=2) + "\n")
     num_params = sum(p.numel() for p in model.parameters())
     logger.info("made %s %s (%.1fM random params, %s, seed %d, %d shard(s)) in %s in %.1fs",
@@ -213,21 +226,21 @@ def _is_current(path: Path) -> bool:
 
 # ---------------------------------------------------------------------------------------------------- tokenizer
 
-def _tokenizer(arch: str, vocab_target: int):
-    """A fresh `tokenizers.Tokenizer` (trained once per process for each arch and size)."""
+def _tokenizer(chat: str, vocab_target: int):
+    """A fresh `tokenizers.Tokenizer` (trained once per process for each chat family and size)."""
     from tokenizers import Tokenizer
 
-    return Tokenizer.from_str(_trained_tokenizer_json(arch, vocab_target))
+    return Tokenizer.from_str(_trained_tokenizer_json(chat, vocab_target))
 
 
 @functools.lru_cache(maxsize=None)
-def _trained_tokenizer_json(arch: str, vocab_target: int) -> str:
+def _trained_tokenizer_json(chat: str, vocab_target: int) -> str:
     """Byte-level BPE trained on data/corpus.txt so that, with the family's added tokens, it has
     `vocab_target` entries (fewer if the corpus runs out of merges). Deterministic."""
     from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
     from tokenizers.trainers import BpeTrainer
 
-    family = FAMILIES[arch]
+    family = FAMILIES[chat]
     tok = Tokenizer(models.BPE())
     if family.normalize_nfc:
         tok.normalizer = normalizers.NFC()

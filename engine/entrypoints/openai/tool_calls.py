@@ -14,7 +14,7 @@ import json
 import logging
 import os
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Collection, Optional
 
 from engine.constrained.base import TaggedSchema, backend_class
 from engine.entrypoints.openai.tool_parsers import PARSERS, ToolCallParser, detect_parser, get_parser
@@ -30,8 +30,8 @@ class ToolPlan:
 
 
 def resolve_parser_name(configured: Optional[str], model_path: Optional[str], tokenizer: Any) -> Optional[str]:
-    """--tool-call-parser, else the one the chat template or the architecture implies."""
-    if configured:
+    """--tool-call-parser, else the one the chat template, the tokenizer or the architecture implies."""
+    if configured and not configured.startswith("mistral"):
         return configured
     model_type = None
     config = os.path.join(model_path or "", "config.json")
@@ -41,9 +41,24 @@ def resolve_parser_name(configured: Optional[str], model_path: Optional[str], to
                 model_type = json.load(f).get("model_type")
         except (OSError, ValueError):
             pass
-    name = detect_parser(model_type, getattr(tokenizer, "chat_template", None))
-    logger.info("tool-call parser: %s (from the chat template / model type %s)", name or "none", model_type)
+    name = detect_parser(model_type, getattr(tokenizer, "chat_template", None), _added_tokens(tokenizer))
+    if configured:
+        if name is not None and name.startswith("mistral") and name != configured:
+            logger.warning("--tool-call-parser %s, but this model's tokenizer and template write calls as %s: "
+                           "forced calls (tool_choice required or named) may not be in the form it knows",
+                           configured, name)
+        return configured
+    logger.info("tool-call parser: %s (from the chat template / tokenizer / model type %s)", name or "none",
+                model_type)
     return name
+
+
+def _added_tokens(tokenizer: Any) -> Collection[str]:
+    """The tokenizer's added (mostly special) tokens: Mistral's v11 [ARGS] is one."""
+    try:
+        return tokenizer.get_added_vocab().keys()
+    except (AttributeError, TypeError):
+        return ()
 
 
 def plan_tools(tools: Optional[list[dict[str, Any]]], tool_choice: Any, parallel: bool,

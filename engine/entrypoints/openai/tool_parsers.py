@@ -8,7 +8,8 @@ forced with a grammar (``TaggedSchema`` per function, see engine.constrained).
 
 Formats: ``llama3`` a bare JSON object {"name": ..., "parameters": {...}} (several separated by
 newlines or ";"); ``qwen25`` / ``hermes`` <tool_call>\\n{"name": ..., "arguments": {...}}\\n</tool_call>;
-``mistral`` [TOOL_CALLS] [{"name": ..., "arguments": {...}}, ...] after any content.
+``mistral`` [TOOL_CALLS] [{"name": ..., "arguments": {...}}, ...] after any content, and
+``mistral_v11`` [TOOL_CALLS]name[ARGS]{...} per call (both read either; they force different ones).
 The arguments returned are the model's own JSON text of the arguments object.
 """
 from __future__ import annotations
@@ -17,146 +18,13 @@ import json
 import re
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Collection, Optional
 
 from engine.constrained.base import TaggedSchema
+from engine.entrypoints.openai.tool_call_scan import (WS, Invalid, PartialCall, loads_whole, scan_call, skip_ws,
+                                                      value_end)
 
-_WS = " \t\r\n"
 _EMPTY_PARAMETERS = {"type": "object", "properties": {}}
-
-
-class _Invalid(Exception):
-    """The text cannot be a tool call of this format."""
-
-
-# ---- a forgiving scanner over possibly-truncated JSON ----------------------------------------
-def _skip_ws(text: str, i: int, extra: str = "") -> int:
-    while i < len(text) and (text[i] in _WS or text[i] in extra):
-        i += 1
-    return i
-
-
-def _string_end(text: str, i: int) -> Optional[int]:
-    """text[i] is '"': index after the closing quote, None if the text ends first."""
-    j = i + 1
-    while j < len(text):
-        c = text[j]
-        if c == "\\":
-            j += 2
-            continue
-        if c == '"':
-            return j + 1
-        j += 1
-    return None
-
-
-def _value_end(text: str, i: int) -> Optional[int]:
-    """Index after the JSON value starting at text[i]; None if the text ends first."""
-    c = text[i]
-    if c == '"':
-        return _string_end(text, i)
-    if c in "{[":
-        depth, j = 0, i
-        while j < len(text):
-            c = text[j]
-            if c == '"':
-                end = _string_end(text, j)
-                if end is None:
-                    return None
-                j = end
-                continue
-            if c in "{[":
-                depth += 1
-            elif c in "}]":
-                depth -= 1
-                if depth == 0:
-                    return j + 1
-            j += 1
-        return None
-    j = i
-    while j < len(text) and text[j] not in ",}]" + _WS:
-        j += 1
-    if j == len(text):
-        return None          # a number or literal may still grow
-    try:
-        json.loads(text[i:j])
-    except ValueError:
-        raise _Invalid(f"bad JSON literal {text[i:j]!r}") from None
-    return j
-
-
-@dataclass
-class PartialCall:
-    name: Optional[str] = None
-    args: str = ""                 # JSON text of the arguments value, as far as generated
-    args_done: bool = False
-    end: Optional[int] = None      # index after the call object's "}" once complete
-
-    def stream_args(self) -> str:
-        """The arguments text safe to send now (a string-encoded value only when whole)."""
-        if self.args.startswith('"'):
-            return self.final_args() if self.args_done else ""
-        if not self.args and self.end is not None:
-            return "{}"
-        return self.args
-
-    def final_args(self) -> str:
-        if not self.args:
-            return "{}"
-        value = json.loads(self.args)
-        return value if isinstance(value, str) else self.args
-
-
-def scan_call(text: str, i: int, args_keys: tuple[str, ...]) -> PartialCall:
-    """The call object {"name": ..., <args key>: ...} starting at text[i] (after blanks), as
-    far as the text goes. Raises _Invalid if it cannot be one."""
-    call = PartialCall()
-    i = _skip_ws(text, i)
-    if i == len(text):
-        return call
-    if text[i] != "{":
-        raise _Invalid("a call starts with '{'")
-    i += 1
-    while True:
-        i = _skip_ws(text, i, ",")
-        if i == len(text):
-            return call
-        if text[i] == "}":
-            if call.name is None:
-                raise _Invalid("the call has no name")
-            call.args_done = True
-            call.end = i + 1
-            return call
-        if text[i] != '"':
-            raise _Invalid("expected a key")
-        key_end = _string_end(text, i)
-        if key_end is None:
-            return call
-        key = json.loads(text[i:key_end])
-        i = _skip_ws(text, key_end)
-        if i == len(text):
-            return call
-        if text[i] != ":":
-            raise _Invalid("expected ':'")
-        i = _skip_ws(text, i + 1)
-        if i == len(text):
-            return call
-        end = _value_end(text, i)
-        if key == "name":
-            if end is None:
-                return call
-            name = json.loads(text[i:end])
-            if not isinstance(name, str):
-                raise _Invalid("the name must be a string")
-            call.name = name
-        elif key in args_keys:
-            call.args = text[i:end] if end is not None else text[i:]
-            call.args_done = end is not None
-            if end is not None and not isinstance(json.loads(call.args), (dict, str)):
-                raise _Invalid("the arguments must be an object")
-        if end is None:
-            return call
-        i = end
 
 
 @dataclass
@@ -207,7 +75,7 @@ class HermesParser(ToolCallParser):
                 return res
             try:
                 call = scan_call(text, start + len(self.open_tag), ("arguments", "parameters"))
-            except _Invalid:
+            except Invalid:
                 if final:
                     res.content += text[start:]
                 return res
@@ -218,7 +86,7 @@ class HermesParser(ToolCallParser):
                     res.calls.append(call)
                 return res
             res.calls.append(call)
-            close = _skip_ws(text, call.end)
+            close = skip_ws(text, call.end)
             if text.startswith(self.close_tag, close):
                 pos = close + len(self.close_tag)
             elif final or not self.close_tag.startswith(text[close:]):
@@ -239,9 +107,9 @@ class Llama3Parser(ToolCallParser):
         return f'{{"name": {json.dumps(function_name)}, "parameters": '
 
     def parse(self, text: str, final: bool) -> ParseResult:
-        i = _skip_ws(text, 0)
+        i = skip_ws(text, 0)
         if text.startswith(self.python_tag, i):
-            i = _skip_ws(text, i + len(self.python_tag))
+            i = skip_ws(text, i + len(self.python_tag))
         if not self._START.match(text, i):
             if not final and _could_start_call(text[i:]):
                 return ParseResult(content="")      # undecided: hold everything
@@ -253,25 +121,33 @@ class Llama3Parser(ToolCallParser):
                 calls.append(call)
                 if call.end is None:
                     if final:
-                        raise _Invalid("cut off inside a call")
+                        raise Invalid("cut off inside a call")
                     return ParseResult(content="", calls=calls)
-                i = _skip_ws(text, call.end, ";")
+                i = skip_ws(text, call.end, ";")
                 if i == len(text) or text[i] != "{":
                     return ParseResult(content=text[i:], calls=calls)
-        except _Invalid:
+        except Invalid:
             return ParseResult(content=text) if final else ParseResult(content="", calls=calls)
 
 
 class MistralParser(ToolCallParser):
-    """Mistral (v3 tokenizer, tool use): text, then [TOOL_CALLS] and a JSON list of calls. The
-    marker is a special token, so answers keep special tokens while this parser reads them.
-    Forced calls are written one list each, back to back; the parser reads any number of lists."""
+    """Mistral with tool use, whose answers write calls after any content in one of two ways,
+    both read here:
+      v3 tokenizer (Mistral-7B-v0.3, Nemo): [TOOL_CALLS] [{"name": ..., "arguments": {...}}, ...]
+      v11+ (Small 3.1/3.2, Devstral, Magistral): [TOOL_CALLS]name[ARGS]{...} for each call, some
+          templates with [CALL_ID]id before [ARGS] (dropped: answers get our own call ids).
+    The markers are special tokens, so answers keep special tokens while this parser reads them.
+    Forced calls are written in the v3 form, one list each, back to back (MistralV11Parser
+    writes the v11 form)."""
 
     name = "mistral"
     marker = "[TOOL_CALLS]"
+    args_tag, call_id_tag = "[ARGS]", "[CALL_ID]"
     separator = ""
     call_end = "}]"
     keeps_special_tokens = True
+    _NAME = re.compile(r'[^\s\[\]{}"]+')
+    _CALL_ID = re.compile(r"[A-Za-z0-9_-]*")
 
     def call_begin(self, function_name: str) -> str:
         return f'{self.marker} [{{"name": {json.dumps(function_name)}, "arguments": '
@@ -284,8 +160,10 @@ class MistralParser(ToolCallParser):
             if start < 0:
                 return res
             before = len(res.calls)
-            pos = self._scan_list(text, _skip_ws(text, start + len(self.marker)), res, final)
-            if pos is None:             # not a call list, or cut off inside it
+            i = skip_ws(text, start + len(self.marker))
+            scan = self._scan_list if text.startswith("[", i) else self._scan_named
+            pos = scan(text, i, res, final)
+            if pos is None:             # not a call, or cut off inside it
                 if final:
                     del res.calls[before:]
                     res.content += text[start:]
@@ -295,28 +173,68 @@ class MistralParser(ToolCallParser):
     def _scan_list(text: str, i: int, res: ParseResult, final: bool) -> Optional[int]:
         """Append the calls of the list at text[i] to res; the index after it, or None when the
         text is not (or not yet) a whole list. A final answer may leave the list unclosed."""
-        if i == len(text):
-            return None
-        if text[i] != "[":
-            return None
         i += 1
         while True:
             try:
                 call = scan_call(text, i, ("arguments", "parameters"))
-            except _Invalid:
+            except Invalid:
                 return None
             if call.end is None:
                 if not final:
                     res.calls.append(call)
                 return None
             res.calls.append(call)
-            i = _skip_ws(text, call.end)
+            i = skip_ws(text, call.end)
             if i < len(text) and text[i] == ",":
                 i += 1
                 continue
             if i < len(text) and text[i] == "]":
                 return i + 1
             return i if final else None     # unclosed at the end of a final answer: the calls stand
+
+    def _scan_named(self, text: str, i: int, res: ParseResult, final: bool) -> Optional[int]:
+        """Append the v11 call name([CALL_ID]id)?[ARGS]{...} at text[i] to res; the index after
+        its arguments object, or None when the text is not (or not yet) such a call."""
+        m = self._NAME.match(text, i)
+        if m is None:
+            return None
+        j = skip_ws(text, m.end())
+        if text.startswith(self.call_id_tag, j):
+            j = skip_ws(text, self._CALL_ID.match(text, j + len(self.call_id_tag)).end())
+        elif not text.startswith(self.args_tag, j):
+            return None         # not a call, or its name or first tag is still arriving
+        call = PartialCall(name=m.group())
+        if not text.startswith(self.args_tag, j):
+            if not final and self.args_tag.startswith(text[j:]):
+                res.calls.append(call)      # after [CALL_ID]: the name is known
+            return None
+        j = skip_ws(text, j + len(self.args_tag))
+        end = value_end(text, j) if text.startswith("{", j) else None
+        if end is None:
+            if not final and (j == len(text) or text[j] == "{"):
+                call.args = text[j:]
+                res.calls.append(call)
+            return None
+        try:
+            loads_whole(text[j:end])
+        except Invalid:
+            return None
+        call.args, call.args_done, call.end = text[j:end], True, end
+        res.calls.append(call)
+        return end
+
+
+class MistralV11Parser(MistralParser):
+    """Mistral v11+ tokenizers: reads both forms like MistralParser, and forces calls the way
+    these models write them, [TOOL_CALLS]name[ARGS]{...} each, back to back. No [CALL_ID]: the
+    templates that render one take it from the request's history, and the model's own output
+    does not need it (the answer's call ids are ours)."""
+
+    name = "mistral_v11"
+    call_end = ""
+
+    def call_begin(self, function_name: str) -> str:
+        return f"{self.marker}{function_name}{self.args_tag}"
 
 
 def _content_until(res: ParseResult, text: str, pos: int, tag: str, final: bool) -> int:
@@ -343,12 +261,13 @@ def _could_start_call(rest: str) -> bool:
     """rest (after blanks) may still grow into '{"name"'."""
     if not rest:
         return True
-    compact = rest[0] + rest[1:].lstrip(_WS) if rest[0] == "{" else rest
+    compact = rest[0] + rest[1:].lstrip(WS) if rest[0] == "{" else rest
     return '{"name"'.startswith(compact)
 
 
 PARSERS: dict[str, type[ToolCallParser]] = {"llama3": Llama3Parser, "qwen25": HermesParser,
-                                            "hermes": HermesParser, "mistral": MistralParser}
+                                            "hermes": HermesParser, "mistral": MistralParser,
+                                            "mistral_v11": MistralV11Parser}
 
 
 def get_parser(name: str) -> ToolCallParser:
@@ -358,22 +277,24 @@ def get_parser(name: str) -> ToolCallParser:
         raise ValueError(f"unknown tool-call parser {name!r}; choose one of {', '.join(PARSERS)}") from None
 
 
-def detect_parser(model_type: Optional[str], chat_template: Optional[str]) -> Optional[str]:
+def detect_parser(model_type: Optional[str], chat_template: Optional[str],
+                  tokens: Collection[str] = ()) -> Optional[str]:
     """The parser for a model when --tool-call-parser is not given: from the chat template's
-    call format, else from the architecture."""
+    call format, else from the architecture. ``tokens``: the tokenizer's added tokens."""
     template = chat_template or ""
     if "<tool_call>" in template:
         return "qwen25"
     if "<|python_tag|>" in template or ("ipython" in template and '"parameters"' in template):
         return "llama3"
-    if "[TOOL_CALLS]" in template:
-        return "mistral"
+    if "[TOOL_CALLS]" in template or model_type == "mistral":
+        # The tokenizer decides over the template: a v11 model writes [ARGS] even where its
+        # template renders history in the older list (the Mistral-Small-3.1 one llama.cpp keeps does).
+        v11 = MistralParser.args_tag in template or MistralParser.args_tag in tokens
+        return "mistral_v11" if v11 else "mistral"
     if model_type == "llama":
         return "llama3"
     if model_type in ("qwen2", "qwen3"):
         return "qwen25"
-    if model_type == "mistral":
-        return "mistral"
     return None
 
 
