@@ -122,6 +122,16 @@ def test_disable_cuda_graph_keeps_eager(llama_tiny, fake_graphs):
     assert "graphs=off (--disable-cuda-graph)" in runner.describe()
 
 
+def test_out_of_memory_while_capturing_says_what_to_lower(llama_tiny, fake_graphs, monkeypatch):
+    def oom(self):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(RerunGraphRunner, "capture", oom)
+    with pytest.raises(RuntimeError, match=r"batch size 6 ran out of device memory.*--max-total-tokens "
+                                           r"\(now 512\).*--cuda-graph-max-bs \(now 40\).*--disable-cuda-graph"):
+        make_runner(llama_tiny, GraphCpuPlatform(), max_running_requests=6, cuda_graph_max_bs=40)
+
+
 def test_attention_without_reserve_keeps_eager(llama_tiny, fake_graphs, monkeypatch):
     monkeypatch.delattr(TorchAttentionBackend, "reserve")
     runner = make_runner(llama_tiny, GraphCpuPlatform())

@@ -170,7 +170,16 @@ class ModelRunner:
                                    max_batch_size=max_bs, max_running_requests=self.max_running_requests,
                                    pad_slot=self.pad_slot, pad_req_row=0, device=self.device)
             free_before, _ = self.platform.memory_info()
-            runner.capture()
+            try:
+                runner.capture()
+            except torch.OutOfMemoryError:
+                kv = (f"--max-total-tokens (now {args.max_total_tokens})" if args.max_total_tokens is not None
+                      else f"--mem-fraction-static (now {args.mem_fraction_static or _DEFAULT_MEM_FRACTION})")
+                raise RuntimeError(
+                    f"capturing decode graphs up to batch size {max_bs} ran out of device memory after the "
+                    f"KV cache took {self.max_total_tokens * self.kv_bytes_per_token / GiB:.2f} GiB: lower "
+                    f"{kv} or --cuda-graph-max-bs (now {args.cuda_graph_max_bs}), or pass --disable-cuda-graph"
+                ) from None
             graph_bytes = free_before - self.platform.memory_info()[0]
             self.graph_runner = runner
             self.graphs_reason = f"{runner.describe()} ({why})"
