@@ -5,6 +5,8 @@ torch. ``fake_aiter()`` builds the module; each call appends what ran to ``CALLS
 from __future__ import annotations
 
 import importlib.machinery
+import importlib.util
+import sys
 import types
 
 import torch
@@ -160,3 +162,11 @@ def without_aiter_entries(monkeypatch) -> None:
     for role in registry.ROLES:
         table = {n: e for n, e in registry._REGISTRY[role].items() if n != "aiter"}
         monkeypatch.setitem(registry._REGISTRY, role, table)
+
+
+def hide_aiter(monkeypatch) -> None:
+    """As on a machine without aiter: not imported, and not found by importlib."""
+    monkeypatch.delitem(sys.modules, "aiter", raising=False)
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a, **kw: None if name == "aiter" else real_find_spec(name, *a, **kw))

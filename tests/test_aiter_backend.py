@@ -4,7 +4,6 @@ checked by a fake ``aiter`` (fake_aiter.py) whose two kernels follow aiter's doc
 in plain torch, against the torch backend on random paged inputs."""
 from __future__ import annotations
 
-import importlib.util
 import re
 import sys
 
@@ -20,7 +19,7 @@ from backends.cuda.platform import CudaPlatform
 from backends.rocm.aiter_attention import AiterAttentionBackend, aiter_importable, import_aiter
 from backends.rocm.platform import RocmPlatform
 from engine.runner.forward_batch import ForwardMode
-from fake_aiter import CALLS, fake_aiter, without_aiter_entries
+from fake_aiter import CALLS, fake_aiter, hide_aiter, without_aiter_entries
 from hal.graph_runner import attention_can_be_captured
 from hal.registry import BackendSelectionError, entries
 from test_torch_attention import CASES, NUM_KV_HEADS, make_setup
@@ -48,10 +47,7 @@ def registries(monkeypatch):
 
 # -- registration and selection --------------------------------------------------------------------
 def test_without_aiter_nothing_is_registered_and_rocm_takes_triton(registries, monkeypatch):
-    monkeypatch.delitem(sys.modules, "aiter", raising=False)
-    real_find_spec = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec",
-                        lambda name, *a, **kw: None if name == "aiter" else real_find_spec(name, *a, **kw))
+    hide_aiter(monkeypatch)
     assert rocm_backends.register_aiter() is False
     assert "aiter" not in entries("attention")
     entry, why = hal.select("attention", RocmPlatform())

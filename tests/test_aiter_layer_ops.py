@@ -4,7 +4,6 @@ when it does not; RMSNorm (with and without the residual add) and SiLU-and-mul t
 ``aiter`` (fake_aiter.py) against the torch reference, and everything else on the Triton layer ops."""
 from __future__ import annotations
 
-import importlib.util
 import logging
 import os
 import sys
@@ -28,7 +27,7 @@ from backends.cuda.platform import CudaPlatform  # noqa: E402
 from backends.rocm.aiter_layer_ops import AiterLayerOps, aiter_importable  # noqa: E402
 from backends.rocm.platform import RocmPlatform  # noqa: E402
 from backends.triton.layer_ops import TritonLayerOps  # noqa: E402
-from fake_aiter import CALLS, fake_aiter, without_aiter_entries  # noqa: E402
+from fake_aiter import CALLS, fake_aiter, hide_aiter, without_aiter_entries  # noqa: E402
 from hal.kernel_config import KernelConfig  # noqa: E402
 from hal.registry import BackendSelectionError, entries  # noqa: E402
 
@@ -63,10 +62,7 @@ def registries(monkeypatch):
 
 # -- registration and selection --------------------------------------------------------------------
 def test_without_aiter_no_layer_ops_are_registered_and_rocm_takes_triton(registries, monkeypatch):
-    monkeypatch.delitem(sys.modules, "aiter", raising=False)
-    real_find_spec = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec",
-                        lambda name, *a, **kw: None if name == "aiter" else real_find_spec(name, *a, **kw))
+    hide_aiter(monkeypatch)
     assert rocm_backends.register_aiter() is False
     assert "aiter" not in entries("layer_ops")
     entry, why = hal.select("layer_ops", RocmPlatform())
