@@ -170,3 +170,27 @@ def hide_aiter(monkeypatch) -> None:
     real_find_spec = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec",
                         lambda name, *a, **kw: None if name == "aiter" else real_find_spec(name, *a, **kw))
+
+
+def _clear_import_checks() -> None:
+    from backends.rocm import aiter_attention, aiter_layer_ops
+
+    aiter_attention.aiter_importable.cache_clear()
+    aiter_layer_ops.aiter_importable.cache_clear()
+
+
+def install(monkeypatch):
+    """Fixture body: a working fake aiter importable as ``aiter`` for the test (yields it)."""
+    monkeypatch.setitem(sys.modules, "aiter", fake_aiter())
+    _clear_import_checks()
+    CALLS.clear()
+    yield sys.modules["aiter"]
+    _clear_import_checks()
+
+
+def isolated_registries(monkeypatch):
+    """Fixture body: the registries as they are now (minus any real aiter entry), restored after."""
+    without_aiter_entries(monkeypatch)
+    _clear_import_checks()
+    yield
+    _clear_import_checks()

@@ -16,10 +16,11 @@ import hal
 from attention_case import step_inputs
 from backends.cpu.torch_attention import TorchAttentionBackend
 from backends.cuda.platform import CudaPlatform
-from backends.rocm.aiter_attention import AiterAttentionBackend, aiter_importable, import_aiter
+from backends.rocm.aiter_attention import AiterAttentionBackend, import_aiter
 from backends.rocm.platform import RocmPlatform
 from engine.runner.forward_batch import ForwardMode
-from fake_aiter import CALLS, fake_aiter, hide_aiter, without_aiter_entries
+from fake_aiter import CALLS, fake_aiter, hide_aiter
+import fake_aiter as fake_aiter_module
 from hal.graph_runner import attention_can_be_captured
 from hal.registry import BackendSelectionError, entries
 from test_torch_attention import CASES, NUM_KV_HEADS, make_setup
@@ -27,22 +28,13 @@ from test_torch_attention import CASES, NUM_KV_HEADS, make_setup
 
 @pytest.fixture
 def aiter(monkeypatch):
-    """A working fake aiter importable as ``aiter`` for the test."""
-    monkeypatch.setitem(sys.modules, "aiter", fake_aiter())
-    aiter_importable.cache_clear()
-    CALLS.clear()
-    yield sys.modules["aiter"]
-    aiter_importable.cache_clear()
+    yield from fake_aiter_module.install(monkeypatch)
 
 
 @pytest.fixture
 def registries(monkeypatch):
-    """The registries as they are now (minus any real aiter entry), restored after the test."""
-    without_aiter_entries(monkeypatch)
     monkeypatch.setattr(rocm_backends, "triton_available", lambda: True)
-    aiter_importable.cache_clear()
-    yield
-    aiter_importable.cache_clear()
+    yield from fake_aiter_module.isolated_registries(monkeypatch)
 
 
 # -- registration and selection --------------------------------------------------------------------

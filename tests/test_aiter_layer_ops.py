@@ -24,10 +24,11 @@ import backends.triton.layer_ops as triton_layer_ops  # noqa: E402
 import hal  # noqa: E402
 from backends.cpu.torch_layer_ops import TorchLayerOps  # noqa: E402
 from backends.cuda.platform import CudaPlatform  # noqa: E402
-from backends.rocm.aiter_layer_ops import AiterLayerOps, aiter_importable  # noqa: E402
+from backends.rocm.aiter_layer_ops import AiterLayerOps  # noqa: E402
 from backends.rocm.platform import RocmPlatform  # noqa: E402
 from backends.triton.layer_ops import TritonLayerOps  # noqa: E402
-from fake_aiter import CALLS, fake_aiter, hide_aiter, without_aiter_entries  # noqa: E402
+from fake_aiter import CALLS, fake_aiter, hide_aiter  # noqa: E402
+import fake_aiter as fake_aiter_module  # noqa: E402
 from hal.kernel_config import KernelConfig  # noqa: E402
 from hal.registry import BackendSelectionError, entries  # noqa: E402
 
@@ -43,21 +44,12 @@ def tolerance(dtype: torch.dtype) -> dict:
 
 @pytest.fixture
 def aiter(monkeypatch):
-    """A working fake aiter importable as ``aiter`` for the test."""
-    monkeypatch.setitem(sys.modules, "aiter", fake_aiter())
-    aiter_importable.cache_clear()
-    CALLS.clear()
-    yield sys.modules["aiter"]
-    aiter_importable.cache_clear()
+    yield from fake_aiter_module.install(monkeypatch)
 
 
 @pytest.fixture
 def registries(monkeypatch):
-    """The registries as they are now (minus any real aiter entry), restored after the test."""
-    without_aiter_entries(monkeypatch)
-    aiter_importable.cache_clear()
-    yield
-    aiter_importable.cache_clear()
+    yield from fake_aiter_module.isolated_registries(monkeypatch)
 
 
 # -- registration and selection --------------------------------------------------------------------
