@@ -19,6 +19,7 @@ def _flag(default: Any, help: str, choices: Optional[list] = None, group: str = 
 SCHEDULE_POLICIES = ["lpm", "fcfs", "dfs-weight", "random"]
 DTYPES = ["auto", "float32", "bfloat16", "float16"]
 LOAD_BALANCE_METHODS = ["round_robin", "shortest_queue", "cache_aware"]
+REASONING_PARSERS = ["deepseek-r1", "qwen3"]     # engine.entrypoints.openai.reasoning_parsers
 
 
 def kernel_config_overrides(text: Optional[str]) -> dict[str, int]:
@@ -158,6 +159,13 @@ class ServerArgs:
                                             "mistral for [TOOL_CALLS] [list], mistral_v11 for [TOOL_CALLS]name[ARGS]"
                                             "); default: detected from the chat template, tokenizer or architecture.",
                                             ["llama3", "qwen25", "hermes", "mistral", "mistral_v11"], group="server")
+    reasoning_parser: Optional[str] = _flag(
+        None, "Reasoning format of the model family: /v1/chat/completions returns the <think> block as "
+        "message.reasoning_content (delta.reasoning_content when streamed) and the rest as content. "
+        "deepseek-r1: the answer starts inside the reasoning (opening tag optional); qwen3: the same "
+        "unless the request sets chat_template_kwargs {\"enable_thinking\": false}. A request's "
+        "separate_reasoning false keeps everything in content. Default: off (the answer as generated).",
+        REASONING_PARSERS, group="server")
     log_level: str = _flag("info", "Logging level.", ["debug", "info", "warning", "error"], group="server")
 
     def __post_init__(self) -> None:
@@ -205,6 +213,8 @@ class ServerArgs:
         check_router_thresholds(self, bad)
         if self.context_length is not None and self.context_length < 2:
             bad("context_length", f"must be >= 2, got {self.context_length}")
+        if self.reasoning_parser is not None and self.reasoning_parser not in REASONING_PARSERS:
+            bad("reasoning_parser", f"must be one of {REASONING_PARSERS}, got {self.reasoning_parser!r}")
         for name in ("dtype", "device", "schedule_policy", "load_format", "load_balance_method"):
             choices = _choices(name)
             if getattr(self, name) not in choices:

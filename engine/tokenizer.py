@@ -24,7 +24,8 @@ def load_tokenizer(path: str, *, trust_remote_code: bool = False, chat_template:
 
 def apply_chat_template(tokenizer, messages: list[dict[str, Any]], tools: Optional[list[dict]] = None,
                         add_generation_prompt: bool = True, **kwargs: Any) -> list[int]:
-    """Render messages with the tokenizer's template and tokenize (no extra special tokens)."""
+    """Render messages with the tokenizer's template and tokenize (no extra special tokens).
+    ``kwargs``: extra template variables (a request's chat_template_kwargs, e.g. enable_thinking)."""
     if not getattr(tokenizer, "chat_template", None):
         raise ValueError("this model's tokenizer has no chat template; pass --chat-template or use "
                          "/v1/completions")

@@ -49,6 +49,7 @@ class FakeTokenizerManager:
     aborts: list[tuple[str, str]] = field(default_factory=list)   # (rid, "abort_request" | "consumer_gone")
     requests: list[GenerateRequest] = field(default_factory=list)
     last_chat: Optional[tuple[list[dict], Optional[list[dict]]]] = None
+    last_template_kwargs: Optional[dict[str, Any]] = None
     running: set[str] = field(default_factory=set)
 
     def __post_init__(self) -> None:
@@ -92,12 +93,19 @@ class FakeTokenizerManager:
                               available_tokens=3072, evictable_tokens=100)
 
     def apply_chat_template(self, messages: list[dict], tools: Optional[list[dict]] = None,
-                            add_generation_prompt: bool = True) -> list[int]:
+                            add_generation_prompt: bool = True,
+                            template_kwargs: Optional[dict[str, Any]] = None) -> list[int]:
+        """A Qwen3-like template: enable_thinking false prefills an empty think block."""
         if not messages:
             raise ValueError("messages must not be empty")
         self.last_chat = (messages, tools)
+        self.last_template_kwargs = template_kwargs
         text = "".join(f"<|{m['role']}|>{m.get('content') or ''}\n" for m in messages)
-        return self.tokenizer.encode(text + ("<|assistant|>" if add_generation_prompt else ""))
+        if add_generation_prompt:
+            text += "<|assistant|>"
+            if not (template_kwargs or {}).get("enable_thinking", True):
+                text += "<think>\n\n</think>\n\n"
+        return self.tokenizer.encode(text)
 
     def _check(self, req: GenerateRequest) -> tuple[list[int], SamplingParams]:
         if (req.text is None) == (req.input_ids is None):

@@ -232,8 +232,9 @@ class TokenizerManager:
         return await fut
 
     def apply_chat_template(self, messages: list[dict], tools: Optional[list[dict]] = None,
-                            add_generation_prompt: bool = True) -> list[int]:
-        return apply_chat_template(self.tokenizer, messages, tools, add_generation_prompt)
+                            add_generation_prompt: bool = True,
+                            template_kwargs: Optional[dict[str, Any]] = None) -> list[int]:
+        return apply_chat_template(self.tokenizer, messages, tools, add_generation_prompt, **(template_kwargs or {}))
 
     # -- outputs -------------------------------------------------------------------------------
     def _handle_output(self, obj: Any) -> None:

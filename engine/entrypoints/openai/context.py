@@ -25,6 +25,7 @@ class ApiContext:
     server_args: Any                          # engine.server_args.ServerArgs
     inflight: set[str] = field(default_factory=set)   # rids of generations started over HTTP
     created: int = field(default_factory=lambda: int(time.time()))
+    _token_ids: dict[str, Optional[int]] = field(default_factory=dict, repr=False)
 
     @property
     def served_model_name(self) -> str:
@@ -49,6 +50,22 @@ class ApiContext:
         return resolve_parser_name(getattr(self.server_args, "tool_call_parser", None),
                                    getattr(self.server_args, "model_path", None),
                                    getattr(self.tm, "tokenizer", None))
+
+    @property
+    def reasoning_parser_name(self) -> Optional[str]:
+        """--reasoning-parser (None: answers are not split into reasoning and content)."""
+        return getattr(self.server_args, "reasoning_parser", None)
+
+    def single_token_id(self, text: str) -> Optional[int]:
+        """The id of ``text`` when the tokenizer writes it as one token (a reasoning end tag),
+        else None."""
+        if text not in self._token_ids:
+            try:
+                ids = self.tm.tokenizer.encode(text, add_special_tokens=False)
+            except (AttributeError, TypeError, ValueError):
+                ids = []
+            self._token_ids[text] = ids[0] if len(ids) == 1 else None
+        return self._token_ids[text]
 
     @functools.cached_property
     def system_fingerprint(self) -> str:

@@ -9,7 +9,8 @@ from __future__ import annotations
 import json
 from typing import Any, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, PrivateAttr, SerializerFunctionWrapHandler, field_validator,
+                      model_serializer, model_validator)
 
 from engine.sampling.sampling_params import MAX_TOP_LOGPROBS, SamplingParams
 
@@ -21,6 +22,12 @@ PERMISSIVE_JSON_SCHEMA = {"type": "object"}
 _OPENAI_NAMES = {"max_new_tokens": "max_tokens", "min_new_tokens": "min_tokens"}
 
 PromptItem = Union[str, list[int]]
+# Arguments of the tokenizer's apply_chat_template that the server sets itself (or that would
+# change what it does), so chat_template_kwargs may not: the request's own fields carry them.
+RESERVED_TEMPLATE_KWARGS = ("messages", "conversation", "tools", "documents", "add_generation_prompt",
+                            "continue_final_message", "chat_template", "tokenize", "return_dict",
+                            "return_tensors", "return_assistant_tokens_mask", "padding", "truncation",
+                            "max_length", "tokenizer_kwargs")
 
 
 class _Model(BaseModel):
@@ -148,6 +155,7 @@ class ChatMessage(_Model):
     name: Optional[str] = None
     tool_calls: Optional[list[dict[str, Any]]] = None
     tool_call_id: Optional[str] = None
+    reasoning_content: Optional[str] = None     # an earlier answer's reasoning (templates may show it)
 
     @field_validator("role")
     @classmethod
@@ -187,7 +195,7 @@ class ChatMessage(_Model):
         if isinstance(content, list):
             content = "\n".join(p["text"] for p in content)
         d: dict[str, Any] = {"role": self.role, "content": content if content is not None else ""}
-        for key in ("name", "tool_calls", "tool_call_id"):
+        for key in ("name", "tool_calls", "tool_call_id", "reasoning_content"):
             if getattr(self, key) is not None:
                 d[key] = getattr(self, key)
         return d
@@ -201,6 +209,19 @@ class ChatCompletionRequest(_SamplingRequest):
     tools: Optional[list[dict[str, Any]]] = None
     tool_choice: Optional[Union[str, dict[str, Any]]] = None
     parallel_tool_calls: bool = True
+    # SGLang's: extra variables for the chat template (e.g. {"enable_thinking": false}), and
+    # whether a --reasoning-parser server returns the reasoning apart (reasoning_content).
+    chat_template_kwargs: Optional[dict[str, Any]] = None
+    separate_reasoning: bool = True
+
+    @field_validator("chat_template_kwargs")
+    @classmethod
+    def _template_kwargs_not_reserved(cls, v: Optional[dict[str, Any]]) -> Optional[dict[str, Any]]:
+        taken = [k for k in v or {} if k in RESERVED_TEMPLATE_KWARGS]
+        if taken:
+            raise ValueError(f"must not set {taken[0]!r}: the server passes it to the chat template "
+                             "itself (use the request's messages and tools fields)")
+        return v
 
     @field_validator("tools")
     @classmethod
@@ -371,11 +392,30 @@ class PromptTokensDetails(_Out):
     cached_tokens: int = 0
 
 
+class CompletionTokensDetails(_Out):
+    reasoning_tokens: int = 0
+
+
+def _without_none(handler: SerializerFunctionWrapHandler, model: BaseModel, *names: str) -> dict[str, Any]:
+    """The model's dict without the optional fields named when they are None (fields that only
+    some servers or requests have, so that the others' answers keep their shape)."""
+    d = handler(model)
+    for name in names:
+        if d.get(name) is None:
+            d.pop(name, None)
+    return d
+
+
 class UsageInfo(_Out):
     prompt_tokens: int = 0
-    completion_tokens: int = 0
+    completion_tokens: int = 0          # reasoning tokens included
     total_tokens: int = 0
     prompt_tokens_details: PromptTokensDetails = Field(default_factory=PromptTokensDetails)
+    completion_tokens_details: Optional[CompletionTokensDetails] = None
+
+    @model_serializer(mode="wrap")
+    def _drop_unset(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        return _without_none(handler, self, "completion_tokens_details")
 
 
 class TopLogprob(_Out):
@@ -397,6 +437,11 @@ class ChatResponseMessage(_Out):
     content: Optional[str] = None
     # [{"id", "type": "function", "function": {"name", "arguments": JSON text}}]
     tool_calls: Optional[list[dict[str, Any]]] = None
+    reasoning_content: Optional[str] = None     # with --reasoning-parser
+
+    @model_serializer(mode="wrap")
+    def _drop_unset(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        return _without_none(handler, self, "reasoning_content")
 
 
 class ChatChoice(_Out):

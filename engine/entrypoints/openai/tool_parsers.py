@@ -243,13 +243,13 @@ def _content_until(res: ParseResult, text: str, pos: int, tag: str, final: bool)
     start = text.find(tag, pos)
     if start < 0:
         rest = text[pos:]
-        res.content += rest if final else rest[: len(rest) - _partial_suffix(rest, tag)]
+        res.content += rest if final else rest[: len(rest) - partial_suffix(rest, tag)]
         return -1
     res.content += text[pos:start]
     return start
 
 
-def _partial_suffix(text: str, tag: str) -> int:
+def partial_suffix(text: str, tag: str) -> int:
     """Length of the longest suffix of text that is a proper prefix of tag."""
     for n in range(min(len(tag) - 1, len(text)), 0, -1):
         if text.endswith(tag[:n]):

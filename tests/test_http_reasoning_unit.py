@@ -1,0 +1,150 @@
+"""--reasoning-parser and chat_template_kwargs over the fake TokenizerManager: reasoning_content
+whole and streamed (one token per character, so the stream is cut inside every tag),
+separate_reasoning, tool calls after the reasoning, and the template's arguments."""
+from __future__ import annotations
+
+import pytest
+from fastapi.testclient import TestClient
+
+import fake_tokenizer_manager
+import http_cases as hc
+from engine.entrypoints.http_server import build_app
+from engine.server_args import ServerArgs
+from fake_tokenizer_manager import FakeTokenizerManager
+
+pytestmark = pytest.mark.timeout(60)
+MODEL = "fake-model"
+ANSWER = "<think>\nThe fox is quick.\n</think>\n\nIt jumps."
+CALL = '<tool_call>\n{"name": "f", "arguments": {"x": 1}}\n</tool_call>'
+TOOLS = [{"type": "function", "function": {"name": "f", "parameters": {}}}]
+
+
+@pytest.fixture
+def serve(monkeypatch):
+    """serve(answer, **server_args) → (fake TokenizerManager, client) whose model writes answer."""
+    def start(answer: str = ANSWER, **args):
+        monkeypatch.setattr(fake_tokenizer_manager, "REPLY", answer)
+        sa = ServerArgs(model_path="/models/fake-model", served_model_name=MODEL, device="cpu", **args)
+        tm = FakeTokenizerManager(server_args=sa, token_delay=0.001)     # an update per token
+        return tm, TestClient(build_app(tm, sa))
+    return start
+
+
+def chat(client: TestClient, **kw) -> dict:
+    r = client.post("/v1/chat/completions", json={"model": MODEL, "messages": [{"role": "user", "content": "Hi"}],
+                                                  **kw})
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def streamed(client: TestClient, **kw) -> tuple[str, str, list[dict]]:
+    """(reasoning, content, chunks) of a streamed answer."""
+    r = client.post("/v1/chat/completions", json={"model": MODEL, "messages": [{"role": "user", "content": "Hi"}],
+                                                  "stream": True, **kw})
+    chunks = hc.sse_events(r.text)[:-1]
+    deltas = [c["choices"][0]["delta"] for c in chunks if c["choices"]]
+    return ("".join(d.get("reasoning_content") or "" for d in deltas),
+            "".join(d.get("content") or "" for d in deltas), chunks)
+
+
+def test_reasoning_content_whole_and_streamed(serve):
+    _, client = serve(reasoning_parser="qwen3")
+    with client:
+        msg = chat(client)["choices"][0]["message"]
+        reasoning, content, chunks = streamed(client, stream_options={"include_usage": True})
+    assert (msg["reasoning_content"], msg["content"]) == ("The fox is quick.", "It jumps.")
+    assert (reasoning, content) == ("The fox is quick.", "It jumps.")
+    deltas = [c["choices"][0]["delta"] for c in chunks if c["choices"]]
+    # reasoning chunks first, then content chunks; no chunk carries both
+    kinds = [("r" if d.get("reasoning_content") else "") + ("c" if d.get("content") else "") for d in deltas]
+    kinds = [k for k in kinds if k]
+    assert kinds == ["r"] * kinds.count("r") + ["c"] * kinds.count("c") and kinds.count("r") > 5
+    # completion tokens count the reasoning too (the fake's tokens are characters)
+    assert chunks[-1]["usage"]["completion_tokens"] == len(ANSWER)
+
+
+def test_r1_answer_without_opening_tag(serve):
+    _, client = serve("Short thought.</think>Answer.", reasoning_parser="deepseek-r1")
+    with client:
+        msg = chat(client)["choices"][0]["message"]
+        assert streamed(client)[:2] == ("Short thought.", "Answer.")
+        cut = chat(client, max_tokens=5)["choices"][0]      # cut off inside the reasoning
+    assert (msg["reasoning_content"], msg["content"]) == ("Short thought.", "Answer.")
+    assert cut["message"]["reasoning_content"] == "Short" and cut["message"]["content"] is None
+    assert cut["finish_reason"] == "length"
+
+
+def test_separate_reasoning_false_and_no_flag_keep_the_answer_as_generated(serve):
+    _, client = serve(reasoning_parser="qwen3")
+    with client:
+        msg = chat(client, separate_reasoning=False)["choices"][0]["message"]
+        assert streamed(client, separate_reasoning=False)[:2] == ("", ANSWER)
+    assert msg["content"] == ANSWER and "reasoning_content" not in msg
+    _, client = serve()
+    with client:
+        body = chat(client)
+        _, content, chunks = streamed(client)
+    assert body["choices"][0]["message"] == {"role": "assistant", "content": ANSWER, "tool_calls": None}
+    assert "completion_tokens_details" not in body["usage"]
+    assert content == ANSWER and not any("reasoning_content" in c["choices"][0]["delta"] for c in chunks)
+
+
+def test_tool_call_after_reasoning_is_parsed_and_one_inside_it_is_not(serve):
+    _, client = serve(f"<think>\nNot {CALL} yet.\n</think>\n\n{CALL}", reasoning_parser="qwen3",
+                      tool_call_parser="qwen25")
+    with client:
+        choice = chat(client, tools=TOOLS)["choices"][0]
+        reasoning, content, chunks = streamed(client, tools=TOOLS)
+    msg = choice["message"]
+    assert choice["finish_reason"] == "tool_calls" and msg["content"] is None
+    assert msg["reasoning_content"] == f"Not {CALL} yet."
+    assert [(c["function"]["name"], c["function"]["arguments"]) for c in msg["tool_calls"]] == [("f", '{"x": 1}')]
+    calls = [d for c in chunks if c["choices"] for d in c["choices"][0]["delta"].get("tool_calls") or []]
+    assert (reasoning, content) == (f"Not {CALL} yet.", "") and len({d["index"] for d in calls}) == 1
+    assert chunks[-1]["choices"][0]["finish_reason"] == "tool_calls"
+
+
+def test_a_grammar_keeps_the_whole_answer_as_content(serve):
+    _, client = serve(reasoning_parser="deepseek-r1")
+    with client:
+        msg = chat(client, regex=".*")["choices"][0]["message"]
+    assert msg["content"] == ANSWER and "reasoning_content" not in msg
+
+
+def test_chat_template_kwargs_reach_the_template_and_turn_thinking_off(serve):
+    tm, client = serve("It jumps.", reasoning_parser="qwen3")
+    with client:
+        on = chat(client)
+        off = chat(client, chat_template_kwargs={"enable_thinking": False, "custom": [1]})
+    assert tm.last_template_kwargs == {"enable_thinking": False, "custom": [1]}
+    # the template prefilled the empty think block: "<think>\n\n</think>\n\n" is 19 more prompt tokens
+    assert off["usage"]["prompt_tokens"] == on["usage"]["prompt_tokens"] + 19
+    assert off["choices"][0]["message"]["content"] == "It jumps."       # thinking off: all content
+    assert on["choices"][0]["message"]["reasoning_content"] == "It jumps."  # thinking on: all reasoning
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"tools": []}, "chat_template_kwargs: must not set 'tools'"),
+    ({"add_generation_prompt": False}, "must not set 'add_generation_prompt'"),
+    ({"messages": []}, "must not set 'messages'"),
+    ([1, 2], "chat_template_kwargs"),
+    ("enable_thinking=false", "chat_template_kwargs"),
+])
+def test_bad_chat_template_kwargs_are_a_400(serve, kwargs, message):
+    _, client = serve()
+    with client:
+        r = client.post("/v1/chat/completions", json={"model": MODEL, "messages": [{"role": "user", "content": "Hi"}],
+                                                      "chat_template_kwargs": kwargs})
+    err = r.json()["error"]
+    assert r.status_code == 400 and message in err["message"], err
+    assert err["param"] == "chat_template_kwargs" and err["type"] == "invalid_request_error"
+
+
+def test_reasoning_content_of_an_earlier_answer_reaches_the_template(serve):
+    tm, client = serve()
+    history = [{"role": "user", "content": "1+1?"},
+               {"role": "assistant", "content": "2", "reasoning_content": "One and one."},
+               {"role": "user", "content": "2+2?"}]
+    with client:
+        chat(client, messages=history)
+    assert tm.last_chat[0][1]["reasoning_content"] == "One and one."
