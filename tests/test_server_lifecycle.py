@@ -57,6 +57,16 @@ def server(llama_tiny):
     shutil.rmtree(srv.work_dir, ignore_errors=True)
 
 
+def test_startup_log_says_what_was_chosen(server):
+    deadline = time.monotonic() + 10
+    while "ready: http" not in server.log() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    log = server.log()
+    for want in ("device=cpu", "dtype=", "attention=torch", "kv_capacity=", "overlap_schedule=",
+                 "chat: tool-call parser", "reasoning parser none", "grammar backend xgrammar", "ready: http"):
+        assert want in log, f"{want!r} not in the startup log:\n{log[-3000:]}"
+
+
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 def test_signal_stops_both_processes_with_exit_0(server, sig):
     scheduler = server.scheduler_pid()

@@ -77,6 +77,10 @@ async def _serve(args: ServerArgs, client) -> int:
                     "max_running_requests=%d context=%d", tm.served_model_name, info.device, info.dtype,
                     info.attention_backend, info.sampling_backend, info.max_total_tokens,
                     info.max_running_requests, info.context_length)
+        ctx = app.state.ctx
+        logger.info("chat: tool-call parser %s, reasoning parser %s, grammar backend %s",
+                    ctx.tool_parser_name or "none (tool calls are not parsed)",
+                    ctx.reasoning_parser_name or "none (answers are not split)", args.grammar_backend)
         logger.info("ready: http://%s:%d (OpenAI /v1, native /generate)%s", args.host, args.port,
                     f", gRPC {args.host}:{grpc_port}" if grpc_server else "")
         while not server.should_exit:
