@@ -20,3 +20,29 @@ def test_enable_thinking_false_prefills_an_empty_think_block(qwen3_tiny):
     assert [o["meta_info"]["prompt_tokens"] for o in outs] == [len(thinking), len(plain)]
     # the end tag is one token, so answers can report completion_tokens_details.reasoning_tokens
     assert end_id is not None and end_id in plain
+
+
+def test_served_chat_reports_reasoning_tokens(qwen3_tiny):
+    """A real server with --reasoning-parser qwen3, whose tokenizer writes </think> as one token:
+    usage counts the reasoning tokens, whole and streamed (with thinking off there are none)."""
+    import httpx
+
+    from http_cases import sse_events
+    from server_fixture import running_server
+
+    body = {"model": "m", "messages": USER, "max_tokens": 6, "temperature": 0}
+    with running_server(qwen3_tiny, "--served-model-name", "m", "--reasoning-parser", "qwen3") as srv, \
+            httpx.Client(base_url=srv.base_url, timeout=60) as c:
+        r = c.post("/v1/chat/completions", json=body)
+        assert r.status_code == 200, r.text
+        usage = r.json()["usage"]
+        assert 0 < usage["completion_tokens_details"]["reasoning_tokens"] <= usage["completion_tokens"] == 6
+        r = c.post("/v1/chat/completions", json={**body, "chat_template_kwargs": {"enable_thinking": False}})
+        assert r.status_code == 200, r.text
+        assert r.json()["usage"]["completion_tokens_details"]["reasoning_tokens"] == 0
+        r = c.post("/v1/chat/completions", json={**body, "stream": True, "stream_options": {"include_usage": True}})
+        assert r.status_code == 200, r.text
+        events = sse_events(r.text)
+        streamed = events[-2]["usage"]
+        assert events[-1] == "[DONE]" and streamed["completion_tokens_details"] == usage["completion_tokens_details"]
+        assert streamed["completion_tokens"] == usage["completion_tokens"]

@@ -96,9 +96,9 @@ def test_answer_is_all_content_without_parser_when_constrained_or_not_separated(
 
 def test_reasoning_tokens_count_the_tokens_before_the_end_tag():
     end = 99
-    assert reasoning_tokens([5, 6, 7, end, 8], end, R1.split("abc</think>d", True)) == 3
-    assert reasoning_tokens([5, 6, 7], end, R1.split("abc", True)) == 3               # never closed
-    assert reasoning_tokens([5, 6], end, QWEN3_NO_THINKING.split("ab", True)) == 0   # no reasoning
+    assert reasoning_tokens([5, 6, 7, end, 8], end, R1.split("abc</think>d", True).in_reasoning) == 3
+    assert reasoning_tokens([5, 6, 7], end, R1.split("abc", True).in_reasoning) == 3               # never closed
+    assert reasoning_tokens([5, 6], end, QWEN3_NO_THINKING.split("ab", True).in_reasoning) == 0   # no reasoning
 
 
 def test_flag_choices_are_the_parsers():

@@ -57,6 +57,7 @@ class ReasoningParser:
             body = body[: len(body) - partial_suffix(body, self.end_tag)]
         return ReasoningSplit(body.strip(), "", True)
 
+
 class DeepSeekR1Parser(ReasoningParser):
     """DeepSeek-R1 and its distills: always reason first; the opening tag is in the prompt."""
 
@@ -79,10 +80,10 @@ class Qwen3Parser(ReasoningParser):
 REASONING_PARSERS: dict[str, type] = {"deepseek-r1": DeepSeekR1Parser, "qwen3": Qwen3Parser}
 
 
-def reasoning_tokens(output_ids: Sequence[int], end_token_id: int, split: ReasoningSplit) -> int:
+def reasoning_tokens(output_ids: Sequence[int], end_token_id: int, in_reasoning: bool) -> int:
     """Tokens of a finished answer before its end tag (all of them when it never closed its
-    reasoning; none when it had no reasoning block)."""
-    if not split.in_reasoning:
+    reasoning; none when it had no reasoning block: ``in_reasoning`` false)."""
+    if not in_reasoning:
         return 0
     ids = list(output_ids)
     return ids.index(end_token_id) if end_token_id in ids else len(ids)
