@@ -53,8 +53,9 @@ async def create_completion(ctx: ApiContext, request: Request) -> Response:
         echo = echoes[k // req.n]
         logprobs = None
         if want_logprobs:
-            logprobs = _prompt_logprobs(meta, req.logprobs or 0) if echo is not None else CompletionLogprobs()
-            _add_logprobs(logprobs, meta, 0, len(echo) if echo else 0, req.logprobs or 0)
+            logprobs, offset = _prompt_logprobs(meta, req.logprobs or 0, echo) if echo is not None \
+                else (CompletionLogprobs(), 0)
+            _add_logprobs(logprobs, meta, 0, offset, req.logprobs or 0)
         choices.append(CompletionChoice(index=k, text=(echo or "") + out["text"],
                                         logprobs=logprobs, finish_reason=common.finish_reason(meta)))
     usage = common.usage([o["meta_info"] for o in outs], req.n)
@@ -65,9 +66,11 @@ def _echo_text(tm: Any, prompt: PromptItem) -> str:
     return prompt if isinstance(prompt, str) else tm.tokenizer.decode(prompt)
 
 
-def _prompt_logprobs(meta: dict, top_n: int) -> CompletionLogprobs:
+def _prompt_logprobs(meta: dict, top_n: int, echo: str) -> tuple[CompletionLogprobs, int]:
     """The echoed prompt's positions: its tokens as the model saw them, each one's logprob and
-    top_n alternatives given the tokens before it (null for the first token)."""
+    top_n alternatives given the tokens before it (null for the first token); and the text offset
+    of the first generated token (after the echo, and after the prompt tokens' texts, which a
+    BOS token can make longer than the echo)."""
     lp = CompletionLogprobs()
     tops = meta.get("input_top_logprobs") or []
     offset = 0
@@ -80,7 +83,7 @@ def _prompt_logprobs(meta: dict, top_n: int) -> CompletionLogprobs:
                                {(t or ""): common.clamp(l) for l, _id, t in (top or [])[:top_n]})
         lp.text_offset.append(offset)
         offset += len(text)
-    return lp
+    return lp, max(offset, len(echo))
 
 
 def _add_logprobs(lp: CompletionLogprobs, meta: dict, start: int, offset: int,
@@ -129,7 +132,8 @@ async def _stream(fan: FanOut, req: CompletionRequest, head: dict[str, Any],
                 if echo is not None:   # the prompt's logprobs came with the first token
                     delta = echo + delta
                     offsets[k] = len(echo)
-                    logprobs = _prompt_logprobs(meta, req.logprobs) if req.logprobs is not None else None
+                    if req.logprobs is not None:
+                        logprobs, offsets[k] = _prompt_logprobs(meta, req.logprobs, echo)
             if req.logprobs is not None:
                 logprobs = logprobs or CompletionLogprobs()
                 added, offsets[k] = _add_logprobs(logprobs, meta, sent_logprobs[k], offsets[k],
