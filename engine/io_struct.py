@@ -22,6 +22,9 @@ class GenerateRequest:
     stream: bool = False
     return_logprob: bool = False
     top_logprobs_num: int = 0
+    # SGLang's: with return_logprob, the logprobs of the prompt tokens from this position on.
+    # None: none; -1 (SGLang's default): the last prompt token's only.
+    logprob_start_len: Optional[int] = None
     return_text_in_logprobs: bool = True
 
 
@@ -33,6 +36,7 @@ class TokenizedGenerateReq:
     sampling_params: SamplingParams
     return_logprob: bool = False
     top_logprobs_num: int = 0
+    logprob_start_len: int = -1     # -1: no prompt logprobs; else < len(input_ids)
     stream: bool = False
     arrival_time: float = 0.0
 
@@ -66,6 +70,9 @@ class BatchTokenOutput:
     # per request, per new token (empty lists when logprobs were not asked for)
     output_token_logprobs: list[list[float]] = field(default_factory=list)
     output_top_logprobs: list[list[list[tuple[float, int]]]] = field(default_factory=list)
+    # per request, per new prompt position (None: the first prompt token, which has no logprob)
+    input_token_logprobs: list[list[Optional[float]]] = field(default_factory=list)
+    input_top_logprobs: list[list[Optional[list[tuple[float, int]]]]] = field(default_factory=list)
 
 
 @dataclass

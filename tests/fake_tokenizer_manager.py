@@ -211,7 +211,29 @@ class FakeTokenizerManager:
         if req.return_logprob:
             meta["output_token_logprobs"] = [list(x) for x in logprobs]
             meta["output_top_logprobs"] = [[list(y) for y in x] for x in tops]
+        if req.return_logprob and req.logprob_start_len is not None:
+            meta["input_token_logprobs"], meta["input_top_logprobs"] = _prompt_logprobs(ids, req)
         return {"text": text, "output_ids": list(out_ids), "meta_info": meta}
 
     def consumer_gone(self) -> list[str]:
         return [rid for rid, how in self.aborts if how == "consumer_gone"]
+
+
+def prompt_logprob(pos: int) -> float:
+    """The fake logprob of the prompt token at position pos (> 0)."""
+    return -1.0 - 0.1 * pos
+
+
+def _prompt_logprobs(ids: list[int], req: GenerateRequest) -> tuple[list, list]:
+    """SGLang's input_token_logprobs and input_top_logprobs from logprob_start_len (-1: the last
+    prompt token); the first prompt token has none."""
+    start = len(ids) - 1 if req.logprob_start_len == -1 else req.logprob_start_len
+    if not 0 <= start < len(ids):
+        raise ValueError(f"logprob_start_len ({start}) is not less than the number of prompt tokens")
+    toks, tops = [], []
+    for pos in range(start, len(ids)):
+        lp = None if pos == 0 else prompt_logprob(pos)
+        toks.append([lp, ids[pos], chr(ids[pos])])
+        tops.append(None if pos == 0 else [[lp - j, ids[pos] + j, chr(ids[pos] + j)]
+                                           for j in range(req.top_logprobs_num)])
+    return toks, tops

@@ -98,6 +98,10 @@ BAD_INPUTS: list[BadInput] = [
     BadInput(GEN, {"text": ["a", "b"], "sampling_params": [{}, {}, {}]}, 400, "sampling_params"),
     BadInput(GEN, {"text": "hi", "sampling_params": {"n": 0}}, 400, "n"),
     BadInput(GEN, {"input_ids": [10**9]}, 400, "vocab"),
+    BadInput(GEN, {"input_ids": [5, 6, 7], "return_logprob": True, "logprob_start_len": 3}, 400,
+             "logprob_start_len"),
+    BadInput(GEN, {"input_ids": [5, 6, 7], "return_logprob": True, "logprob_start_len": -2}, 400,
+             "logprob_start_len"),
     BadInput("POST /abort_request", {}, 400, "rid"),
     # JSON escapes of lone UTF-16 surrogates: not text (a stop string like this once stopped the scheduler)
     BadInput(CMPL, '{"model": "m", "prompt": "Hi", "max_tokens": 2, "stop": ["\\ud800"]}', 400, "surrogate"),

@@ -23,7 +23,7 @@ from engine.entrypoints.metrics import ServerMetrics
 from engine.io_struct import SchedulerStats, StepTotals
 from engine.server_args import ServerArgs
 import http_cases as hc
-from fake_tokenizer_manager import CRASH_MARKER, REPLY, FakeTokenizerManager
+from fake_tokenizer_manager import CRASH_MARKER, REPLY, FakeTokenizerManager, prompt_logprob
 
 pytestmark = pytest.mark.timeout(60)
 MODEL = "fake-model"
@@ -218,6 +218,48 @@ def test_completions_stream_echo_logprobs_offsets(fake):
     offsets = sum((c["choices"][0]["logprobs"]["text_offset"] for c in chunks), [])
     tokens = sum((c["choices"][0]["logprobs"]["tokens"] for c in chunks), [])
     assert text == "HeyThe" and tokens == list("HeyThe") and offsets == [0, 1, 2, 3, 4, 5]
+
+
+def test_completions_echo_max_tokens_zero_scores_the_prompt(fake):
+    """lm-eval-harness's loglikelihood request: the prompt's logprobs, no generation."""
+    tm, client = fake
+    body = client.post("/v1/completions", json={"model": MODEL, "prompt": [[72, 101, 121, 33]], "echo": True,
+                                                "logprobs": 1, "max_tokens": 0}).json()
+    c = body["choices"][0]
+    assert c["text"] == "Hey!" and c["finish_reason"] == "length"
+    lp = c["logprobs"]
+    assert lp["tokens"] == list("Hey!") and lp["text_offset"] == [0, 1, 2, 3]
+    assert lp["token_logprobs"] == [None] + [pytest.approx(prompt_logprob(i)) for i in (1, 2, 3)]
+    assert lp["top_logprobs"][0] is None
+    assert [list(t) for t in lp["top_logprobs"][1:]] == [["e"], ["y"], ["!"]]
+    assert tm.requests[-1].logprob_start_len == 0 and body["usage"]["completion_tokens"] == 0
+
+
+def test_completions_prompt_logprobs_only_with_echo(fake):
+    tm, client = fake
+    body = client.post("/v1/completions", json={"model": MODEL, "prompt": "Hey", "logprobs": 2,
+                                                "max_tokens": 2}).json()
+    assert body["choices"][0]["logprobs"]["tokens"] == ["T", "h"]
+    assert tm.requests[-1].logprob_start_len is None
+    body = client.post("/v1/completions", json={"model": MODEL, "prompt": "Hey", "echo": True,
+                                                "logprobs": 2, "max_tokens": 2}).json()
+    lp = body["choices"][0]["logprobs"]
+    assert lp["tokens"] == list("HeyTh") and lp["token_logprobs"][0] is None
+    assert lp["token_logprobs"][1:3] == [pytest.approx(prompt_logprob(1)), pytest.approx(prompt_logprob(2))]
+    assert [len(t) for t in lp["top_logprobs"][1:]] == [2, 2, 2, 2]
+
+
+def test_generate_input_token_logprobs_per_prompt(fake):
+    tm, client = fake
+    body = client.post("/generate", json={"text": ["Hello", "Hi"], "return_logprob": True, "top_logprobs_num": 1,
+                                          "logprob_start_len": [1, 0],
+                                          "sampling_params": {"max_new_tokens": 1}}).json()
+    assert [e[1] for e in body[0]["meta_info"]["input_token_logprobs"]] == [ord(c) for c in "ello"]
+    first = body[1]["meta_info"]
+    assert first["input_token_logprobs"][0] == [None, ord("H"), "H"] and first["input_top_logprobs"][0] is None
+    assert first["input_token_logprobs"][1][0] == pytest.approx(prompt_logprob(1))
+    one = client.post("/generate", json={"text": "Hello", "return_logprob": True}).json()   # SGLang's default
+    assert [e[1] for e in one["meta_info"]["input_token_logprobs"]] == [ord("o")]
 
 
 # ---- errors ----------------------------------------------------------------------------------

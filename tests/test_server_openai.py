@@ -228,6 +228,28 @@ def test_echo_returns_prompt_and_completion(oai):
     assert echoed.choices[0].text == prompt + plain
 
 
+def test_echo_max_tokens_zero_logprobs_scores_the_prompt(oai, http, llama_tiny):
+    """lm-eval-harness's loglikelihood request (echo, logprobs=1, max_tokens=0) gets every prompt
+    token's logprob given the ones before it: transformers' numbers, and /generate's."""
+    import torch
+    from hf_reference import hf_model
+
+    ids = [random.Random(4).randrange(3, 1500) for _ in range(30)]
+    r = oai.completions.create(model=MODEL, prompt=ids, max_tokens=0, echo=True, logprobs=1)
+    lp = r.choices[0].logprobs
+    assert r.usage.completion_tokens == 0 and len(lp.token_logprobs) == len(ids)
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    assert all(len(t) == 1 for t in lp.top_logprobs[1:])
+    with torch.inference_mode():
+        ref = torch.log_softmax(hf_model(llama_tiny)(torch.tensor([ids])).logits[0].float(), dim=-1)
+    want = [ref[j - 1, ids[j]].item() for j in range(1, len(ids))]
+    assert lp.token_logprobs[1:] == pytest.approx(want, abs=1e-3)
+    native = http.post("/generate", json={"input_ids": ids, "return_logprob": True, "logprob_start_len": 0,
+                                          "sampling_params": {"max_new_tokens": 0}}).json()["meta_info"]
+    assert [e[1] for e in native["input_token_logprobs"]] == ids
+    assert [e[0] for e in native["input_token_logprobs"][1:]] == pytest.approx(lp.token_logprobs[1:], abs=1e-6)
+
+
 def test_shared_prefix_reports_cached_tokens(oai):
     rng = random.Random()
     words = ["river", "stone", "light", "garden", "window", "music", "paper", "silver", "forest", "bridge"]

@@ -27,8 +27,9 @@ PROMPTS = [[5 + i, 17, 33 + i, 99, 4, 250 + 3 * i] * (i + 1) for i in range(6)] 
 
 
 def _generate(model_path, tp: int, max_new_tokens: int = 24, device: str = "cpu", regex: dict[int, str] | None = None,
-              **kw) -> dict[str, list[int]]:
-    """Greedy tokens of PROMPTS; ``regex``: prompt index -> a grammar for that request."""
+              prompt_logprobs: dict | None = None, **kw) -> dict[str, list[int]]:
+    """Greedy tokens of PROMPTS; ``regex``: prompt index -> a grammar for that request;
+    ``prompt_logprobs``: a dict to fill with each request's prompt logprobs (request i from position i)."""
     args = ServerArgs(model_path=str(model_path), device=device, tp_size=tp, max_total_tokens=4096,
                       log_level="warning", **kw)
     client = ProcessSchedulerClient(args, startup_timeout=180)
@@ -38,21 +39,36 @@ def _generate(model_path, tp: int, max_new_tokens: int = 24, device: str = "cpu"
         params = {"max_new_tokens": max_new_tokens, "temperature": 0, "ignore_eos": True}
         for i, p in enumerate(PROMPTS):
             extra = {"regex": regex[i], "ignore_eos": False} if regex and i in regex else {}
+            lp = dict(return_logprob=True, logprob_start_len=i) if prompt_logprobs is not None else {}
             client.send(TokenizedGenerateReq(rid=str(i), input_ids=p,
-                                             sampling_params=SamplingParams.from_dict({**params, **extra})))
+                                             sampling_params=SamplingParams.from_dict({**params, **extra}), **lp))
         tokens: dict[str, list[int]] = {str(i): [] for i in range(len(PROMPTS))}
         done: set[str] = set()
         while len(done) < len(PROMPTS):
             o = out.get(timeout=120)
             assert isinstance(o, BatchTokenOutput), o
-            for rid, ids, fin in zip(o.rids, o.new_token_ids, o.finished_reasons):
+            for k, (rid, ids, fin) in enumerate(zip(o.rids, o.new_token_ids, o.finished_reasons)):
                 tokens[rid] += ids
+                if prompt_logprobs is not None:
+                    prompt_logprobs.setdefault(rid, []).extend(o.input_token_logprobs[k])
                 if fin:
                     assert fin["type"] == ("stop" if regex and int(rid) in regex else "length"), fin
                     done.add(rid)
         return tokens
     finally:
         client.shutdown()
+
+
+def test_tp2_prompt_logprobs_equal_tp1(llama_tiny):
+    """The logits of every scored prompt position are gathered across ranks like the last one's."""
+    one, two = {}, {}
+    want = _generate(llama_tiny, 1, max_new_tokens=4, chunked_prefill_size=32, prompt_logprobs=one)
+    got = _generate(llama_tiny, 2, max_new_tokens=4, chunked_prefill_size=32, prompt_logprobs=two)
+    assert got == want
+    for i, p in enumerate(PROMPTS):
+        assert len(two[str(i)]) == len(p) - i and (i > 0 or two["0"][0] is None)
+        assert [x for x in two[str(i)] if x is not None] == pytest.approx(
+            [x for x in one[str(i)] if x is not None], abs=1e-4)
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3"])

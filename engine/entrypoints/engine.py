@@ -63,11 +63,14 @@ class Engine:
     # -- public API ----------------------------------------------------------------------------
     def generate(self, prompt: Prompt = None, sampling_params: Params = None, input_ids: InputIds = None,
                  stream: bool = False, return_logprob: bool = False, top_logprobs_num: int = 0,
-                 rid: Optional[Union[str, list[str]]] = None) -> Any:
+                 rid: Optional[Union[str, list[str]]] = None,
+                 logprob_start_len: Optional[Union[int, list[int]]] = None) -> Any:
         """One prompt -> a dict; a list of prompts (or n > 1) -> a list of dicts, prompt-major.
-        With stream=True, an iterator of cumulative dicts (each with its "index")."""
+        With stream=True, an iterator of cumulative dicts (each with its "index").
+        ``logprob_start_len`` (one, or one per prompt; with return_logprob): the prompt tokens from
+        there on get logprobs in meta_info["input_token_logprobs"], SGLang's way."""
         reqs, single = self._make_requests(prompt, sampling_params, input_ids, stream, return_logprob,
-                                           top_logprobs_num, rid)
+                                           top_logprobs_num, rid, logprob_start_len)
         if stream:
             return self._sync_iter(self._stream(reqs))
         results = self.loop.run_until_complete(self._gather(reqs))
@@ -75,11 +78,12 @@ class Engine:
 
     async def async_generate(self, prompt: Prompt = None, sampling_params: Params = None,
                              input_ids: InputIds = None, stream: bool = False, return_logprob: bool = False,
-                             top_logprobs_num: int = 0, rid: Optional[Union[str, list[str]]] = None) -> Any:
+                             top_logprobs_num: int = 0, rid: Optional[Union[str, list[str]]] = None,
+                             logprob_start_len: Optional[Union[int, list[int]]] = None) -> Any:
         """The same as generate, from a coroutine running on ``engine.loop``; with stream=True
         it returns an async iterator."""
         reqs, single = self._make_requests(prompt, sampling_params, input_ids, stream, return_logprob,
-                                           top_logprobs_num, rid)
+                                           top_logprobs_num, rid, logprob_start_len)
         if stream:
             return self._stream(reqs)
         results = await self._gather(reqs)
@@ -107,8 +111,9 @@ class Engine:
 
     # -- internals -----------------------------------------------------------------------------
     def _make_requests(self, prompt: Prompt, sampling_params: Params, input_ids: InputIds, stream: bool,
-                       return_logprob: bool, top_logprobs_num: int,
-                       rid: Optional[Union[str, list[str]]]) -> tuple[list[GenerateRequest], bool]:
+                       return_logprob: bool, top_logprobs_num: int, rid: Optional[Union[str, list[str]]],
+                       logprob_start_len: Optional[Union[int, list[int]]] = None
+                       ) -> tuple[list[GenerateRequest], bool]:
         if (prompt is None) == (input_ids is None):
             raise ValueError("give exactly one of prompt or input_ids")
         if prompt is not None:
@@ -128,6 +133,9 @@ class Engine:
         else:
             plist = [sampling_params or {}] * len(items)
         rids = rid if isinstance(rid, list) else [rid] * len(items)
+        starts = logprob_start_len if isinstance(logprob_start_len, list) else [logprob_start_len] * len(items)
+        if len(starts) != len(items):
+            raise ValueError(f"logprob_start_len: {len(starts)} given for {len(items)} prompts")
         tm = self.tokenizer_manager
         reqs = []
         for i, (item, p) in enumerate(zip(items, plist)):
@@ -143,10 +151,11 @@ class Engine:
                     pj["seed"] += j
                 r = GenerateRequest(**{key: item}, sampling_params=pj, rid=base if n == 1 else f"{base}-{j}",
                                     stream=stream, return_logprob=return_logprob,
-                                    top_logprobs_num=top_logprobs_num)
+                                    top_logprobs_num=top_logprobs_num, logprob_start_len=starts[i])
                 # every request is checked before any is sent; keep the ids so that
                 # generate() does not tokenize the prompt a second time
                 r.input_ids, r.text = tm.validate(r)[0], None
+                tm.prompt_logprob_start(r, len(r.input_ids))
                 reqs.append(r)
         return reqs, single and len(reqs) == 1
 

@@ -44,9 +44,9 @@ def build_native_router(ctx: ApiContext) -> APIRouter:
         reqs = [GenerateRequest(text=p if isinstance(p, str) else None,
                                 input_ids=p if isinstance(p, list) else None,
                                 sampling_params=sp, rid=rid or tm.new_rid(), stream=req.stream,
-                                return_logprob=lp, top_logprobs_num=top,
+                                return_logprob=lp, top_logprobs_num=top, logprob_start_len=start,
                                 return_text_in_logprobs=req.return_text_in_logprobs)
-                for p, sp, rid, lp, top in req.expand()]
+                for p, sp, rid, lp, top, start in req.expand()]
         fan = FanOut(tm, reqs, ctx.inflight)
         await common.start(fan, request)
         as_list = req.is_batch or len(reqs) > 1
@@ -126,15 +126,19 @@ def build_native_router(ctx: ApiContext) -> APIRouter:
 def _finite_logprobs(out: dict) -> dict:
     """JSON has no inf/NaN: such logprobs (masked tokens in a top list) become null."""
     meta = out.get("meta_info") or {}
-    if "output_token_logprobs" not in meta:
+    if "output_token_logprobs" not in meta and "input_token_logprobs" not in meta:
         return out
 
     def fix(entry: list) -> list:
         lp = entry[0]
         return [lp if isinstance(lp, (int, float)) and math.isfinite(lp) else None, *entry[1:]]
 
-    meta = {**meta, "output_token_logprobs": [fix(e) for e in meta["output_token_logprobs"]],
-            "output_top_logprobs": [[fix(e) for e in row] for row in meta.get("output_top_logprobs") or []]}
+    meta = dict(meta)
+    for kind in ("output", "input"):
+        if f"{kind}_token_logprobs" in meta:
+            meta[f"{kind}_token_logprobs"] = [fix(e) for e in meta[f"{kind}_token_logprobs"]]
+            meta[f"{kind}_top_logprobs"] = [None if row is None else [fix(e) for e in row]
+                                            for row in meta.get(f"{kind}_top_logprobs") or []]
     return {**out, "meta_info": meta}
 
 

@@ -40,6 +40,8 @@ class _ReqState:
     stop: StopStringMatcher
     want_logprobs: bool
     created: float
+    prompt_ids: list[int] = dataclasses.field(default_factory=list)
+    logprob_start_len: int = -1     # -1: no prompt logprobs
     event: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)
     output_ids: list[int] = dataclasses.field(default_factory=list)
     raw_text: str = ""
@@ -48,6 +50,8 @@ class _ReqState:
     cached_tokens: int = 0
     logprobs: list[list[Any]] = dataclasses.field(default_factory=list)
     top_logprobs: list[list[list[Any]]] = dataclasses.field(default_factory=list)
+    input_logprobs: list[Optional[float]] = dataclasses.field(default_factory=list)
+    input_top_logprobs: list[Any] = dataclasses.field(default_factory=list)
     first_token_time: Optional[float] = None
     last_token_time: Optional[float] = None
 
@@ -133,6 +137,20 @@ class TokenizerManager:
                 f"requested, beyond the context length of {self.context_len} tokens")
         return ids, params
 
+    @staticmethod
+    def prompt_logprob_start(req: GenerateRequest, prompt_len: int) -> int:
+        """The first prompt position to return a logprob for, -1 for none (SGLang's rules: -1
+        asks for the last prompt token's; the start must lie inside the prompt)."""
+        start = req.logprob_start_len
+        if not req.return_logprob or start is None:
+            return -1
+        if not isinstance(start, int) or isinstance(start, bool) or start < -1:
+            raise ValueError(f"logprob_start_len must be an integer >= -1, got {start!r}")
+        if start >= prompt_len:
+            raise ValueError(f"logprob_start_len ({start}) is not less than the number of prompt tokens "
+                             f"({prompt_len}); use a smaller logprob_start_len")
+        return prompt_len - 1 if start == -1 else start
+
     def check_constraint(self, params: SamplingParams) -> None:
         """A json_schema / regex / ebnf that cannot compile is a ValueError here, before the
         request is sent. Only the syntax is checked (cheap, cached, tokenizer-free); the
@@ -153,6 +171,7 @@ class TokenizerManager:
         if not self.is_alive():
             raise RuntimeError(f"the scheduler is not running: {self.dead_reason or 'stopped'}")
         ids, params = self.validate(req)
+        start = self.prompt_logprob_start(req, len(ids))
         rid = req.rid or self.new_rid()
         if rid in self._states:
             raise ValueError(f"rid {rid!r} is already in use")
@@ -161,11 +180,11 @@ class TokenizerManager:
             detok=IncrementalDetokenizer(self.tokenizer, skip_special_tokens=params.skip_special_tokens,
                                          spaces_between_special_tokens=params.spaces_between_special_tokens),
             stop=StopStringMatcher(params.stop, no_stop_trim=params.no_stop_trim), want_logprobs=req.return_logprob,
-            created=time.monotonic())
+            created=time.monotonic(), prompt_ids=ids, logprob_start_len=start)
         self._states[rid] = state
         self.client.send(TokenizedGenerateReq(rid, ids, params, return_logprob=req.return_logprob,
-                                              top_logprobs_num=req.top_logprobs_num, stream=req.stream,
-                                              arrival_time=time.monotonic()))
+                                              top_logprobs_num=req.top_logprobs_num, logprob_start_len=start,
+                                              stream=req.stream, arrival_time=time.monotonic()))
         if self.server_args.log_requests:
             logger.info("request %s: %d prompt tokens, params %s", rid, len(ids), params)
         finished = False
@@ -202,6 +221,13 @@ class TokenizerManager:
             meta["output_token_logprobs"] = [self._lp(lp, t, logprob_text) for lp, t in s.logprobs]
             meta["output_top_logprobs"] = [[self._lp(lp, t, logprob_text) for lp, t in row]
                                            for row in s.top_logprobs]
+        if s.logprob_start_len >= 0:
+            prompt = s.prompt_ids[s.logprob_start_len:]
+            meta["input_token_logprobs"] = [self._lp(lp, t, logprob_text)
+                                            for lp, t in zip(s.input_logprobs, prompt)]
+            meta["input_top_logprobs"] = [None if row is None else
+                                          [self._lp(lp, t, logprob_text) for lp, t in row]
+                                          for row in s.input_top_logprobs]
         return {"text": s.text, "output_ids": list(s.output_ids), "meta_info": meta}
 
     def _lp(self, lp: float, tok: int, with_text: bool) -> list[Any]:
@@ -272,6 +298,9 @@ class TokenizerManager:
             if s.want_logprobs and out.output_token_logprobs:
                 s.logprobs.extend(zip(out.output_token_logprobs[i], new))
                 s.top_logprobs.extend(out.output_top_logprobs[i])
+            if s.logprob_start_len >= 0 and out.input_token_logprobs:
+                s.input_logprobs.extend(out.input_token_logprobs[i])
+                s.input_top_logprobs.extend(out.input_top_logprobs[i])
             text_ids = new
             if finish and finish.get("type") == "stop" and isinstance(finish.get("matched"), int) \
                     and not s.params.no_stop_trim and new and new[-1] == finish["matched"]:

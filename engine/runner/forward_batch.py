@@ -25,6 +25,14 @@ class ForwardMode(enum.Enum):
 
 
 @dataclass
+class PromptLogprobs:
+    """What an extend step computed for ``ForwardBatch.prompt_logprob_rows``, on the device."""
+    values: torch.Tensor                        # [n] fp32 log p(target | tokens before it)
+    top_values: Optional[torch.Tensor] = None   # [n, k] fp32, when k = prompt_top_logprobs_num > 0
+    top_ids: Optional[torch.Tensor] = None      # [n, k] int64
+
+
+@dataclass
 class ForwardBatch:
     mode: ForwardMode
     batch_size: int
@@ -42,6 +50,13 @@ class ForwardBatch:
     # rows of the final hidden states to turn into logits: [num_logits] int64
     # (the last token of each request in extend); None: every row (decode, one token per request)
     logits_indices: Optional[torch.Tensor] = None
+    # Extend only, for requests that asked for prompt logprobs: the rows of the final hidden
+    # states whose logits score the next prompt token, and that token. The LogitsProcessor
+    # writes their log-softmax there into ``prompt_logprobs`` (None: no request asked).
+    prompt_logprob_rows: Optional[torch.Tensor] = None      # [num_prompt_logprobs] int64
+    prompt_logprob_targets: Optional[torch.Tensor] = None   # [num_prompt_logprobs] int64
+    prompt_top_logprobs_num: int = 0                        # top-k alternatives per row (the batch's max)
+    prompt_logprobs: Optional["PromptLogprobs"] = None
     # Overlap scheduling: input ids < 0 are tokens sampled by an earlier step and still on the
     # device: -(i + 1) is the runner's future-token slot i.
     has_future_inputs: bool = False

@@ -1,6 +1,8 @@
 """Turn the scheduler's chosen requests into a ForwardBatch and a SamplingBatchInfo."""
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
 from engine.runner.forward_batch import ForwardBatch, ForwardMode
@@ -9,13 +11,42 @@ from engine.sampling.sampling_batch_info import SamplingBatchInfo
 from engine.scheduler.req import Req
 
 
-def build_extend_batch(reqs: list[Req], out_cache_loc: torch.Tensor, device: torch.device) -> ForwardBatch:
-    """Each req computes fill_ids[kv_len : kv_len + extend_len]. ``out_cache_loc`` on the host."""
+def take_prompt_logprob_spans(reqs: list[Req]) -> Optional[list[tuple[int, int]]]:
+    """Per request of an extend step, the positions [lo, hi) whose logits score the prompt token
+    after each; advances the requests past them. None when no request wants prompt logprobs."""
+    if not any(r.wants_prompt_logprobs for r in reqs):
+        return None
+    spans = []
+    for r in reqs:
+        lo = r.prompt_logprob_pos
+        hi = min(r.kv_len + r.extend_len, len(r.origin_input_ids) - 1)
+        if not r.wants_prompt_logprobs or hi <= lo:
+            spans.append((lo, lo))
+            continue
+        assert lo >= r.kv_len, f"{r.rid}: prompt logprob position {lo} is in the cached prefix"
+        r.prompt_logprob_pos = hi
+        spans.append((lo, hi))
+    return spans
+
+
+def build_extend_batch(reqs: list[Req], out_cache_loc: torch.Tensor, device: torch.device,
+                       prompt_spans: Optional[list[tuple[int, int]]] = None) -> ForwardBatch:
+    """Each req computes fill_ids[kv_len : kv_len + extend_len]. ``out_cache_loc`` on the host.
+    ``prompt_spans``: from take_prompt_logprob_spans."""
     input_ids: list[int] = []
     positions: list[int] = []
     prefix_lens, extend_lens, seq_lens = [], [], []
-    for r in reqs:
+    lp_rows: list[int] = []
+    lp_targets: list[int] = []
+    top_k = 0
+    for i, r in enumerate(reqs):
         start, end = r.kv_len, r.kv_len + r.extend_len
+        if prompt_spans is not None and prompt_spans[i][1] > prompt_spans[i][0]:
+            lo, hi = prompt_spans[i]
+            row0 = len(input_ids) - start
+            lp_rows.extend(range(row0 + lo, row0 + hi))
+            lp_targets.extend(r.origin_input_ids[lo + 1: hi + 1])
+            top_k = max(top_k, r.top_logprobs_num)
         input_ids.extend(r.fill_ids[start:end])
         positions.extend(range(start, end))
         prefix_lens.append(start)
@@ -28,10 +59,14 @@ def build_extend_batch(reqs: list[Req], out_cache_loc: torch.Tensor, device: tor
             "seq_lens": torch.tensor(seq_lens, dtype=torch.int64), "out_cache_loc": out_cache_loc,
             "extend_prefix_lens": torch.tensor(prefix_lens, dtype=torch.int64), "extend_seq_lens": ext,
             "logits_indices": torch.cumsum(ext, 0) - 1}
+    if lp_rows:
+        host["prompt_logprob_rows"] = torch.tensor(lp_rows, dtype=torch.int64)
+        host["prompt_logprob_targets"] = torch.tensor(lp_targets, dtype=torch.int64)
     dev = {k: to_device(v, device) for k, v in host.items()}
     return ForwardBatch(
         mode=ForwardMode.EXTEND, batch_size=len(reqs), seq_lens_cpu=seq_lens,
-        extend_prefix_lens_cpu=prefix_lens, extend_seq_lens_cpu=extend_lens, host_tensors=host, **dev)
+        extend_prefix_lens_cpu=prefix_lens, extend_seq_lens_cpu=extend_lens, host_tensors=host,
+        prompt_top_logprobs_num=top_k, **dev)
 
 
 def build_decode_batch(reqs: list[Req], out_cache_loc: torch.Tensor, device: torch.device) -> ForwardBatch:

@@ -75,8 +75,8 @@ class PrefillAdder:
         if self.chunk_left is not None and self.chunk_left <= 0:
             return False
         ids = req.fill_ids
-        prefix, node = s.tree_cache.match_prefix(ids[: len(ids) - 1])
-        if self._shares_with_batch(ids, prefix.numel()):
+        prefix, node = s.tree_cache.match_prefix(ids[: req.max_prefix_len])
+        if self._shares_with_batch(ids[: req.max_prefix_len + 1], prefix.numel()):
             return True  # wait one step for the sibling's KV
         extend = len(ids) - prefix.numel()
         take = extend if self.chunk_left is None else min(extend, self.chunk_left)

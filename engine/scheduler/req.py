@@ -13,8 +13,8 @@ from engine.sampling.sampling_params import SamplingParams
 
 class Req:
     def __init__(self, rid: str, input_ids: list[int], params: SamplingParams, seed: int, *,
-                 return_logprob: bool = False, top_logprobs_num: int = 0, stream: bool = False,
-                 eos_token_ids: frozenset[int] = frozenset(), arrival_time: float = 0.0) -> None:
+                 return_logprob: bool = False, top_logprobs_num: int = 0, logprob_start_len: int = -1,
+                 stream: bool = False, eos_token_ids: frozenset[int] = frozenset(), arrival_time: float = 0.0) -> None:
         self.rid = rid
         self.origin_input_ids = input_ids
         self.params = params
@@ -57,10 +57,39 @@ class Req:
         self.output_top_logprobs: list[list[tuple[float, int]]] = []
         self.sent_logprob_len = 0
 
+        # Prompt logprobs (SGLang's input_token_logprobs): one entry per prompt position from
+        # logprob_start_len on (-1: none); position 0 has none (None). prompt_logprob_pos is the
+        # next position whose logits score the prompt token after it, advanced when an extend
+        # step is built, so a request retracted mid-prompt never scores a token twice.
+        self.logprob_start_len = logprob_start_len
+        wants = logprob_start_len >= 0
+        self.prompt_logprob_pos = max(logprob_start_len - 1, 0) if wants else len(input_ids) - 1
+        first = [None] if logprob_start_len == 0 else []
+        self.input_logprobs: list[Optional[float]] = list(first)
+        self.input_top_logprobs: list[Optional[list[tuple[float, int]]]] = list(first)
+        self.sent_input_logprob_len = 0
+
     # tokens the request needs KV for: prompt plus generated (the newest one is fed next)
     @property
     def fill_ids(self) -> list[int]:
         return self.origin_input_ids + self.output_ids
+
+    @property
+    def wants_prompt_logprobs(self) -> bool:
+        """Some prompt token still needs its logprob (the cache must not skip its position)."""
+        return self.prompt_logprob_pos < len(self.origin_input_ids) - 1
+
+    @property
+    def max_prefix_len(self) -> int:
+        """The longest cached prefix this request may reuse: the last token is always fed, and a
+        position whose logits score a prompt token must be computed, not read from the cache."""
+        n = len(self.fill_ids) - 1
+        return min(n, self.prompt_logprob_pos) if self.wants_prompt_logprobs else n
+
+    @property
+    def prompt_only(self) -> bool:
+        """max_new_tokens 0: the prompt is run for its logprobs, nothing is sampled."""
+        return self.params.max_new_tokens == 0
 
     @property
     def num_out(self) -> int:

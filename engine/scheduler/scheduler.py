@@ -25,7 +25,9 @@ from engine.mem_cache.radix_cache import ChunkCache, RadixCache
 from engine.runner.host_to_device import to_device
 from engine.runner.model_runner import ModelRunner
 from engine.sampling.stop import find_stop_in_tail, stop_tail_tokens
-from engine.scheduler.batch import build_decode_batch, build_extend_batch, build_sampling_info
+from engine.runner.forward_batch import PromptLogprobs
+from engine.scheduler.batch import (build_decode_batch, build_extend_batch, build_sampling_info,
+                                    take_prompt_logprob_spans)
 from engine.scheduler.policy import SchedulePolicy
 from engine.scheduler.prefill import PrefillAdder
 from engine.scheduler.req import Req
@@ -38,12 +40,28 @@ logger = logging.getLogger(__name__)
 
 
 @dataclass
+class _PromptPart:
+    """An extend step's prompt logprobs: how many rows each request got, in batch order, and
+    the max_new_tokens=0 requests whose prompt this step completed (they finish when read)."""
+    counts: list[tuple[Req, int]]
+    finishing: list[Req]
+    logprobs: Optional[PromptLogprobs]
+
+    @property
+    def tensors(self) -> list[Optional[torch.Tensor]]:
+        lp = self.logprobs
+        return [None, None, None] if lp is None else [lp.values, lp.top_values, lp.top_ids]
+
+
+@dataclass
 class _InFlight:
-    """A launched step's sampled requests and the host copy of its outputs."""
+    """A launched step's sampled requests and the host copy of its outputs (the sampled tokens,
+    their logprobs, then the prompt part's logprobs)."""
     reqs: list[Req]
     copy: HostCopy
     kind: str           # PREFILL or DECODE, for the step clock
     tokens: int         # new prompt tokens, or decoded sequences
+    prompt: Optional[_PromptPart] = None
 
 _INIT_NEW_TOKEN_RATIO = 0.7
 _MIN_NEW_TOKEN_RATIO = 0.1
@@ -130,7 +148,8 @@ class Scheduler:
         p = msg.sampling_params
         seed = p.seed if p.seed is not None else self.seed_rng.getrandbits(63)
         req = Req(msg.rid, list(msg.input_ids), p, seed, return_logprob=msg.return_logprob,
-                  top_logprobs_num=msg.top_logprobs_num, stream=msg.stream,
+                  top_logprobs_num=msg.top_logprobs_num,
+                  logprob_start_len=msg.logprob_start_len if msg.return_logprob else -1, stream=msg.stream,
                   eos_token_ids=self.eos_token_ids, arrival_time=msg.arrival_time)
         try:
             req.stop_tail = stop_tail_tokens(self.tokenizer, p.stop) if p.stop else 0
@@ -142,7 +161,7 @@ class Scheduler:
             req.finished_reason = {"type": "abort", "message": error}
             self.outputs.append(req)
             return
-        if p.max_new_tokens == 0:
+        if req.prompt_only and not req.wants_prompt_logprobs:
             req.finished_reason = {"type": "length", "length": 0}
             self.outputs.append(req)
             return
@@ -169,6 +188,9 @@ class Scheduler:
             return f"token id outside the vocabulary (size {self.runner.vocab_size})"
         if req.rid in self.reqs_by_rid:
             return f"duplicate request id {req.rid!r}"
+        if req.logprob_start_len >= len(ids):
+            return (f"logprob_start_len ({req.logprob_start_len}) must be less than the number of "
+                    f"prompt tokens ({len(ids)})")
         return None
 
     def _abort(self, msg: AbortReq) -> None:
@@ -288,7 +310,8 @@ class Scheduler:
         return adder.reqs, adder.out_cache_loc
 
     def _launch_extend(self, reqs: list[Req], locs: torch.Tensor) -> Optional["_InFlight"]:
-        fb = build_extend_batch(reqs, locs, self.device)
+        spans = take_prompt_logprob_spans(reqs)
+        fb = build_extend_batch(reqs, locs, self.device, spans)
         new_tokens = sum(r.extend_len for r in reqs)
         log_prefill(len(reqs), new_tokens, sum(len(r.prefix_indices) for r in reqs), self._token_usage(),
                     len(self.running), len(self.waiting))
@@ -299,15 +322,24 @@ class Scheduler:
                 r.cached_tokens = len(r.prefix_indices)
                 self.prompt_tokens_total += len(r.origin_input_ids)
                 self.cached_tokens_total += r.cached_tokens
-        done = [i for i, r in enumerate(reqs) if r.kv_len == r.seq_len]  # whole prompt in KV
+        # whole prompt in KV: sample the first token (max_new_tokens=0: none)
+        done = [i for i, r in enumerate(reqs) if r.kv_len == r.seq_len and not r.prompt_only]
         if done:
             fb.future_slots = (self.runner.reserve_future(len(done)), len(done))
         logits = self.runner.forward(fb)
+        prompt = None
+        if spans is not None:
+            prompt = _PromptPart([(r, hi - lo) for r, (lo, hi) in zip(reqs, spans) if hi > lo],
+                                 [r for r in reqs if r.prompt_only and r.kv_len == r.seq_len],
+                                 fb.prompt_logprobs)
         flight = None
         if done:
             rows = logits if len(done) == len(reqs) else logits[to_device(done, logits.device)]
             flight = self._launch_sample([reqs[i] for i in done], rows, fb.future_slots[0], PREFILL,
-                                         new_tokens)
+                                         new_tokens, prompt=prompt)
+        elif prompt is not None:
+            copy = self.runner.platform.copy_to_host_async([None] * 4 + prompt.tensors)
+            flight = _InFlight([], copy, PREFILL, new_tokens, prompt)
         for r in reqs:
             self._share_prefix(r)
             if r.kv_len == r.seq_len - 1 and r.num_out:  # prefill complete, next: decode
@@ -381,7 +413,8 @@ class Scheduler:
 
     # -- results -----------------------------------------------------------------------------
     def _launch_sample(self, reqs: list[Req], logits: torch.Tensor, future_base: int, kind: str,
-                       tokens: int, input_ids: Optional[torch.Tensor] = None) -> "_InFlight":
+                       tokens: int, input_ids: Optional[torch.Tensor] = None,
+                       prompt: Optional[_PromptPart] = None) -> "_InFlight":
         """Queue the sampling of ``reqs``'s next tokens and their copy to the host. ``input_ids``:
         a decode step's inputs on the device (its in-flight tokens resolved)."""
         info = build_sampling_info(reqs, self.runner.vocab_size, self.device)
@@ -393,16 +426,19 @@ class Scheduler:
             r.pending += 1
             r.future_idx = future_base + i
         copy = self.runner.platform.copy_to_host_async(
-            [out.next_token_ids, out.logprobs, out.top_logprobs, out.top_logprob_ids])
-        return _InFlight(reqs, copy, kind, tokens)
+            [out.next_token_ids, out.logprobs, out.top_logprobs, out.top_logprob_ids]
+            + (prompt.tensors if prompt is not None else []))
+        return _InFlight(reqs, copy, kind, tokens, prompt)
 
     def _process(self, flight: "_InFlight") -> None:
         """Append a step's tokens, finish the requests they end, queue what to send."""
-        next_ids, logprobs, top_vals, top_ids = (t.tolist() if t is not None else None
-                                                 for t in flight.copy.wait())
+        host = [t.tolist() if t is not None else None for t in flight.copy.wait()]
+        next_ids, logprobs, top_vals, top_ids = host[:4]
         self.clock.done(flight.kind, flight.tokens)
+        if flight.prompt is not None:   # before the first token: the stream sends them together
+            self._process_prompt(flight.prompt, *host[4:])
         finished = []
-        for i, (r, tok) in enumerate(zip(flight.reqs, next_ids)):
+        for i, (r, tok) in enumerate(zip(flight.reqs, next_ids or [])):
             r.pending -= 1
             if r.finished:   # aborted, or ended by its previous token: this one is one too many
                 continue
@@ -428,6 +464,23 @@ class Scheduler:
             for r in finished:
                 self._release(r)
                 self.reqs_by_rid.pop(r.rid, None)
+
+    def _process_prompt(self, part: _PromptPart, values: Optional[list], top_vals: Optional[list],
+                        top_ids: Optional[list]) -> None:
+        """Append each request's prompt logprobs; finish the max_new_tokens=0 requests."""
+        row = 0
+        for r, n in part.counts:
+            r.input_logprobs.extend(values[row: row + n])
+            k = r.top_logprobs_num
+            for j in range(row, row + n):
+                r.input_top_logprobs.append(list(zip(top_vals[j][:k], top_ids[j][:k])) if k else [])
+            row += n
+        for r in part.finishing:    # in no queue since its launch; an abort only marked it
+            if not r.finished:
+                r.finished_reason = {"type": "length", "length": 0}
+                self.outputs.append(r)
+            self._release(r)
+            self.reqs_by_rid.pop(r.rid, None)
 
     def _check_finished(self, r: Req, tok: int) -> None:
         p = r.params
@@ -458,7 +511,8 @@ class Scheduler:
                 reqs.append(r)
         self.outputs = []
         out = BatchTokenOutput(rids=[], new_token_ids=[], finished_reasons=[], prompt_tokens=[],
-                               completion_tokens=[], cached_tokens=[])
+                               completion_tokens=[], cached_tokens=[], input_token_logprobs=[],
+                               input_top_logprobs=[])
         for r in reqs:
             out.rids.append(r.rid)
             out.new_token_ids.append(r.output_ids[r.sent_len:])
@@ -468,8 +522,11 @@ class Scheduler:
             out.cached_tokens.append(r.cached_tokens)
             out.output_token_logprobs.append(r.output_logprobs[r.sent_logprob_len:])
             out.output_top_logprobs.append(r.output_top_logprobs[r.sent_logprob_len:])
+            out.input_token_logprobs.append(r.input_logprobs[r.sent_input_logprob_len:])
+            out.input_top_logprobs.append(r.input_top_logprobs[r.sent_input_logprob_len:])
             r.sent_len = len(r.output_ids)
             r.sent_logprob_len = len(r.output_logprobs)
+            r.sent_input_logprob_len = len(r.input_logprobs)
         return out
 
     # -- maintenance -------------------------------------------------------------------------

@@ -323,7 +323,9 @@ class GenerateReqInput(_Model):
     stream: bool = False
     return_logprob: Union[bool, list[bool]] = False
     top_logprobs_num: Union[int, list[int]] = 0
-    logprob_start_len: Union[int, list[int]] = -1      # accepted; prompt logprobs are not returned
+    # with return_logprob: prompt tokens from here on get logprobs (meta_info.input_token_logprobs);
+    # -1, SGLang's default, the last prompt token only
+    logprob_start_len: Union[int, list[int]] = -1
     rid: Optional[Union[str, list[str]]] = None
     return_text_in_logprobs: bool = True
     _prompts: list[PromptItem] = PrivateAttr(default_factory=list)
@@ -364,9 +366,10 @@ class GenerateReqInput(_Model):
     def is_batch(self) -> bool:
         return self._batch
 
-    def expand(self) -> list[tuple[PromptItem, dict[str, Any], Optional[str], bool, int]]:
-        """(prompt, sampling_params with n=1, rid, return_logprob, top_logprobs_num) per
-        sample, in the order index = prompt_i * n + j; sample j's seed is seed + j."""
+    def expand(self) -> list[tuple[PromptItem, dict[str, Any], Optional[str], bool, int, int]]:
+        """(prompt, sampling_params with n=1, rid, return_logprob, top_logprobs_num,
+        logprob_start_len) per sample, in the order index = prompt_i * n + j; sample j's seed is
+        seed + j."""
         out = []
         for i, prompt in enumerate(self._prompts):
             sp = dict(self._per(self.sampling_params, i, {}))
@@ -379,7 +382,8 @@ class GenerateReqInput(_Model):
                         spj[key] += j
                 out.append((prompt, spj, f"{rid}-{j}" if rid and n > 1 else rid,
                             self._per(self.return_logprob, i, False),
-                            self._per(self.top_logprobs_num, i, 0)))
+                            self._per(self.top_logprobs_num, i, 0),
+                            self._per(self.logprob_start_len, i, -1)))
         return out
 
 

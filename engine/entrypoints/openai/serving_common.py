@@ -43,8 +43,8 @@ async def parse_body(request: Request, model: type[M]) -> M:
 
 
 def sample_requests(prompts: list[PromptItem], n: int, base_sp: dict[str, Any], rid: str,
-                    stream: bool, return_logprob: bool = False,
-                    top_logprobs_num: int = 0) -> list[GenerateRequest]:
+                    stream: bool, return_logprob: bool = False, top_logprobs_num: int = 0,
+                    logprob_start_len: Optional[int] = None) -> list[GenerateRequest]:
     """One GenerateRequest per (prompt i, sample j), index i * n + j. Sample j uses seed + j
     (so the same prompt gives the same samples in a batch as alone); rids are unique."""
     reqs = []
@@ -58,7 +58,8 @@ def sample_requests(prompts: list[PromptItem], n: int, base_sp: dict[str, Any], 
                 text=prompt if isinstance(prompt, str) else None,
                 input_ids=prompt if isinstance(prompt, list) else None,
                 sampling_params=sp, rid=rid if len(prompts) * n == 1 else f"{rid}-{k}",
-                stream=stream, return_logprob=return_logprob, top_logprobs_num=top_logprobs_num))
+                stream=stream, return_logprob=return_logprob, top_logprobs_num=top_logprobs_num,
+                logprob_start_len=logprob_start_len))
     return reqs
 
 

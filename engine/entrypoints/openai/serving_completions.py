@@ -1,8 +1,9 @@
 """POST /v1/completions: prompts (text or token ids) x n generations → OpenAI's legacy
 completion answer, whole or streamed; choice index = prompt_i * n + j.
 
-echo prepends the prompt text; with logprobs, the prompt's positions are listed with null
-logprobs (this server does not compute prompt logprobs)."""
+echo prepends the prompt text; with logprobs, the prompt's positions come first, each token's
+logprob given the tokens before it (null for the first, as OpenAI does). max_tokens 0 with echo
+and logprobs scores the prompt alone (what lm-eval-harness's loglikelihood tasks send)."""
 from __future__ import annotations
 
 import time
@@ -32,10 +33,11 @@ async def create_completion(ctx: ApiContext, request: Request) -> Response:
     rid = ctx.tm.new_rid()
     want_logprobs = req.logprobs is not None
     reqs = common.sample_requests(req.prompt, req.n, base_sp, rid, req.stream,
-                                  return_logprob=want_logprobs, top_logprobs_num=req.logprobs or 0)
+                                  return_logprob=want_logprobs, top_logprobs_num=req.logprobs or 0,
+                                  logprob_start_len=0 if req.echo and want_logprobs else None)
     fan = FanOut(ctx.tm, reqs, ctx.inflight)
     await common.start(fan, request)
-    echoes = [_Echo(ctx.tm, p, want_logprobs) if req.echo else None for p in req.prompt]
+    echoes = [_echo_text(ctx.tm, p) if req.echo else None for p in req.prompt]
     head = dict(id=f"cmpl-{rid}", created=int(time.time()), model=req.model,
                 system_fingerprint=ctx.system_fingerprint)
     if req.stream:
@@ -51,32 +53,37 @@ async def create_completion(ctx: ApiContext, request: Request) -> Response:
         echo = echoes[k // req.n]
         logprobs = None
         if want_logprobs:
-            logprobs = echo.logprobs() if echo else CompletionLogprobs()
-            _add_logprobs(logprobs, meta, 0, len(echo.text) if echo else 0, req.logprobs or 0)
-        choices.append(CompletionChoice(index=k, text=(echo.text if echo else "") + out["text"],
+            logprobs, offset = _prompt_logprobs(meta, req.logprobs or 0, echo) if echo is not None \
+                else (CompletionLogprobs(), 0)
+            _add_logprobs(logprobs, meta, 0, offset, req.logprobs or 0)
+        choices.append(CompletionChoice(index=k, text=(echo or "") + out["text"],
                                         logprobs=logprobs, finish_reason=common.finish_reason(meta)))
     usage = common.usage([o["meta_info"] for o in outs], req.n)
     return JSONResponse(CompletionResponse(choices=choices, usage=usage, **head).model_dump())
 
 
-class _Echo:
-    """The prompt as echoed text, and its tokens for logprobs (null logprob per position)."""
+def _echo_text(tm: Any, prompt: PromptItem) -> str:
+    return prompt if isinstance(prompt, str) else tm.tokenizer.decode(prompt)
 
-    def __init__(self, tm: Any, prompt: PromptItem, with_tokens: bool) -> None:
-        tok = tm.tokenizer
-        self.text = prompt if isinstance(prompt, str) else tok.decode(prompt)
-        self.tokens: list[str] = []
-        if with_tokens:
-            ids = prompt if isinstance(prompt, list) else tok.encode(prompt, add_special_tokens=False)
-            self.tokens = [tok.decode([t]) for t in ids]
 
-    def logprobs(self) -> CompletionLogprobs:
-        offsets, pos = [], 0
-        for t in self.tokens:
-            offsets.append(pos)
-            pos += len(t)
-        return CompletionLogprobs(tokens=list(self.tokens), token_logprobs=[None] * len(self.tokens),
-                                  top_logprobs=[None] * len(self.tokens), text_offset=offsets)
+def _prompt_logprobs(meta: dict, top_n: int, echo: str) -> tuple[CompletionLogprobs, int]:
+    """The echoed prompt's positions: its tokens as the model saw them, each one's logprob and
+    top_n alternatives given the tokens before it (null for the first token); and the text offset
+    of the first generated token (after the echo, and after the prompt tokens' texts, which a
+    BOS token can make longer than the echo)."""
+    lp = CompletionLogprobs()
+    tops = meta.get("input_top_logprobs") or []
+    offset = 0
+    for i, (logprob, _tid, text) in enumerate(meta.get("input_token_logprobs") or []):
+        text = text or ""
+        top = tops[i] if i < len(tops) else None
+        lp.tokens.append(text)
+        lp.token_logprobs.append(None if logprob is None else common.clamp(logprob))
+        lp.top_logprobs.append(None if logprob is None else
+                               {(t or ""): common.clamp(l) for l, _id, t in (top or [])[:top_n]})
+        lp.text_offset.append(offset)
+        offset += len(text)
+    return lp, max(offset, len(echo))
 
 
 def _add_logprobs(lp: CompletionLogprobs, meta: dict, start: int, offset: int,
@@ -95,7 +102,7 @@ def _add_logprobs(lp: CompletionLogprobs, meta: dict, start: int, offset: int,
 
 
 async def _stream(fan: FanOut, req: CompletionRequest, head: dict[str, Any],
-                  echoes: list[Optional[_Echo]]) -> AsyncIterator[bytes]:
+                  echoes: list[Optional[str]]) -> AsyncIterator[bytes]:
     n = len(fan.reqs)
     sent_text = [""] * n
     sent_logprobs = [0] * n
@@ -122,10 +129,11 @@ async def _stream(fan: FanOut, req: CompletionRequest, head: dict[str, Any],
             logprobs = None
             if not started[k]:
                 started[k] = True
-                if echo is not None:
-                    delta = echo.text + delta
-                    offsets[k] = len(echo.text)
-                    logprobs = echo.logprobs() if req.logprobs is not None else None
+                if echo is not None:   # the prompt's logprobs came with the first token
+                    delta = echo + delta
+                    offsets[k] = len(echo)
+                    if req.logprobs is not None:
+                        logprobs, offsets[k] = _prompt_logprobs(meta, req.logprobs, echo)
             if req.logprobs is not None:
                 logprobs = logprobs or CompletionLogprobs()
                 added, offsets[k] = _add_logprobs(logprobs, meta, sent_logprobs[k], offsets[k],
