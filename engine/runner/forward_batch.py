@@ -40,7 +40,8 @@ class ForwardBatch:
     extend_prefix_lens_cpu: list[int] = field(default_factory=list)
     extend_seq_lens_cpu: list[int] = field(default_factory=list)
     # rows of the final hidden states to turn into logits: [num_logits] int64
-    # (the last token of each request in extend); None: every row (decode, one token per request)
+    # (the last token of each request in extend); None: every row (decode, one token per request;
+    # a speculative verify step, an extend with logits at every position)
     logits_indices: Optional[torch.Tensor] = None
     # Overlap scheduling: input ids < 0 are tokens sampled by an earlier step and still on the
     # device: -(i + 1) is the runner's future-token slot i.
