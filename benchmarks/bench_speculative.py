@@ -153,8 +153,12 @@ def main() -> None:
     results = []
     for workload, batch, _ in cases:
         a, b = off[(workload, batch)], on[(workload, batch)]
-        same = a.pop("output_ids") == b.pop("output_ids")
+        ids_off, ids_on = a.pop("output_ids"), b.pop("output_ids")
+        same = ids_off == ids_on
+        # per request: the first output position where the tokens differ (None: identical)
+        first_diff = [next((i for i, (x, y) in enumerate(zip(u, v)) if x != y), None) for u, v in zip(ids_off, ids_on)]
         results.append({"workload": workload, "batch_size": batch, "off": a, "on": b, "same_tokens": same,
+                        "first_difference": first_diff,
                         "speedup": b["decode_tokens_per_s"] / a["decode_tokens_per_s"],
                         "step_ratio": b["forward_steps"] / max(1, a["forward_steps"])})
     info = {"model": args.shape or os.path.basename(folder.rstrip("/")), "device": off[("", 0)]["device"],
