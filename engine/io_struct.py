@@ -116,6 +116,32 @@ class StepTotals:
 
 
 @dataclass
+class SpecCounts:
+    """Speculative decoding's counters (engine/speculative/decoder.py), since the start."""
+    req_steps: int = 0          # (request, decode step) pairs while speculative decoding is on
+    verify_steps: int = 0       # forward steps that verified drafts
+    verifications: int = 0      # (request, verify step) pairs with at least one draft
+    draft_tokens: int = 0       # drafts proposed in them
+    # drafts accepted, as tokens emitted beyond one per request and step (a request that finishes
+    # on an accepted draft counts the drafts before it)
+    accepted_tokens: int = 0
+
+    @property
+    def accept_length(self) -> float:
+        """Tokens emitted per request and decode step, 1.0 when no draft was ever accepted
+        (SGLang's 'accept len')."""
+        return (self.req_steps + self.accepted_tokens) / max(1, self.req_steps)
+
+    @property
+    def accepted_per_verification(self) -> float:
+        """Accepted drafts per request verified (out of up to --speculative-num-draft-tokens)."""
+        return self.accepted_tokens / max(1, self.verifications)
+
+    def __add__(self, other: "SpecCounts") -> "SpecCounts":
+        return SpecCounts(**{k: getattr(self, k) + getattr(other, k) for k in self.__dataclass_fields__})
+
+
+@dataclass
 class SchedulerStats:
     num_running_reqs: int
     num_queue_reqs: int
@@ -131,6 +157,7 @@ class SchedulerStats:
     prompt_tokens_total: int = 0
     cached_tokens_total: int = 0
     step_totals: StepTotals = field(default_factory=StepTotals)   # where the time went, since start
+    spec: Optional[SpecCounts] = None     # speculative decoding's counters; None when it is off
     # with data parallelism: each replica's own stats, in dp_rank order (the fields above are
     # their merge); empty otherwise
     replicas: list["SchedulerStats"] = field(default_factory=list)

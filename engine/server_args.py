@@ -20,6 +20,7 @@ SCHEDULE_POLICIES = ["lpm", "fcfs", "dfs-weight", "random"]
 DTYPES = ["auto", "float32", "bfloat16", "float16"]
 LOAD_BALANCE_METHODS = ["round_robin", "shortest_queue", "cache_aware"]
 REASONING_PARSERS = ["deepseek-r1", "qwen3"]     # engine.entrypoints.openai.reasoning_parsers
+SPECULATIVE_ALGORITHMS = ["NGRAM"]                # engine/speculative/
 
 
 def kernel_config_overrides(text: Optional[str]) -> dict[str, int]:
@@ -139,6 +140,23 @@ class ServerArgs:
     disable_radix_cache: bool = _flag(False, "Do not share KV between requests (no prefix caching).",
                                       group="memory")
 
+    # Speculative decoding
+    speculative_algorithm: Optional[str] = _flag(
+        None, "Speculative decoding. NGRAM: prompt lookup, drafts copied from where the newest tokens "
+        "occurred earlier in the request's own prompt and output, verified by one forward pass of "
+        "the model; outputs are the same as without it (greedy and seeded sampling). It turns the "
+        "overlap scheduler off; verify steps run eagerly, plain decode steps keep their device graphs. "
+        "Default: off.", SPECULATIVE_ALGORITHMS, group="speculative")
+    speculative_num_draft_tokens: int = _flag(
+        4, "Most draft tokens proposed per request and step (each verify step emits up to this many "
+        "plus one).", group="speculative")
+    speculative_ngram_min_match_window_size: int = _flag(
+        1, "NGRAM: the shortest suffix of a request's tokens that must have occurred before to "
+        "propose the tokens that followed it.", group="speculative")
+    speculative_ngram_max_match_window_size: int = _flag(
+        12, "NGRAM: the longest suffix tried; the longest one that occurred before wins, and its most "
+        "recent occurrence.", group="speculative")
+
     # Server
     host: str = _flag("127.0.0.1", "HTTP host to listen on.", group="server")
     port: int = _flag(30000, "HTTP port.", group="server")
@@ -215,6 +233,15 @@ class ServerArgs:
             bad("context_length", f"must be >= 2, got {self.context_length}")
         if self.reasoning_parser is not None and self.reasoning_parser not in REASONING_PARSERS:
             bad("reasoning_parser", f"must be one of {REASONING_PARSERS}, got {self.reasoning_parser!r}")
+        if self.speculative_algorithm is not None and self.speculative_algorithm not in SPECULATIVE_ALGORITHMS:
+            bad("speculative_algorithm", f"must be one of {SPECULATIVE_ALGORITHMS}, got "
+                f"{self.speculative_algorithm!r}")
+        if self.speculative_num_draft_tokens < 1:
+            bad("speculative_num_draft_tokens", f"must be >= 1, got {self.speculative_num_draft_tokens}")
+        lo, hi = self.speculative_ngram_min_match_window_size, self.speculative_ngram_max_match_window_size
+        if not 1 <= lo <= hi:
+            bad("speculative_ngram_min_match_window_size", f"must be >= 1 and <= "
+                f"--speculative-ngram-max-match-window-size, got {lo} and {hi}")
         for name in ("dtype", "device", "schedule_policy", "load_format", "load_balance_method"):
             choices = _choices(name)
             if getattr(self, name) not in choices:

@@ -1,7 +1,8 @@
 """Benchmark scripts on the CPU at tiny sizes: bench_decode.py gives one row per batch size, each with
 the floor its docstring states (the weights, plus the batch's KV at the mean context from batch 2
 on); bench_grammar.py runs every mode (free, json, one-json) with the overlap scheduler on and off,
-each request stopping at exactly --output-len tokens."""
+each request stopping at exactly --output-len tokens; bench_speculative.py runs every workload with
+speculative decoding off and on, with the same tokens in float32."""
 from __future__ import annotations
 
 import json
@@ -57,3 +58,19 @@ def test_bench_grammar_runs_every_mode_with_overlap_on_and_off(tmp_path):
         assert ("overlap_on_off" in r) == overlap
         assert (r["mask_ms"] > 0) == (mode != "free")
     assert len([line for line in proc.stdout.splitlines() if line.lstrip().startswith("3 ")]) == 6, proc.stdout
+
+
+def test_bench_speculative_compares_off_and_on_per_workload(tmp_path):
+    out = tmp_path / "spec.json"
+    proc = run_script("bench_speculative.py", "--batch-sizes", "1,2", "--prompt-len", "16", "--output-len", "6",
+                      "--dtype", "float32", "--output-file", str(out))
+    rows = json.loads(out.read_text())["results"]
+    assert {(r["workload"], r["batch_size"]) for r in rows} == {
+        (w, b) for w in ("repetitive", "repetitive-sampled", "non-repetitive") for b in (1, 2)}
+    for r in rows:
+        assert r["same_tokens"]           # float32: speculative decoding gives the same tokens
+        assert r["speedup"] == pytest.approx(r["on"]["decode_tokens_per_s"] / r["off"]["decode_tokens_per_s"])
+        assert r["off"]["accept_length"] == 1.0 and r["on"]["accept_length"] >= 1.0
+        assert r["on"]["forward_steps"] <= r["off"]["forward_steps"]
+        assert r["on"]["accepted_tokens"] <= r["on"]["draft_tokens"]
+    assert "accept len" in proc.stdout

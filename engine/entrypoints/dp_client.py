@@ -16,7 +16,8 @@ from typing import Any, Callable, Optional
 
 from engine.entrypoints.scheduler_client import OnOutput, SchedulerClient
 from engine.io_struct import (AbortReq, BatchTokenOutput, FlushCacheOutput, FlushCacheReq, GetStatsReq,
-                              SchedulerError, SchedulerInfo, SchedulerStats, StepTotals, TokenizedGenerateReq)
+                              SchedulerError, SchedulerInfo, SchedulerStats, SpecCounts, StepTotals,
+                              TokenizedGenerateReq)
 from engine.router.policy import LoadBalancer, make_load_balancer
 from engine.server_args import ServerArgs
 
@@ -43,7 +44,8 @@ def merge_stats(replies: list[SchedulerStats]) -> SchedulerStats:
         num_evicted_tokens=sum(s.num_evicted_tokens for s in replies),
         gen_throughput=sum(s.gen_throughput for s in replies),
         prompt_tokens_total=prompt, cached_tokens_total=cached,
-        step_totals=sum((s.step_totals for s in replies), StepTotals()), replicas=list(replies))
+        step_totals=sum((s.step_totals for s in replies), StepTotals()), replicas=list(replies),
+        spec=sum((s.spec for s in replies), SpecCounts()) if replies and replies[0].spec is not None else None)
 
 
 def merge_flush(replies: list[FlushCacheOutput]) -> FlushCacheOutput:

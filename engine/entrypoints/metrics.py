@@ -8,7 +8,7 @@ from __future__ import annotations
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import generate_latest
 
-from engine.io_struct import SchedulerStats, StepTotals
+from engine.io_struct import SchedulerStats, SpecCounts, StepTotals
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 
@@ -65,6 +65,15 @@ class ServerMetrics:
                                     "(prefill, decode).", ["kind"], registry=r)
         self.steps = Counter("anyserve:steps", "Steps run, by kind (prefill, decode).", ["kind"], registry=r)
         self._step_totals = StepTotals()
+        # Speculative decoding (--speculative-algorithm): drafts proposed and accepted.
+        self.spec_draft_tokens = counter("spec_draft_tokens", "Draft tokens proposed for verification.")
+        self.spec_accepted_tokens = counter(
+            "spec_accepted_tokens", "Draft tokens accepted (tokens emitted beyond one per request and step).")
+        self.spec_verifications = counter("spec_verifications", "Requests verified with at least one draft, "
+                                          "summed over steps.")
+        self.spec_accept_length = gauge("spec_accept_length", "Tokens emitted per request and decode step "
+                                        "since the start (1.0: no draft accepted).")
+        self._spec = SpecCounts()
         self.ttft = histogram("time_to_first_token_seconds", "Time to first token.", TTFT_BUCKETS)
         self.itl = histogram("inter_token_latency_seconds", "Time between output tokens.", ITL_BUCKETS)
         self.e2e = histogram("e2e_request_latency_seconds", "Request latency, arrival to finish.",
@@ -100,6 +109,12 @@ class ServerMetrics:
         for kind in ("prefill", "decode"):
             self.step_seconds.labels(kind).inc(max(0.0, getattr(new, f"{kind}_seconds")))
             self.steps.labels(kind).inc(max(0, getattr(new, f"{kind}_steps")))
+        if stats.spec is not None:
+            old, self._spec = self._spec, stats.spec       # cumulative in the scheduler
+            self.spec_draft_tokens.inc(max(0, stats.spec.draft_tokens - old.draft_tokens))
+            self.spec_accepted_tokens.inc(max(0, stats.spec.accepted_tokens - old.accepted_tokens))
+            self.spec_verifications.inc(max(0, stats.spec.verifications - old.verifications))
+            self.spec_accept_length.set(stats.spec.accept_length)
         for rank, rs in enumerate(stats.replicas):
             label = str(rank)
             self.replica_num_running_reqs.labels(label).set(rs.num_running_reqs)

@@ -94,9 +94,17 @@ def build_native_router(ctx: ApiContext) -> APIRouter:
             if args.get(key):
                 args[key] = "<set>"
         info = getattr(tm, "scheduler_info", None)
-        return {**args, "scheduler_info": dataclasses.asdict(info) if info is not None else None,
-                "context_length": tm.context_len, "vocab_size": tm.vocab_size,
-                "version": anyserve_version()}
+        out = {**args, "scheduler_info": dataclasses.asdict(info) if info is not None else None,
+               "context_length": tm.context_len, "vocab_size": tm.vocab_size,
+               "version": anyserve_version()}
+        if args.get("speculative_algorithm"):
+            # as SGLang: the mean accept length (tokens per request and decode step) since the start
+            spec = (await tm.get_stats()).spec
+            out["internal_states"] = [{
+                "avg_spec_accept_length": spec.accept_length if spec is not None else None,
+                "spec_draft_tokens": spec.draft_tokens if spec is not None else 0,
+                "spec_accepted_tokens": spec.accepted_tokens if spec is not None else 0}]
+        return out
 
     @router.api_route("/flush_cache", methods=["GET", "POST"])
     async def flush_cache() -> Response:

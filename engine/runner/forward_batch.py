@@ -48,7 +48,8 @@ class ForwardBatch:
     extend_prefix_lens_cpu: list[int] = field(default_factory=list)
     extend_seq_lens_cpu: list[int] = field(default_factory=list)
     # rows of the final hidden states to turn into logits: [num_logits] int64
-    # (the last token of each request in extend); None: every row (decode, one token per request)
+    # (the last token of each request in extend); None: every row (decode, one token per request;
+    # a speculative verify step, an extend with logits at every position)
     logits_indices: Optional[torch.Tensor] = None
     # Extend only, for requests that asked for prompt logprobs: the rows of the final hidden
     # states whose logits score the next prompt token, and that token. The LogitsProcessor

@@ -85,14 +85,47 @@ def build_decode_batch(reqs: list[Req], out_cache_loc: torch.Tensor, device: tor
         has_future_inputs=min(input_ids) < 0, logits_indices=None, **dev)  # None: every row
 
 
-def build_sampling_info(reqs: list[Req], vocab_size: int, device: torch.device) -> SamplingBatchInfo:
+def build_verify_batch(reqs: list[Req], drafts: list[list[int]], out_cache_loc: torch.Tensor,
+                       device: torch.device) -> ForwardBatch:
+    """A speculative verify step: each req feeds [its newest token, *its drafts] at positions
+    kv_len onwards, an extend over its cached KV (causal among the new tokens), with logits at
+    every position. ``out_cache_loc`` on the host, len(drafts[i]) + 1 slots per request."""
+    input_ids: list[int] = []
+    positions: list[int] = []
+    prefix_lens, extend_lens, seq_lens = [], [], []
+    for r, d in zip(reqs, drafts):
+        start, n = r.kv_len, len(d) + 1
+        input_ids.append(r.output_ids[-1])
+        input_ids.extend(d)
+        positions.extend(range(start, start + n))
+        prefix_lens.append(start)
+        extend_lens.append(n)
+        seq_lens.append(start + n)
+    host = {"input_ids": torch.tensor(input_ids, dtype=torch.int64),
+            "positions": torch.tensor(positions, dtype=torch.int64),
+            "req_pool_indices": torch.tensor([r.req_pool_idx for r in reqs], dtype=torch.int64),
+            "seq_lens": torch.tensor(seq_lens, dtype=torch.int64), "out_cache_loc": out_cache_loc,
+            "extend_prefix_lens": torch.tensor(prefix_lens, dtype=torch.int64),
+            "extend_seq_lens": torch.tensor(extend_lens, dtype=torch.int64)}
+    dev = {k: to_device(v, device) for k, v in host.items()}
+    return ForwardBatch(
+        mode=ForwardMode.EXTEND, batch_size=len(reqs), seq_lens_cpu=seq_lens,
+        extend_prefix_lens_cpu=prefix_lens, extend_seq_lens_cpu=extend_lens, host_tensors=host,
+        logits_indices=None, **dev)      # None: logits at every position
+
+
+def build_sampling_info(reqs: list[Req], vocab_size: int, device: torch.device,
+                        offsets: Optional[list[int]] = None) -> SamplingBatchInfo:
+    """``offsets``: row i samples output position reqs[i].num_out + offsets[i] (a speculative verify
+    step, where a request has one row per position); None: every row samples its request's next."""
+    steps = [r.num_out for r in reqs] if offsets is None else [r.num_out + o for r, o in zip(reqs, offsets)]
     banned = []
-    for r in reqs:
+    for r, step in zip(reqs, steps):
         # A grammar decides where its document ends: its stop tokens are never banned.
-        below_min = r.num_out < r.params.min_new_tokens and r.grammar is None
+        below_min = step < r.params.min_new_tokens and r.grammar is None
         banned.append(sorted(r.stop_token_ids) if below_min else [])
     return SamplingBatchInfo.build(
-        [r.params for r in reqs], seeds=[r.seed for r in reqs], steps=[r.num_out for r in reqs],
+        [r.params for r in reqs], seeds=[r.seed for r in reqs], steps=steps,
         output_ids=[r.output_ids for r in reqs], prompt_ids=[r.origin_input_ids for r in reqs],
         banned_token_ids=banned, top_logprobs_nums=[r.top_logprobs_num for r in reqs],
         return_logprob=[r.return_logprob for r in reqs], vocab_size=vocab_size, device=device,

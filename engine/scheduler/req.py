@@ -50,6 +50,8 @@ class Req:
         self.cached_tokens = 0       # prompt tokens served from the cache (first prefill)
         self.counted_cache = False
         self.num_retractions = 0
+        # speculative decoding: the request's tokens as an array for the n-gram search
+        self.token_history: Optional[Any] = None
 
         # output bookkeeping: what has been sent to the front end
         self.sent_len = 0

@@ -33,6 +33,7 @@ from engine.scheduler.prefill import PrefillAdder
 from engine.scheduler.req import Req
 from engine.scheduler.step_log import DECODE, PREFILL, StepClock, log_prefill
 from engine.server_args import ServerArgs
+from engine.speculative.decoder import NgramDecoder
 from engine.tokenizer import load_tokenizer
 from hal.platform import HostCopy
 
@@ -104,7 +105,9 @@ class Scheduler:
         # The overlap scheduler launches step N+1 before reading step N's tokens back.
         # ANYSERVE_OVERLAP=1 turns it on where the device is synchronous too (the CPU), which
         # gains nothing there but runs the same bookkeeping: tests use it.
-        self.overlap = not server_args.disable_overlap_schedule and (
+        # Speculative decoding verifies drafts against tokens read back: no overlap scheduler.
+        self.spec = NgramDecoder(self) if server_args.speculative_algorithm == "NGRAM" else None
+        self.overlap = not server_args.disable_overlap_schedule and self.spec is None and (
             r.platform.async_execution or os.environ.get("ANYSERVE_OVERLAP") == "1")
         self.in_flight: Optional[_InFlight] = None
 
@@ -116,9 +119,12 @@ class Scheduler:
         self.forward_ct = 0
         self.last_step_time = time.monotonic()
         self.clock = StepClock(server_args.decode_log_interval)
-        logger.info("scheduler ready: %s overlap_schedule=%s", r.describe(), "on" if self.overlap else (
-            "off (--disable-overlap-schedule)" if server_args.disable_overlap_schedule
-            else f"off ({r.platform.name} runs synchronously)"))
+        logger.info("scheduler ready: %s overlap_schedule=%s speculative=%s", r.describe(),
+                    "on" if self.overlap else (
+                        "off (--disable-overlap-schedule)" if server_args.disable_overlap_schedule
+                        else "off (speculative decoding)" if self.spec is not None
+                        else f"off ({r.platform.name} runs synchronously)"),
+                    self.spec.describe() if self.spec is not None else "off")
 
     @property
     def info(self) -> SchedulerInfo:
@@ -275,7 +281,7 @@ class Scheduler:
         if batch:
             return True, self._launch_extend(batch, locs)
         if self.running:
-            return self._launch_decode()
+            return self.spec.launch() if self.spec is not None else self._launch_decode()
         return False, None
 
     def _poll_grammars(self) -> list[Req]:
@@ -376,12 +382,20 @@ class Scheduler:
             self.num_overlapped_steps += 1
         flight = self._launch_sample(reqs, logits, fb.future_slots[0], DECODE, len(reqs), fb.input_ids)
         self.forward_ct += 1
+        self.log_decode_due()
+        self.decay_new_token_ratio()
+        return True, flight
+
+    def log_decode_due(self) -> None:
+        """Count a decode step; write the 'Decode batch' line when one is due."""
         if self.clock.decode_launched():
             cap = self.runner.max_total_tokens
             used = cap - self.available_tokens()
-            self.clock.log_decode(len(self.running), used, used / cap, len(self.waiting))
+            self.clock.log_decode(len(self.running), used, used / cap, len(self.waiting),
+                                  self.spec.take_window_accept_length() if self.spec is not None else None)
+
+    def decay_new_token_ratio(self) -> None:
         self.new_token_ratio = max(_MIN_NEW_TOKEN_RATIO, self.new_token_ratio - _NEW_TOKEN_RATIO_DECAY)
-        return True, flight
 
     def _make_room_for_decode(self) -> None:
         def pages_needed() -> int:
@@ -442,28 +456,38 @@ class Scheduler:
             r.pending -= 1
             if r.finished:   # aborted, or ended by its previous token: this one is one too many
                 continue
-            r.output_ids.append(tok)
-            if r.grammar is not None and not r.grammar.accept_token(tok):
-                logger.error("request %s: the grammar rejected sampled token %d", r.rid, tok)
-                r.finished_reason = {"type": "abort", "message": f"internal error: the grammar "
-                                     f"rejected the sampled token {tok}"}
-            if r.return_logprob and logprobs is not None:
-                r.output_logprobs.append(logprobs[i])
-                k = r.top_logprobs_num
-                r.output_top_logprobs.append(
-                    list(zip(top_vals[i][:k], top_ids[i][:k])) if k and top_vals is not None else [])
-            if not r.finished:
-                self._check_finished(r, tok)
+            self.append_token(r, tok, i, logprobs, top_vals, top_ids)
             if r.finished:
                 finished.append(r)
             if r.stream or r.finished:
                 self.outputs.append(r)
         if finished:
-            done = set(map(id, finished))
-            self.running = [r for r in self.running if id(r) not in done]
-            for r in finished:
-                self._release(r)
-                self.reqs_by_rid.pop(r.rid, None)
+            self.finish_reqs(finished)
+
+    def append_token(self, r: Req, tok: int, row: int, logprobs: Optional[list], top_vals: Optional[list],
+                     top_ids: Optional[list]) -> None:
+        """Append one sampled token (row ``row`` of the step's host outputs) and set the finish
+        reason it causes."""
+        r.output_ids.append(tok)
+        if r.grammar is not None and not r.grammar.accept_token(tok):
+            logger.error("request %s: the grammar rejected sampled token %d", r.rid, tok)
+            r.finished_reason = {"type": "abort", "message": f"internal error: the grammar "
+                                 f"rejected the sampled token {tok}"}
+        if r.return_logprob and logprobs is not None:
+            r.output_logprobs.append(logprobs[row])
+            k = r.top_logprobs_num
+            r.output_top_logprobs.append(
+                list(zip(top_vals[row][:k], top_ids[row][:k])) if k and top_vals is not None else [])
+        if not r.finished:
+            self._check_finished(r, tok)
+
+    def finish_reqs(self, finished: list[Req]) -> None:
+        """Take finished requests out of the running batch and give their KV to the cache."""
+        done = set(map(id, finished))
+        self.running = [r for r in self.running if id(r) not in done]
+        for r in finished:
+            self._release(r)
+            self.reqs_by_rid.pop(r.rid, None)
 
     def _process_prompt(self, part: _PromptPart, values: Optional[list], top_vals: Optional[list],
                         top_ids: Optional[list]) -> None:
@@ -560,7 +584,8 @@ class Scheduler:
             cache_hit_rate=self.cached_tokens_total / max(1, self.prompt_tokens_total),
             max_total_tokens=cap, available_tokens=free + evictable, evictable_tokens=evictable,
             num_retractions=self.num_retractions, num_evicted_tokens=self.tree_cache.num_evicted_tokens,
-            prompt_tokens_total=self.prompt_tokens_total, cached_tokens_total=self.cached_tokens_total)
+            prompt_tokens_total=self.prompt_tokens_total, cached_tokens_total=self.cached_tokens_total,
+            spec=dataclasses.replace(self.spec.totals) if self.spec is not None else None)
 
     def check_memory_whole(self) -> None:
         """When idle, every slot is free or held by the cache (nothing leaked)."""

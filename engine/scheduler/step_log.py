@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
+from typing import Optional
 
 from engine.io_struct import StepTotals
 
@@ -53,11 +54,15 @@ class StepClock:
         self._decode_launched += 1
         return self.decode_log_interval > 0 and self._decode_launched % self.decode_log_interval == 0
 
-    def log_decode(self, running: int, used_tokens: int, usage: float, queued: int) -> None:
+    def log_decode(self, running: int, used_tokens: int, usage: float, queued: int,
+                   accept_len: Optional[float] = None) -> None:
+        """``accept_len``: with speculative decoding, tokens emitted per request and step in the window."""
         self.gen_throughput = self._window_tokens / max(self._window_seconds, 1e-9)
         self._window_seconds, self._window_tokens = 0.0, 0
-        logger.info("Decode batch. #running-req: %d, #token: %d, token usage: %.2f, gen throughput "
-                    "(token/s): %.2f, #queue-req: %d", running, used_tokens, usage, self.gen_throughput, queued)
+        spec = "" if accept_len is None else f"accept len: {accept_len:.2f}, "
+        logger.info("Decode batch. #running-req: %d, #token: %d, token usage: %.2f, %sgen throughput "
+                    "(token/s): %.2f, #queue-req: %d", running, used_tokens, usage, spec, self.gen_throughput,
+                    queued)
 
 
 def log_prefill(new_seqs: int, new_tokens: int, cached_tokens: int, usage: float, running: int,
