@@ -93,6 +93,13 @@ def test_tp2_with_the_overlap_scheduler(llama_tiny, monkeypatch):
     assert 2 <= len(overlapped["4"]) <= 4 < len(overlapped["1"]) < 24
 
 
+def test_tp2_with_speculative_decoding(llama_tiny):
+    """Verify steps (an extend over each request's drafts, logits at every position) run on every
+    rank like any batch; the tokens equal plain decoding at tp 1."""
+    spec = _generate(llama_tiny, 2, speculative_algorithm="NGRAM", speculative_num_draft_tokens=3)
+    assert spec == _generate(llama_tiny, 1)
+
+
 def test_tp4_replicates_kv_heads_and_chunked_prefill(llama_tiny):
     # tiny has 2 KV heads: with 4 ranks each keeps a copy of one; chunked prefill and the radix
     # cache (the last two prompts share 40 tokens) exercise the req_to_token journal.
