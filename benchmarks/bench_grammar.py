@@ -32,6 +32,8 @@ from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from benchmarks.engine_bench import add_engine_args, engine_kwargs, model_folder, timed_run  # noqa: E402
+
 # Far longer than any --output-len: every request stops on the length limit, as with ignore_eos.
 LONG_SCHEMA = {"type": "array", "minItems": 64, "maxItems": 64,
                "items": {"type": "string", "minLength": 8, "maxLength": 16}}
@@ -70,13 +72,6 @@ class StepTimers:
         self.calls.clear()
 
 
-def timed_run(engine: Any, prompts: list[list[int]], params: list[dict]) -> tuple[float, list[dict]]:
-    engine.flush_cache()
-    t = time.perf_counter()
-    outs = engine.generate(input_ids=prompts, sampling_params=params)
-    return time.perf_counter() - t, outs
-
-
 def mode_params(mode: str, batch: int, schema: str, output_len: int) -> list[dict]:
     free = {"temperature": 0.0, "ignore_eos": True, "max_new_tokens": output_len}
     constrained = {"temperature": 0.0, "json_schema": schema, "max_new_tokens": output_len}
@@ -95,18 +90,6 @@ def measure(engine: Any, timers: StepTimers, prompts: list[list[int]], params: l
     decode_s = max(total_s - prefill_s, 1e-9)
     return {"decode_s": decode_s, "decode_tokens_per_s": len(prompts) * (output_len - 1) / decode_s,
             "sample_ms": timers.ms("sample"), "mask_ms": timers.ms("mask")}
-
-
-def model_folder(args: argparse.Namespace) -> tuple[str, bool]:
-    if args.shape:
-        from benchmarks.bench_decode import shape_folder
-
-        return shape_folder(args.shape), True
-    if args.model_path:
-        return args.model_path, False
-    from engine.models.make_model import cached_model_path
-
-    return str(cached_model_path("qwen2", "small", dtype="bfloat16")), False
 
 
 def run_batch(engine: Any, timers: StepTimers, prompts: list[list[int]], overlaps: list[bool], schema: str,
@@ -136,27 +119,15 @@ def run_batch(engine: Any, timers: StepTimers, prompts: list[list[int]], overlap
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model-path", default=None)
-    p.add_argument("--shape", default=None, help="a real model's shape with dummy weights (bench_decode.py)")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--dtype", default="bfloat16")
-    p.add_argument("--batch-sizes", default="8,32")
-    p.add_argument("--prompt-len", type=int, default=32)
-    p.add_argument("--output-len", type=int, default=128)
-    p.add_argument("--repeats", type=int, default=1, help="runs per case; the fastest counts")
+    add_engine_args(p, batch_sizes="8,32", prompt_len=32, output_len=128)
     p.add_argument("--overlap-ab", action="store_true",
                    help="run overlap on and off even where the device is synchronous (the CPU)")
-    p.add_argument("--output-file", default=None)
     args = p.parse_args()
 
     from engine import Engine
 
     folder, temporary = model_folder(args)
-    kw: dict[str, Any] = {"dtype": args.dtype, "log_level": "warning"}
-    if temporary:
-        kw.update(load_format="dummy", context_length=args.prompt_len + args.output_len + 8)
-    batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
-    kw["max_running_requests"] = max(batch_sizes)
+    kw, batch_sizes = engine_kwargs(args, temporary)
     engine = Engine(model_path=folder, device=args.device, **kw)
     results = []
     try:

@@ -28,10 +28,11 @@ import os
 import random
 import shutil
 import sys
-import time
 from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from benchmarks.engine_bench import add_engine_args, engine_kwargs, model_folder, timed_run  # noqa: E402
 
 WORKLOADS = ("repetitive", "repetitive-sampled", "non-repetitive")
 
@@ -55,16 +56,10 @@ def make_params(workload: str, batch: int, output_len: int) -> list[dict]:
 
 def measure(engine: Any, prompts: list[list[int]], params: list[dict], output_len: int) -> dict:
     sched = engine.scheduler
-    engine.flush_cache()
-    t = time.perf_counter()
-    engine.generate(input_ids=prompts, sampling_params=[{**p, "max_new_tokens": 1} for p in params])
-    prefill_s = time.perf_counter() - t
-    engine.flush_cache()
+    prefill_s, _ = timed_run(engine, prompts, [{**p, "max_new_tokens": 1} for p in params])
     steps_before = sched.forward_ct
     spec_before = sched.spec.totals if sched.spec is not None else None
-    t = time.perf_counter()
-    outs = engine.generate(input_ids=prompts, sampling_params=params)
-    total_s = time.perf_counter() - t
+    total_s, outs = timed_run(engine, prompts, params)
     lengths = {o["meta_info"]["completion_tokens"] for o in outs}
     assert lengths == {output_len}, lengths
     decode_s = max(total_s - prefill_s, 1e-9)
@@ -80,18 +75,6 @@ def measure(engine: Any, prompts: list[list[int]], params: list[dict], output_le
         row.update(accept_length=(req_steps + accepted) / max(1, req_steps), draft_tokens=drafts,
                    accepted_tokens=accepted, verify_steps=spec.verify_steps - spec_before.verify_steps)
     return row
-
-
-def model_folder(args: argparse.Namespace) -> tuple[str, bool]:
-    if args.shape:
-        from benchmarks.bench_decode import shape_folder
-
-        return shape_folder(args.shape), True
-    if args.model_path:
-        return args.model_path, False
-    from engine.models.make_model import cached_model_path
-
-    return str(cached_model_path("qwen2", "small", dtype="bfloat16")), False
 
 
 def run_engine(folder: str, args: argparse.Namespace, kw: dict, spec: bool,
@@ -119,24 +102,12 @@ def run_engine(folder: str, args: argparse.Namespace, kw: dict, spec: bool,
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model-path", default=None)
-    p.add_argument("--shape", default=None, help="a real model's shape with dummy weights (bench_decode.py)")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--dtype", default="bfloat16")
-    p.add_argument("--batch-sizes", default="1,8")
-    p.add_argument("--prompt-len", type=int, default=256)
-    p.add_argument("--output-len", type=int, default=128)
+    add_engine_args(p, batch_sizes="1,8", prompt_len=256, output_len=128)
     p.add_argument("--num-draft-tokens", type=int, default=4)
-    p.add_argument("--repeats", type=int, default=1, help="runs per case; the fastest counts")
-    p.add_argument("--output-file", default=None)
     args = p.parse_args()
 
     folder, temporary = model_folder(args)
-    kw: dict[str, Any] = {"dtype": args.dtype, "log_level": "warning"}
-    if temporary:
-        kw.update(load_format="dummy", context_length=args.prompt_len + args.output_len + 8)
-    batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
-    kw["max_running_requests"] = max(batch_sizes)
+    kw, batch_sizes = engine_kwargs(args, temporary)
     try:
         from engine.models.config import ModelConfig
         from engine.tokenizer import load_tokenizer
