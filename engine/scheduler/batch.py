@@ -29,44 +29,49 @@ def take_prompt_logprob_spans(reqs: list[Req]) -> Optional[list[tuple[int, int]]
     return spans
 
 
-def build_extend_batch(reqs: list[Req], out_cache_loc: torch.Tensor, device: torch.device,
-                       prompt_spans: Optional[list[tuple[int, int]]] = None) -> ForwardBatch:
-    """Each req computes fill_ids[kv_len : kv_len + extend_len]. ``out_cache_loc`` on the host.
-    ``prompt_spans``: from take_prompt_logprob_spans."""
-    input_ids: list[int] = []
-    positions: list[int] = []
-    prefix_lens, extend_lens, seq_lens = [], [], []
-    lp_rows: list[int] = []
-    lp_targets: list[int] = []
-    top_k = 0
-    for i, r in enumerate(reqs):
-        start, end = r.kv_len, r.kv_len + r.extend_len
-        if prompt_spans is not None and prompt_spans[i][1] > prompt_spans[i][0]:
-            lo, hi = prompt_spans[i]
-            row0 = len(input_ids) - start
-            lp_rows.extend(range(row0 + lo, row0 + hi))
-            lp_targets.extend(r.origin_input_ids[lo + 1: hi + 1])
-            top_k = max(top_k, r.top_logprobs_num)
-        input_ids.extend(r.fill_ids[start:end])
-        positions.extend(range(start, end))
-        prefix_lens.append(start)
-        extend_lens.append(r.extend_len)
-        seq_lens.append(end)
+def _extend(reqs: list[Req], new_tokens: list[list[int]], out_cache_loc: torch.Tensor, device: torch.device,
+            all_logits: bool, extra: Optional[dict[str, torch.Tensor]] = None, top_k: int = 0) -> ForwardBatch:
+    """An extend step: each req feeds ``new_tokens[i]`` at positions kv_len onwards, over its cached
+    KV (causal among the new tokens); logits at each req's last position, or at every position."""
+    input_ids = [t for toks in new_tokens for t in toks]
+    extend_lens = [len(toks) for toks in new_tokens]
+    prefix_lens = [r.kv_len for r in reqs]
+    seq_lens = [p + n for p, n in zip(prefix_lens, extend_lens)]
+    positions = [pos for p, n in zip(prefix_lens, extend_lens) for pos in range(p, p + n)]
     ext = torch.tensor(extend_lens, dtype=torch.int64)
     host = {"input_ids": torch.tensor(input_ids, dtype=torch.int64),
             "positions": torch.tensor(positions, dtype=torch.int64),
             "req_pool_indices": torch.tensor([r.req_pool_idx for r in reqs], dtype=torch.int64),
             "seq_lens": torch.tensor(seq_lens, dtype=torch.int64), "out_cache_loc": out_cache_loc,
             "extend_prefix_lens": torch.tensor(prefix_lens, dtype=torch.int64), "extend_seq_lens": ext,
-            "logits_indices": torch.cumsum(ext, 0) - 1}
-    if lp_rows:
-        host["prompt_logprob_rows"] = torch.tensor(lp_rows, dtype=torch.int64)
-        host["prompt_logprob_targets"] = torch.tensor(lp_targets, dtype=torch.int64)
+            **({} if all_logits else {"logits_indices": torch.cumsum(ext, 0) - 1}), **(extra or {})}
     dev = {k: to_device(v, device) for k, v in host.items()}
     return ForwardBatch(
         mode=ForwardMode.EXTEND, batch_size=len(reqs), seq_lens_cpu=seq_lens,
         extend_prefix_lens_cpu=prefix_lens, extend_seq_lens_cpu=extend_lens, host_tensors=host,
         prompt_top_logprobs_num=top_k, **dev)
+
+
+def build_extend_batch(reqs: list[Req], out_cache_loc: torch.Tensor, device: torch.device,
+                       prompt_spans: Optional[list[tuple[int, int]]] = None) -> ForwardBatch:
+    """Each req computes fill_ids[kv_len : kv_len + extend_len]. ``out_cache_loc`` on the host.
+    ``prompt_spans``: from take_prompt_logprob_spans."""
+    lp_rows: list[int] = []
+    lp_targets: list[int] = []
+    top_k, row0 = 0, 0
+    for i, r in enumerate(reqs):
+        if prompt_spans is not None and prompt_spans[i][1] > prompt_spans[i][0]:
+            lo, hi = prompt_spans[i]
+            lp_rows.extend(range(row0 + lo - r.kv_len, row0 + hi - r.kv_len))
+            lp_targets.extend(r.origin_input_ids[lo + 1: hi + 1])
+            top_k = max(top_k, r.top_logprobs_num)
+        row0 += r.extend_len
+    extra = {}
+    if lp_rows:
+        extra = {"prompt_logprob_rows": torch.tensor(lp_rows, dtype=torch.int64),
+                 "prompt_logprob_targets": torch.tensor(lp_targets, dtype=torch.int64)}
+    return _extend(reqs, [r.fill_ids[r.kv_len: r.kv_len + r.extend_len] for r in reqs], out_cache_loc, device,
+                   all_logits=False, extra=extra, top_k=top_k)
 
 
 def build_decode_batch(reqs: list[Req], out_cache_loc: torch.Tensor, device: torch.device) -> ForwardBatch:
@@ -88,30 +93,10 @@ def build_decode_batch(reqs: list[Req], out_cache_loc: torch.Tensor, device: tor
 def build_verify_batch(reqs: list[Req], drafts: list[list[int]], out_cache_loc: torch.Tensor,
                        device: torch.device) -> ForwardBatch:
     """A speculative verify step: each req feeds [its newest token, *its drafts] at positions
-    kv_len onwards, an extend over its cached KV (causal among the new tokens), with logits at
-    every position. ``out_cache_loc`` on the host, len(drafts[i]) + 1 slots per request."""
-    input_ids: list[int] = []
-    positions: list[int] = []
-    prefix_lens, extend_lens, seq_lens = [], [], []
-    for r, d in zip(reqs, drafts):
-        start, n = r.kv_len, len(d) + 1
-        input_ids.append(r.output_ids[-1])
-        input_ids.extend(d)
-        positions.extend(range(start, start + n))
-        prefix_lens.append(start)
-        extend_lens.append(n)
-        seq_lens.append(start + n)
-    host = {"input_ids": torch.tensor(input_ids, dtype=torch.int64),
-            "positions": torch.tensor(positions, dtype=torch.int64),
-            "req_pool_indices": torch.tensor([r.req_pool_idx for r in reqs], dtype=torch.int64),
-            "seq_lens": torch.tensor(seq_lens, dtype=torch.int64), "out_cache_loc": out_cache_loc,
-            "extend_prefix_lens": torch.tensor(prefix_lens, dtype=torch.int64),
-            "extend_seq_lens": torch.tensor(extend_lens, dtype=torch.int64)}
-    dev = {k: to_device(v, device) for k, v in host.items()}
-    return ForwardBatch(
-        mode=ForwardMode.EXTEND, batch_size=len(reqs), seq_lens_cpu=seq_lens,
-        extend_prefix_lens_cpu=prefix_lens, extend_seq_lens_cpu=extend_lens, host_tensors=host,
-        logits_indices=None, **dev)      # None: logits at every position
+    kv_len onwards, an extend over its cached KV, with logits at every position. ``out_cache_loc``
+    on the host, len(drafts[i]) + 1 slots per request."""
+    return _extend(reqs, [[r.output_ids[-1], *d] for r, d in zip(reqs, drafts)], out_cache_loc, device,
+                   all_logits=True)
 
 
 def build_sampling_info(reqs: list[Req], vocab_size: int, device: torch.device,
