@@ -503,8 +503,8 @@ class Scheduler:
             if not r.finished:
                 r.finished_reason = {"type": "length", "length": 0}
                 self.outputs.append(r)
-            self._release(r)
-            self.reqs_by_rid.pop(r.rid, None)
+        if part.finishing:
+            self.finish_reqs(part.finishing)
 
     def _check_finished(self, r: Req, tok: int) -> None:
         p = r.params
