@@ -236,24 +236,16 @@ def test_a_request_the_scheduler_cannot_admit_is_aborted_and_the_loop_goes_on(ll
     from engine.sampling.sampling_params import SamplingParams
     from engine.scheduler.scheduler import Scheduler
     from engine.server_args import ServerArgs
+    from scheduler_harness import drive
 
     s = Scheduler(ServerArgs(model_path=str(llama_tiny), device="cpu", log_level="warning"))
     bad = SamplingParams.from_dict({"max_new_tokens": 4, "stop": ["ok"]})
     bad.stop = ["\ud800"]
     good = SamplingParams.from_dict({"max_new_tokens": 4, "temperature": 0, "ignore_eos": True})
-    s.handle(TokenizedGenerateReq(rid="bad", input_ids=[5, 6, 7], sampling_params=bad))
-    s.handle(TokenizedGenerateReq(rid="good", input_ids=[5, 6, 7], sampling_params=good))
-    done = {}
-    while not s.is_idle() or s.outputs:
-        s.step()
-        out = s.take_outputs()
-        for rid, ids, fin in zip(out.rids, out.new_token_ids, out.finished_reasons) if out else ():
-            done.setdefault(rid, []).extend(ids)
-            if fin:
-                done[rid + ":finish"] = fin
-    assert done["bad:finish"]["type"] == "abort" and "UnicodeEncodeError" in done["bad:finish"]["message"]
-    assert len(done["good"]) == 4 and done["good:finish"]["type"] == "length"
-    s.check_memory_whole()
+    done = drive(s, [TokenizedGenerateReq(rid="bad", input_ids=[5, 6, 7], sampling_params=bad),
+                     TokenizedGenerateReq(rid="good", input_ids=[5, 6, 7], sampling_params=good)])
+    assert done["bad"]["finish"]["type"] == "abort" and "UnicodeEncodeError" in done["bad"]["finish"]["message"]
+    assert len(done["good"]["ids"]) == 4 and done["good"]["finish"]["type"] == "length"
 
 
 def test_abort_frees_slots(llama_engine):

@@ -11,11 +11,12 @@ import time
 
 import pytest
 
-from engine.io_struct import AbortReq, TokenizedGenerateReq
+from engine.io_struct import TokenizedGenerateReq
 from engine.sampling.sampling_params import SamplingParams
 from engine.scheduler.scheduler import Scheduler
 from engine.server_args import ServerArgs
 from engine.tokenizer import load_tokenizer
+from scheduler_harness import drive
 
 
 def _scheduler(model_path, overlap: bool, **kw) -> Scheduler:
@@ -25,31 +26,7 @@ def _scheduler(model_path, overlap: bool, **kw) -> Scheduler:
     return s
 
 
-def _run(s: Scheduler, reqs: list[TokenizedGenerateReq], abort_at: dict[int, str] | None = None) -> dict:
-    for r in reqs:
-        s.handle(r)
-    out: dict[str, dict] = {r.rid: {"ids": [], "finish": None, "logprobs": [], "top": [], "chunks": 0}
-                            for r in reqs}
-    steps = 0
-    while not s.is_idle():
-        s.step()
-        steps += 1
-        for rid in (abort_at or {}).get(steps, []):
-            s.handle(AbortReq(rid=rid))
-        o = s.take_outputs()
-        if o is None:
-            continue
-        for i, rid in enumerate(o.rids):
-            d = out[rid]
-            assert d["finish"] is None, f"{rid}: output after finishing"
-            d["ids"] += o.new_token_ids[i]
-            d["finish"] = o.finished_reasons[i]
-            d["logprobs"] += o.output_token_logprobs[i]
-            d["top"] += o.output_top_logprobs[i]
-            d["chunks"] += 1
-        assert steps < 5000
-    s.check_memory_whole()
-    return out
+_run = drive
 
 
 def _req(rid: str, ids: list[int], stream: bool = True, logprobs: int = 0, **params) -> TokenizedGenerateReq:

@@ -10,10 +10,11 @@ import torch
 
 from engine import Engine
 from engine.entrypoints.tokenizer_manager import TokenizerManager
-from engine.io_struct import AbortReq, GenerateRequest, TokenizedGenerateReq
+from engine.io_struct import GenerateRequest, TokenizedGenerateReq
 from engine.sampling.sampling_params import SamplingParams
 from engine.scheduler.scheduler import Scheduler
 from engine.server_args import ServerArgs
+from scheduler_harness import drive
 from hf_reference import hf_model
 
 TOL = 1e-4
@@ -47,27 +48,7 @@ def req(rid: str, ids: list[int], start: int, top: int = 0, **params) -> Tokeniz
 
 def run(s: Scheduler, reqs: list[TokenizedGenerateReq], abort_at: dict[int, str] | None = None) -> dict:
     """Every request's outputs, summed over the stream; checks that no KV leaked."""
-    for r in reqs:
-        s.handle(r)
-    out = {r.rid: {"ids": [], "finish": None, "input": [], "input_top": [], "cached": 0} for r in reqs}
-    steps = 0
-    while not s.is_idle() or s.outputs:
-        s.step()
-        steps += 1
-        if abort_at and steps in abort_at:
-            s.handle(AbortReq(rid=abort_at[steps]))
-        o = s.take_outputs()
-        for i, rid in enumerate(o.rids if o else []):
-            d = out[rid]
-            assert d["finish"] is None, f"{rid}: output after finishing"
-            d["ids"] += o.new_token_ids[i]
-            d["finish"] = o.finished_reasons[i]
-            d["input"] += o.input_token_logprobs[i]
-            d["input_top"] += o.input_top_logprobs[i]
-            d["cached"] = o.cached_tokens[i]
-        assert steps < 2000
-    s.check_memory_whole()
-    return out
+    return drive(s, reqs, {step: [rid] for step, rid in (abort_at or {}).items()}, max_steps=2000)
 
 
 def check_against_hf(path, ids: list[int], start: int, got: list, top: list = (), k: int = 0) -> None:
