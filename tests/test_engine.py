@@ -268,3 +268,22 @@ def test_abort_frees_slots(llama_engine):
     stats = eng.loop.run_until_complete(run())
     assert stats.num_running_reqs == 0
     eng.scheduler.check_memory_whole()
+
+
+def test_shutdown_gives_the_model_and_pools_back(llama_tiny):
+    """An offline Engine's shutdown drops the weights, KV pool and graphs (a second Engine in the
+    same process must find the device free): nothing keeps them alive once it returns."""
+    import gc
+    import weakref
+
+    engine = Engine(model_path=llama_tiny, device="cpu", dtype="float32")
+    engine.generate(input_ids=[1, 2, 3], sampling_params={"max_new_tokens": 2})
+    runner = engine.scheduler.runner
+    held = [weakref.ref(runner.model), weakref.ref(runner.kv_pool), weakref.ref(engine.scheduler)]
+    del runner
+    engine.shutdown()
+    gc.collect()
+    assert [r() for r in held] == [None, None, None]
+    with pytest.raises(RuntimeError, match="shut down"):
+        engine.scheduler
+    engine.shutdown()                                                  # twice is harmless

@@ -58,6 +58,8 @@ class Engine:
         if not hasattr(self._client, "scheduler"):
             raise AttributeError("Engine.scheduler is only there with dp_size=1 (the scheduler runs "
                                  "in this process); data-parallel replicas run in their own processes")
+        if self._client.scheduler is None:
+            raise RuntimeError("Engine.scheduler: the engine is shut down (its device memory was given back)")
         return self._client.scheduler
 
     # -- public API ----------------------------------------------------------------------------

@@ -2,6 +2,7 @@
 separate process over ZeroMQ (server). Both carry the same typed messages."""
 from __future__ import annotations
 
+import gc
 import logging
 import queue
 import threading
@@ -37,7 +38,7 @@ class ThreadSchedulerClient(SchedulerClient):
     def __init__(self, server_args: ServerArgs) -> None:
         from engine.scheduler.scheduler import Scheduler
 
-        self.scheduler = Scheduler(server_args)
+        self.scheduler: Optional[Scheduler] = Scheduler(server_args)
         self.info = self.scheduler.info
         self._inbox: queue.Queue = queue.Queue()
         self._stop = threading.Event()
@@ -73,6 +74,18 @@ class ThreadSchedulerClient(SchedulerClient):
         return self._thread is not None and self._thread.is_alive()
 
     def shutdown(self) -> None:
+        """Stop the thread and give the device memory back (weights, KV pool, graphs): the
+        scheduler is dropped here, so a second Engine in this process starts with a free device."""
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=30)
+            if self._thread.is_alive():
+                logger.warning("the scheduler thread did not stop within 30 s; its device memory stays held")
+                return
+        scheduler, self.scheduler = self.scheduler, None
+        if scheduler is None:
+            return
+        platform = scheduler.runner.platform
+        del scheduler
+        gc.collect()                  # the model and the pools sit in reference cycles
+        platform.empty_cache()
