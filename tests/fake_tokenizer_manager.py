@@ -13,6 +13,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Optional
 
+from engine.entrypoints.tokenizer_manager import TokenizerManager
 from engine.io_struct import GenerateRequest, SchedulerInfo, SchedulerStats
 from engine.sampling.sampling_params import SamplingParams
 from engine.server_args import ServerArgs
@@ -118,6 +119,7 @@ class FakeTokenizerManager:
                 raise ValueError(f"input_ids: token id {t} is outside the vocabulary (size {self.vocab_size})")
         sp = SamplingParams.from_dict(req.sampling_params)
         sp.check_vocab(self.vocab_size)
+        TokenizerManager.prompt_logprob_start(req, len(ids))      # the real range rules
         if sp.n != 1:
             raise ValueError(f"n must be 1 per generate call, got {sp.n}")
         if len(ids) >= self.context_len:

@@ -18,7 +18,7 @@ import pytest
 from engine.entrypoints.grpc import codegen
 from engine.entrypoints.grpc.server import pb2, pb2_grpc, start_grpc_server
 from engine.server_args import ServerArgs
-from fake_tokenizer_manager import CRASH_MARKER, EOS_ID, REPLY, FakeTokenizerManager
+from fake_tokenizer_manager import CRASH_MARKER, EOS_ID, REPLY, FakeTokenizerManager, prompt_logprob
 
 API_KEY = "sekret"
 
@@ -153,6 +153,39 @@ def test_generate_returns_logprobs_per_new_token(served):
     assert [lp.text for m in msgs for lp in m.logprobs] == list(REPLY[:3])
 
 
+def test_prompt_logprobs_come_once_in_the_first_message(served):
+    prompt = [3, 5, 7, 9]
+    msgs = list(served.stub.Generate(_request(input_ids=prompt, rid="prompt-lp", return_logprob=True,
+                                              top_logprobs_num=2, logprob_start_len=0,
+                                              params={"max_new_tokens": 3})))
+    assert next(r for r in served.tm.requests if r.rid == "prompt-lp").logprob_start_len == 0
+    first = msgs[0].input_logprobs
+    assert [e.token_id for e in first] == prompt
+    assert not first[0].HasField("logprob") and not first[0].top_logprobs     # nothing precedes it
+    assert [e.logprob for e in first[1:]] == pytest.approx([prompt_logprob(p) for p in (1, 2, 3)])
+    assert all(e.HasField("logprob") and [t.token_id for t in e.top_logprobs] == [e.token_id, e.token_id + 1]
+               for e in first[1:])
+    assert all(not m.input_logprobs for m in msgs[1:])
+    assert all(lp.HasField("logprob") for m in msgs for lp in m.logprobs)
+
+
+def test_unset_logprob_start_len_is_the_last_prompt_token_as_on_http(served):
+    msgs = list(served.stub.Generate(_request(input_ids=[3, 5, 7], rid="prompt-lp-default", return_logprob=True,
+                                              params={"max_new_tokens": 2})))
+    assert next(r for r in served.tm.requests if r.rid == "prompt-lp-default").logprob_start_len == -1
+    assert [(e.token_id, e.logprob) for e in msgs[0].input_logprobs] == [(7, pytest.approx(prompt_logprob(2)))]
+    without = list(served.stub.Generate(_request(input_ids=[3, 5, 7], logprob_start_len=0,
+                                                 params={"max_new_tokens": 2})))
+    assert all(not m.input_logprobs and not m.logprobs for m in without)     # only with return_logprob
+
+
+def test_prompt_only_request_sends_its_prompt_logprobs_with_the_finish(served):
+    msgs = list(served.stub.Generate(_request(input_ids=[3, 5], return_logprob=True, logprob_start_len=1,
+                                              params={"max_new_tokens": 0})))
+    assert len(msgs) == 1 and msgs[0].finish_reason.type == pb2.FINISH_TYPE_LENGTH
+    assert [(e.token_id, e.logprob) for e in msgs[0].input_logprobs] == [(5, pytest.approx(prompt_logprob(1)))]
+
+
 def test_n_samples_interleave_tagged_by_index_with_seed_offsets(served):
     msgs = list(served.stub.Generate(_request(input_ids=[10], rid="fan", params={
         "max_new_tokens": 6, "n": 2, "seed": 5})))
@@ -179,6 +212,8 @@ def test_cached_tokens_reported_in_usage(served):
     ({"text": "a", "params": {"temperature": -1.0}}, "temperature"),
     ({"text": "a", "params": {"n": 0}}, "n must be"),
     ({"text": "a", "params": {"max_new_tokens": 10_000}}, "context"),
+    ({"input_ids": [3, 5], "return_logprob": True, "logprob_start_len": -2}, "logprob_start_len must be"),
+    ({"input_ids": [3, 5], "return_logprob": True, "logprob_start_len": 2}, "logprob_start_len (2) is not less"),
 ])
 def test_bad_input_is_invalid_argument_and_server_keeps_serving(served, request_kwargs, words):
     with pytest.raises(grpc.RpcError) as info:

@@ -201,6 +201,50 @@ def test_grpc_generate_token_ids_with_logprobs(http, stub):
     assert msgs[-1].usage.prompt_tokens == 4
 
 
+def _http_entries(meta: dict, kind: str) -> list[tuple]:
+    """SGLang's [logprob, token_id, text] lists as (token_id, logprob, text, top ids, top logprobs)."""
+    tops = meta[f"{kind}_top_logprobs"]
+    return [(tid, lp, text, [t[1] for t in top or []], [t[0] for t in top or []])
+            for (lp, tid, text), top in zip(meta[f"{kind}_token_logprobs"], tops)]
+
+
+def _grpc_entries(entries) -> list[tuple]:
+    return [(e.token_id, e.logprob if e.HasField("logprob") else None, e.text,
+             [t.token_id for t in e.top_logprobs], [t.logprob for t in e.top_logprobs]) for e in entries]
+
+
+def _assert_same_entries(got: list[tuple], want: list[tuple]) -> None:
+    assert [(t, text, top_ids) for t, _, text, top_ids, _ in got] == [(t, text, top) for t, _, text, top, _ in want]
+    for (_, lp, _, _, top_lps), (_, want_lp, _, _, want_top) in zip(got, want):
+        assert (lp is None) == (want_lp is None) and lp == pytest.approx(want_lp, abs=1e-5)
+        assert top_lps == pytest.approx(want_top, abs=1e-5)
+
+
+@pytest.mark.parametrize("start", [0, 2])
+def test_grpc_prompt_logprobs_match_http(http, stub, start):
+    ids = [11, 22, 33, 44, 55]
+    msgs = list(stub.Generate(pb2.GenerateRequest(input_ids=pb2.TokenIds(ids=ids), sampling_params=_sp(),
+                                                  return_logprob=True, top_logprobs_num=2,
+                                                  logprob_start_len=start), timeout=30))
+    meta = _generate(http, input_ids=ids, sampling_params=GREEDY, return_logprob=True, top_logprobs_num=2,
+                     logprob_start_len=start)["meta_info"]
+    got = _grpc_entries(msgs[0].input_logprobs)
+    assert [e[0] for e in got] == ids[start:] and len(msgs) > 1
+    assert all(not m.input_logprobs for m in msgs[1:])           # once, in the first message
+    _assert_same_entries(got, _http_entries(meta, "input"))
+    if start == 0:      # the first prompt token has no logprob: unset, no top list
+        assert got[0][1] is None and got[0][3] == [] and all(e[1] is not None for e in got[1:])
+    _assert_same_entries(_grpc_entries(e for m in msgs for e in m.logprobs), _http_entries(meta, "output"))
+
+
+def test_grpc_unset_logprob_start_len_is_http_default(http, stub):
+    msgs = list(stub.Generate(pb2.GenerateRequest(text="Once upon a time", sampling_params=_sp(),
+                                                  return_logprob=True), timeout=30))
+    meta = _generate(http, text="Once upon a time", sampling_params=GREEDY, return_logprob=True)["meta_info"]
+    assert len(meta["input_token_logprobs"]) == 1                 # the last prompt token's
+    _assert_same_entries(_grpc_entries(msgs[0].input_logprobs), _http_entries(meta, "input"))
+
+
 def test_grpc_n_samples(stub):
     msgs = list(stub.Generate(pb2.GenerateRequest(text="Hi", sampling_params=_sp(n=2, temperature=1.0, seed=4),
                                                   rid="grpc-n"), timeout=30))
@@ -264,10 +308,14 @@ GRPC_BAD = [
     (dict(input_ids=pb2.TokenIds(ids=[7] * (CONTEXT + 10)), sampling_params=_sp()), "context"),
     (dict(text="Hi", sampling_params=_sp(), top_logprobs_num=1000), "top_logprobs_num"),
     (dict(text="Hi", sampling_params=_sp(), top_logprobs_num=-1), "top_logprobs_num"),
+    (dict(input_ids=pb2.TokenIds(ids=[5, 6, 7]), sampling_params=_sp(), return_logprob=True,
+          logprob_start_len=-2), "logprob_start_len must be an integer >= -1"),
+    (dict(input_ids=pb2.TokenIds(ids=[5, 6, 7]), sampling_params=_sp(), return_logprob=True,
+          logprob_start_len=3), "logprob_start_len (3) is not less than the number of prompt tokens (3)"),
 ]
 
 
-@pytest.mark.parametrize("fields,substring", GRPC_BAD, ids=[s for _, s in GRPC_BAD])
+@pytest.mark.parametrize("fields,substring", GRPC_BAD, ids=[s[:24] for _, s in GRPC_BAD])
 def test_grpc_bad_input_is_invalid_argument(stub, fields, substring):
     with pytest.raises(grpc.RpcError) as e:
         list(stub.Generate(pb2.GenerateRequest(**fields), timeout=30))

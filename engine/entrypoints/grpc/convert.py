@@ -47,6 +47,9 @@ def to_generate_requests(msg: Any, rid: str) -> list[GenerateRequest]:
         raise ValueError(f"top_logprobs_num must be >= 0, got {msg.top_logprobs_num}")
     n = params.pop("n", 1)
     seed = params.get("seed")
+    # Unset is /generate's default, -1 (the last prompt token); the TokenizerManager checks the
+    # range against the tokenized prompt.
+    start = msg.logprob_start_len if msg.HasField("logprob_start_len") else -1
     reqs = []
     for i in range(n):
         sample_params = dict(params)
@@ -60,6 +63,7 @@ def to_generate_requests(msg: Any, rid: str) -> list[GenerateRequest]:
             stream=True,
             return_logprob=msg.return_logprob,
             top_logprobs_num=msg.top_logprobs_num,
+            logprob_start_len=start,
         ))
     return reqs
 
@@ -91,6 +95,7 @@ class SampleStream:
     sent_text: int = 0
     sent_ids: int = 0
     sent_logprobs: int = 0
+    sent_input_logprobs: int = 0
 
     def delta(self, out: dict[str, Any]) -> Optional[Any]:
         """The message for what is new in ``out``; None when nothing is."""
@@ -106,21 +111,32 @@ class SampleStream:
             msg.usage.CopyFrom(self.pb2.Usage(prompt_tokens=meta.get("prompt_tokens", 0),
                                               completion_tokens=meta.get("completion_tokens", len(ids)),
                                               cached_tokens=meta.get("cached_tokens", 0)))
-        elif not msg.token_ids and not msg.text and not msg.logprobs:
+        elif not msg.token_ids and not msg.text and not msg.logprobs and not msg.input_logprobs:
             return None
         return msg
 
     def _add_logprobs(self, msg: Any, meta: dict[str, Any]) -> None:
-        token_lps = meta.get("output_token_logprobs")
-        if not token_lps:
-            return
-        top_lps = meta.get("output_top_logprobs") or []
-        for pos in range(self.sent_logprobs, len(token_lps)):
-            logprob, token_id, text = token_lps[pos]
-            entry = msg.logprobs.add(token_id=token_id, logprob=_num(logprob), text=text or "")
-            for top_lp, top_id, top_text in (top_lps[pos] if pos < len(top_lps) else None) or []:
-                entry.top_logprobs.add(token_id=top_id, logprob=_num(top_lp), text=top_text or "")
-        self.sent_logprobs = len(token_lps)
+        # The TokenizerManager yields its first output once the prompt has run, so every prompt
+        # logprob lands in the first message; the count only guards against sending one twice.
+        self.sent_input_logprobs = _add_entries(
+            msg.input_logprobs, meta.get("input_token_logprobs"), meta.get("input_top_logprobs"),
+            self.sent_input_logprobs)
+        self.sent_logprobs = _add_entries(
+            msg.logprobs, meta.get("output_token_logprobs"), meta.get("output_top_logprobs"), self.sent_logprobs)
+
+
+def _add_entries(field: Any, token_lps: Optional[list], top_lps: Optional[list], sent: int) -> int:
+    """Append TokenLogprob entries for positions sent.. of SGLang's [logprob, token_id, text]
+    lists (a None logprob, the first prompt token's, leaves the field unset); the new count."""
+    token_lps, top_lps = token_lps or [], top_lps or []
+    for pos in range(sent, len(token_lps)):
+        logprob, token_id, text = token_lps[pos]
+        entry = field.add(token_id=token_id, text=text or "")
+        if logprob is not None:
+            entry.logprob = float(logprob)
+        for top_lp, top_id, top_text in (top_lps[pos] if pos < len(top_lps) else None) or []:
+            entry.top_logprobs.add(token_id=top_id, logprob=_num(top_lp), text=top_text or "")
+    return max(sent, len(token_lps))
 
 
 def _num(logprob: Optional[float]) -> float:
