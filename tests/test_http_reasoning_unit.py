@@ -148,3 +148,67 @@ def test_reasoning_content_of_an_earlier_answer_reaches_the_template(serve):
     with client:
         chat(client, messages=history)
     assert tm.last_chat[0][1]["reasoning_content"] == "One and one."
+
+
+def _delta_kinds(chunks: list[dict]) -> list[tuple[str, str]]:
+    """(kind, text) of each chunk's non-empty reasoning or content delta, in order."""
+    out = []
+    for c in chunks:
+        d = c["choices"][0]["delta"] if c["choices"] else {}
+        out += [(k, d[k]) for k in ("reasoning_content", "content") if d.get(k)]
+    return out
+
+
+@pytest.mark.parametrize("stream_reasoning", [True, False])
+def test_stream_reasoning_false_sends_the_reasoning_as_one_delta_when_it_ends(serve, stream_reasoning):
+    _, client = serve(reasoning_parser="qwen3")
+    with client:
+        reasoning, content, chunks = streamed(client, stream_reasoning=stream_reasoning)
+    assert (reasoning, content) == ("The fox is quick.", "It jumps.")
+    kinds = _delta_kinds(chunks)
+    thoughts = [t for k, t in kinds if k == "reasoning_content"]
+    if stream_reasoning:
+        assert len(thoughts) > 5                                    # token by token
+    else:
+        assert thoughts == ["The fox is quick."]                    # held back, sent whole
+    # the reasoning ends before the content starts, which still streams token by token
+    assert [k for k, _ in kinds] == ["reasoning_content"] * len(thoughts) + ["content"] * (len(kinds) - len(thoughts))
+    assert len(kinds) - len(thoughts) > 5
+
+
+@pytest.mark.parametrize("parser, answer", [("qwen3", "<think>\nStill thinking it over"),
+                                            ("deepseek-r1", "Still thinking it over")])
+@pytest.mark.parametrize("max_tokens", [None, 12])
+def test_stream_reasoning_false_sends_unclosed_reasoning_at_the_end(serve, parser, answer, max_tokens):
+    """An answer that never writes </think> (it stops, or max_tokens cuts it): all reasoning, sent
+    once, right before the finish chunk, and equal to the whole answer's reasoning_content."""
+    _, client = serve(answer, reasoning_parser=parser)
+    kw = {"max_tokens": max_tokens} if max_tokens else {}
+    with client:
+        whole = chat(client, **kw)["choices"][0]
+        reasoning, content, chunks = streamed(client, stream_reasoning=False, **kw)
+    assert reasoning == whole["message"]["reasoning_content"] and content == "" and whole["message"]["content"] is None
+    assert _delta_kinds(chunks) == [("reasoning_content", reasoning)]
+    said = [i for i, c in enumerate(chunks) if c["choices"] and c["choices"][0]["delta"].get("reasoning_content")]
+    assert said == [len(chunks) - 2] and chunks[-1]["choices"][0]["finish_reason"] == whole["finish_reason"]
+    assert whole["finish_reason"] == ("length" if max_tokens else "stop")
+
+
+def test_stream_reasoning_without_reasoning_or_stream_changes_nothing(serve):
+    _, client = serve(reasoning_parser="qwen3")
+    with client:
+        msg = chat(client, stream_reasoning=False)["choices"][0]["message"]
+        plain = streamed(client, separate_reasoning=False, stream_reasoning=False)
+    assert (msg["reasoning_content"], msg["content"]) == ("The fox is quick.", "It jumps.")
+    assert plain[:2] == ("", ANSWER) and len(_delta_kinds(plain[2])) > 5
+
+
+@pytest.mark.parametrize("value", ["false", 0, None, [False]])
+def test_stream_reasoning_must_be_a_bool(serve, value):
+    _, client = serve(reasoning_parser="qwen3")
+    with client:
+        r = client.post("/v1/chat/completions", json={"model": MODEL, "messages": [{"role": "user", "content": "Hi"}],
+                                                      "stream": True, "stream_reasoning": value})
+    err = r.json()["error"]
+    assert r.status_code == 400 and "stream_reasoning" in err["message"], err
+    assert err["param"] == "stream_reasoning" and err["type"] == "invalid_request_error"

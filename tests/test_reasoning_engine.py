@@ -2,8 +2,13 @@
 prefills the template's empty think block, which the engine then sees as prompt tokens."""
 from __future__ import annotations
 
+import httpx
+import pytest
+
 from engine import Engine
 from engine.entrypoints.openai.context import ApiContext
+from http_cases import sse_events
+from server_fixture import running_server
 
 USER = [{"role": "user", "content": "What is 2 + 2?"}]
 
@@ -22,27 +27,42 @@ def test_enable_thinking_false_prefills_an_empty_think_block(qwen3_tiny):
     assert end_id is not None and end_id in plain
 
 
-def test_served_chat_reports_reasoning_tokens(qwen3_tiny):
-    """A real server with --reasoning-parser qwen3, whose tokenizer writes </think> as one token:
-    usage counts the reasoning tokens, whole and streamed (with thinking off there are none)."""
-    import httpx
+BODY = {"model": "m", "messages": USER, "max_tokens": 6, "temperature": 0}
 
-    from http_cases import sse_events
-    from server_fixture import running_server
 
-    body = {"model": "m", "messages": USER, "max_tokens": 6, "temperature": 0}
+@pytest.fixture(scope="module")
+def client(qwen3_tiny):
+    """A real server with --reasoning-parser qwen3, whose tokenizer writes </think> as one token."""
     with running_server(qwen3_tiny, "--served-model-name", "m", "--reasoning-parser", "qwen3") as srv, \
             httpx.Client(base_url=srv.base_url, timeout=60) as c:
-        r = c.post("/v1/chat/completions", json=body)
-        assert r.status_code == 200, r.text
-        usage = r.json()["usage"]
-        assert 0 < usage["completion_tokens_details"]["reasoning_tokens"] <= usage["completion_tokens"] == 6
-        r = c.post("/v1/chat/completions", json={**body, "chat_template_kwargs": {"enable_thinking": False}})
-        assert r.status_code == 200, r.text
-        assert r.json()["usage"]["completion_tokens_details"]["reasoning_tokens"] == 0
-        r = c.post("/v1/chat/completions", json={**body, "stream": True, "stream_options": {"include_usage": True}})
-        assert r.status_code == 200, r.text
-        events = sse_events(r.text)
-        streamed = events[-2]["usage"]
-        assert events[-1] == "[DONE]" and streamed["completion_tokens_details"] == usage["completion_tokens_details"]
-        assert streamed["completion_tokens"] == usage["completion_tokens"]
+        yield c
+
+
+def test_served_chat_reports_reasoning_tokens(client):
+    """Usage counts the reasoning tokens, whole and streamed (with thinking off there are none)."""
+    r = client.post("/v1/chat/completions", json=BODY)
+    assert r.status_code == 200, r.text
+    usage = r.json()["usage"]
+    assert 0 < usage["completion_tokens_details"]["reasoning_tokens"] <= usage["completion_tokens"] == 6
+    r = client.post("/v1/chat/completions", json={**BODY, "chat_template_kwargs": {"enable_thinking": False}})
+    assert r.status_code == 200, r.text
+    assert r.json()["usage"]["completion_tokens_details"]["reasoning_tokens"] == 0
+    r = client.post("/v1/chat/completions", json={**BODY, "stream": True, "stream_options": {"include_usage": True}})
+    assert r.status_code == 200, r.text
+    events = sse_events(r.text)
+    streamed = events[-2]["usage"]
+    assert events[-1] == "[DONE]" and streamed["completion_tokens_details"] == usage["completion_tokens_details"]
+    assert streamed["completion_tokens"] == usage["completion_tokens"]
+
+
+def test_served_stream_reasoning_false_sends_the_reasoning_once(client):
+    """stream_reasoning false: the streamed reasoning is one delta, equal to the whole answer's
+    reasoning_content, sent before any content (whether or not the 6 tokens closed the block)."""
+    whole = client.post("/v1/chat/completions", json=BODY).json()["choices"][0]["message"]
+    r = client.post("/v1/chat/completions", json={**BODY, "stream": True, "stream_reasoning": False})
+    assert r.status_code == 200, r.text
+    deltas = [e["choices"][0]["delta"] for e in sse_events(r.text)[:-1] if e["choices"]]
+    kinds = [k for d in deltas for k in ("reasoning_content", "content") if d.get(k)]
+    assert [d["reasoning_content"] for d in deltas if d.get("reasoning_content")] == [whole["reasoning_content"]]
+    assert kinds[0] == "reasoning_content" and "reasoning_content" not in kinds[1:]
+    assert "".join(d.get("content") or "" for d in deltas) == (whole["content"] or "")

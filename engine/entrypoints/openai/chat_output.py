@@ -60,10 +60,13 @@ def count_reasoning_tokens(parsers: AnswerParsers, end_token_id: Optional[int],
 
 class AnswerStreamer:
     """Deltas of one streamed choice: feed the cumulative text, get what is new since the last
-    call as (reasoning delta, content delta, delta.tool_calls entries)."""
+    call as (reasoning delta, content delta, delta.tool_calls entries). With stream_reasoning
+    false the reasoning is held back and comes as one delta when it ends (at the end tag, or at
+    the end of an answer that never closed it)."""
 
-    def __init__(self, parsers: AnswerParsers) -> None:
+    def __init__(self, parsers: AnswerParsers, stream_reasoning: bool = True) -> None:
         self.reasoning = parsers.reasoning
+        self.stream_reasoning = stream_reasoning
         self.tools = ToolCallStreamer(parsers.tools) if parsers.tools else None
         self.sent_reasoning = 0
         self.sent_content = [""]
@@ -77,8 +80,9 @@ class AnswerStreamer:
         reasoning_delta = ""
         if self.reasoning is not None:
             split = self.reasoning.split(text, final)
-            reasoning_delta = split.reasoning[self.sent_reasoning:]
-            self.sent_reasoning = max(self.sent_reasoning, len(split.reasoning))
+            if self.stream_reasoning or split.ended or final:
+                reasoning_delta = split.reasoning[self.sent_reasoning:]
+                self.sent_reasoning = max(self.sent_reasoning, len(split.reasoning))
             text, self.in_reasoning = split.content, split.in_reasoning
         if self.tools is not None:
             content_delta, calls = self.tools.update(text, final)

@@ -209,10 +209,12 @@ class ChatCompletionRequest(_SamplingRequest):
     tools: Optional[list[dict[str, Any]]] = None
     tool_choice: Optional[Union[str, dict[str, Any]]] = None
     parallel_tool_calls: bool = True
-    # SGLang's: extra variables for the chat template (e.g. {"enable_thinking": false}), and
-    # whether a --reasoning-parser server returns the reasoning apart (reasoning_content).
+    # SGLang's: extra variables for the chat template (e.g. {"enable_thinking": false}), whether
+    # a --reasoning-parser server returns the reasoning apart (reasoning_content), and whether a
+    # stream sends it as it comes (false: one reasoning_content delta once the reasoning ends).
     chat_template_kwargs: Optional[dict[str, Any]] = None
     separate_reasoning: bool = True
+    stream_reasoning: bool = True
 
     @field_validator("chat_template_kwargs")
     @classmethod

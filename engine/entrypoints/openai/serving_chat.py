@@ -106,7 +106,7 @@ def _logprobs(meta: dict, start: int) -> ChatLogprobs:
 async def _stream(fan: FanOut, req: ChatCompletionRequest, head: dict[str, Any],
                   parsers: AnswerParsers, end_id: Optional[int]) -> AsyncIterator[bytes]:
     n = len(fan.reqs)
-    streamers = [AnswerStreamer(parsers) for _ in range(n)]
+    streamers = [AnswerStreamer(parsers, req.stream_reasoning) for _ in range(n)]
     sent_logprobs = [0] * n
     metas: list[Optional[dict]] = [None] * n
     output_ids: list[list[int]] = [[] for _ in range(n)]
