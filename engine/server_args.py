@@ -18,6 +18,7 @@ def _flag(default: Any, help: str, choices: Optional[list] = None, group: str = 
 
 SCHEDULE_POLICIES = ["lpm", "fcfs", "dfs-weight", "random"]
 DTYPES = ["auto", "float32", "bfloat16", "float16"]
+KV_CACHE_DTYPES = ["auto", "fp8_e4m3", "fp8_e5m2"]
 LOAD_BALANCE_METHODS = ["round_robin", "shortest_queue", "cache_aware"]
 REASONING_PARSERS = ["deepseek-r1", "qwen3"]     # engine.entrypoints.openai.reasoning_parsers
 SPECULATIVE_ALGORITHMS = ["NGRAM"]                # engine/speculative/
@@ -127,6 +128,12 @@ class ServerArgs:
     max_total_tokens: Optional[int] = _flag(
         None, "KV cache capacity in tokens; overrides --mem-fraction-static.", group="memory")
     page_size: int = _flag(1, "Tokens per KV page; prefixes are shared in whole pages.", group="memory")
+    kv_cache_dtype: str = _flag(
+        "auto", "How the KV cache stores K and V: auto (the model's dtype), or 8-bit floats, fp8_e4m3 "
+        "or fp8_e5m2 (the device's variant: e4m3fnuz/e5m2fnuz on MI300), which hold twice the tokens "
+        "in the same memory and halve what decode attention reads, at some accuracy: values are "
+        "stored unscaled (scale 1.0) and saturate at the format's largest (448 for e4m3). Attention "
+        "backends triton and torch read fp8 caches.", KV_CACHE_DTYPES, group="memory")
     max_running_requests: Optional[int] = _flag(
         None, "Most requests decoding at once (default: KV capacity / 16 tokens, at most 2048 on "
         "accelerators and 512 on the CPU).", group="memory")
@@ -242,7 +249,7 @@ class ServerArgs:
         if not 1 <= lo <= hi:
             bad("speculative_ngram_min_match_window_size", f"must be >= 1 and <= "
                 f"--speculative-ngram-max-match-window-size, got {lo} and {hi}")
-        for name in ("dtype", "device", "schedule_policy", "load_format", "load_balance_method"):
+        for name in ("dtype", "kv_cache_dtype", "device", "schedule_policy", "load_format", "load_balance_method"):
             choices = _choices(name)
             if getattr(self, name) not in choices:
                 bad(name, f"must be one of {choices}, got {getattr(self, name)!r}")

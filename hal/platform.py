@@ -38,7 +38,8 @@ class Platform:
     sampling_preference: tuple[str, ...] = ("torch",)
     layer_ops_preference: tuple[str, ...] = ("torch",)   # RMSNorm, SiLU-and-mul, rotary
     default_dtype: torch.dtype = torch.float32
-    fp8_dtype: Optional[torch.dtype] = None
+    fp8_dtype: Optional[torch.dtype] = None            # the e4m3 variant its fp8 kernels use
+    fp8_e5m2_dtype: torch.dtype = torch.float8_e5m2
     default_kernel_config: KernelConfig = KernelConfig()  # Triton launch parameters (vendor values)
 
     # -- presence --------------------------------------------------------------------------
@@ -68,6 +69,18 @@ class Platform:
     # -- numbers ---------------------------------------------------------------------------
     def supported_dtypes(self) -> tuple[torch.dtype, ...]:
         return (torch.float32, torch.bfloat16, torch.float16)
+
+    def kv_cache_dtype(self, name: str, model_dtype: torch.dtype) -> torch.dtype:
+        """--kv-cache-dtype as the KV pool's torch dtype: 'auto' keeps the model's; fp8_e4m3 and
+        fp8_e5m2 take this device's variant of the format (the fnuz ones on MI300). A format the
+        device's kernels cannot convert is a ValueError that says what to pass instead."""
+        if name == "auto":
+            return model_dtype
+        if name == "fp8_e4m3":
+            return self.fp8_dtype or torch.float8_e4m3fn
+        if name == "fp8_e5m2":
+            return self.fp8_e5m2_dtype
+        raise ValueError(f"--kv-cache-dtype {name}: unknown; choose auto, fp8_e4m3 or fp8_e5m2")
 
     def memory_info(self) -> tuple[int, int]:
         """(free_bytes, total_bytes) of the device's memory."""

@@ -25,16 +25,21 @@ class Entry:
     platforms: frozenset[str]
     available: Callable[[], bool]
     requires: str = ""  # what to install when available() is false
+    # what the implementation can do beyond its role's basics, e.g. "fp8_kv_cache" (attention
+    # reading and writing a KV pool of 8-bit floats); select(needs=...) skips those without it
+    features: frozenset[str] = frozenset()
 
 
 _REGISTRY: dict[str, dict[str, Entry]] = {r: {} for r in ROLES}
 
 
 def register(role: str, name: str, factory: Callable, *, platforms: Iterable[str],
-             available: Callable[[], bool] = lambda: True, requires: str = "") -> None:
+             available: Callable[[], bool] = lambda: True, requires: str = "",
+             features: Iterable[str] = ()) -> None:
     if role not in _REGISTRY:
         raise ValueError(f"unknown role {role!r}; roles: {ROLES}")
-    _REGISTRY[role][name] = Entry(role, name, factory, frozenset(platforms), available, requires)
+    _REGISTRY[role][name] = Entry(role, name, factory, frozenset(platforms), available, requires,
+                                  frozenset(features))
 
 
 def entries(role: str) -> dict[str, Entry]:
@@ -52,9 +57,17 @@ def _preference(role: str, platform: Platform) -> tuple[str, ...]:
     return tuple(n for n, e in entries(role).items() if platform.name in e.platforms)
 
 
-def select(role: str, platform: Platform, requested: Optional[str] = None) -> tuple[Entry, str]:
-    """Return (entry, reason). A requested name that cannot run is an error, never a fallback."""
+def select(role: str, platform: Platform, requested: Optional[str] = None,
+           needs: Optional[dict[str, str]] = None) -> tuple[Entry, str]:
+    """Return (entry, reason). A requested name that cannot run is an error, never a fallback.
+    ``needs`` maps features the choice must have to the flag that asks for each."""
     table = entries(role)
+    needs = needs or {}
+
+    def lacking(entry: Entry) -> list[str]:
+        return [f"{feature} (asked for by {flag})" for feature, flag in needs.items()
+                if feature not in entry.features]
+
     if requested:
         entry = table.get(requested)
         flag = f"--{role.replace('_', '-')}-backend {requested}"
@@ -67,14 +80,22 @@ def select(role: str, platform: Platform, requested: Optional[str] = None) -> tu
         if not entry.available():
             hint = f"; install {entry.requires}" if entry.requires else ""
             raise BackendSelectionError(f"{flag}: not available in this install{hint}")
+        if lacking(entry):
+            able = sorted(n for n, e in table.items() if platform.name in e.platforms and not lacking(e))
+            raise BackendSelectionError(f"{flag}: cannot do {', '.join(lacking(entry))}; on {platform.name} "
+                                        f"these can: {', '.join(able) or 'none'}")
         return entry, "requested"
     skipped = []
     for name in _preference(role, platform):
         entry = table.get(name)
         if entry is None or platform.name not in entry.platforms:
             continue
+        if lacking(entry):
+            skipped.append(f"{name} cannot do {', '.join(lacking(entry))}")
+            continue
         if entry.available():
-            why = "platform preference" + (f" ({', '.join(skipped)} unavailable)" if skipped else "")
+            why = "platform preference" + (f" ({'; '.join(skipped)})" if skipped else "")
             return entry, why
-        skipped.append(name)
-    raise BackendSelectionError(f"no {role} backend available for platform {platform.name}")
+        skipped.append(f"{name} unavailable")
+    raise BackendSelectionError(f"no {role} backend available for platform {platform.name}"
+                                + (f" ({'; '.join(skipped)})" if skipped else ""))

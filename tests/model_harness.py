@@ -23,10 +23,10 @@ class ModelHarness:
         self.model = model
         self.device = torch.device(device)
         self.max_context = max_context
-        dtype = kv_dtype or next(model.parameters()).dtype
+        dtype = next(model.parameters()).dtype
         pages_per_req = -(-max_context // page_size)
         self.kv_pool = KVPool(num_layers=cfg.num_hidden_layers, num_kv_heads=attn.num_kv_heads, head_dim=cfg.head_dim,
-                              dtype=dtype, device=self.device, num_pages=max_reqs * pages_per_req,
+                              dtype=kv_dtype or dtype, device=self.device, num_pages=max_reqs * pages_per_req,
                               page_size=page_size)
         base = torch.arange(max_reqs, dtype=torch.int32)[:, None] * (pages_per_req * page_size)
         self.req_to_token = (base + torch.arange(max_context, dtype=torch.int32)).to(self.device)

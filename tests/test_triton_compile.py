@@ -23,10 +23,13 @@ def test_triton_kernels_compile_for(target, triton_backend):
     proc = subprocess.run([sys.executable, "-m", "backends.triton.compile_check", "--target", target],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-6000:]
-    from backends.triton.compile_check import _config, kernel_cases
+    from backends.triton.compile_check import FP8_KV, _config, kernel_cases
 
     # 3 decode attention variants (rotary and the KV store inside or not, one split), the merge
     # kernel, extend, 4 element-wise kernels, the one-row GEMV (norm folded in, residual added,
-    # SiLU-and-mul input with the residual), the tile GEMV (with and without the residual)
-    assert proc.stderr.count(": ok") == len(kernel_cases(_config(target.split(":")[0]), "bf16", 128)) == 14, \
-        proc.stderr[-3000:]
+    # SiLU-and-mul input with the residual), the tile GEMV (with and without the residual); then
+    # the 5 that touch the KV pool (3 decode, extend, store) again over each of its 2 fp8 formats
+    backend = target.split(":")[0]
+    fp8 = [kernel_cases(_config(backend), "bf16", 128, kv_dt=t, kv_limit=m) for t, m in FP8_KV[backend].items()]
+    assert len(kernel_cases(_config(backend), "bf16", 128)) == 14 and [len(c) for c in fp8] == [5, 5]
+    assert proc.stderr.count(": ok") == 24 and proc.stderr.count(" kv=fp8") == 10, proc.stderr[-3000:]

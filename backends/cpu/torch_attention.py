@@ -4,7 +4,8 @@ K/V are gathered from the pool through ``req_to_token`` (so any page size works)
 ``scaled_dot_product_attention``, in fp32 for fp16/bf16 inputs. Decode is one padded, masked
 call for the whole batch. Extend is one call when all requests have the same new and cached
 lengths, else one call per request: with mixed lengths, padding to the longest costs 2-8x
-more than the per-request calls (measured on the CPU with Qwen2-0.5B shapes).
+more than the per-request calls (measured on the CPU with Qwen2-0.5B shapes). An fp8 pool's
+gathered K/V are converted to q's dtype.
 """
 from __future__ import annotations
 
@@ -89,6 +90,8 @@ class TorchAttentionBackend(AttentionBackend):
         # index_select, not k_buf[slots]: on the CPU advanced indexing is many times slower
         ks = k_buf.index_select(0, s.kv_slots).view(s.num_reqs, -1, hkv, d)   # [b, kv_len, Hkv, D]
         vs = v_buf.index_select(0, s.kv_slots).view(s.num_reqs, -1, hkv, d)
+        if ks.dtype != q.dtype:   # an fp8 pool
+            ks, vs = ks.to(q.dtype), vs.to(q.dtype)
         if s.q_len == 1 and hq != hkv:
             # Decode with GQA: the q heads of one KV head form a query "sequence" of length
             # hq / hkv, so SDPA never expands K and V to every q head, and runs in the model's

@@ -19,6 +19,7 @@ class RocmPlatform(CudaLikePlatform):
     name = "hip"
     # MI300 (CDNA3) uses the fnuz fp8 variants.
     fp8_dtype = getattr(torch, "float8_e4m3fnuz", None)
+    fp8_e5m2_dtype = getattr(torch, "float8_e5m2fnuz", torch.float8_e5m2)
     attention_preference = ("aiter", "triton", "torch")
     layer_ops_preference = ("aiter", "triton", "torch")   # "aiter" is registered only where it is installed
     default_kernel_config = CDNA3_KERNEL_CONFIG

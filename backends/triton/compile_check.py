@@ -25,6 +25,9 @@ from hal.kernel_config import KernelConfig
 
 logger = logging.getLogger(__name__)
 ELEM_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
+# --kv-cache-dtype fp8_e4m3 / fp8_e5m2 as each vendor's pool holds them (Triton's names), and the
+# largest finite value stores saturate at
+FP8_KV = {"cuda": {"fp8e4nv": 448.0, "fp8e5": 57344.0}, "hip": {"fp8e4b8": 240.0, "fp8e5b16": 57344.0}}
 
 
 def _config(backend: str) -> KernelConfig:
@@ -36,9 +39,10 @@ def _config(backend: str) -> KernelConfig:
 
 
 def kernel_cases(cfg: KernelConfig, dt: str, head_dim: int, num_q_heads: int = 32, num_kv_heads: int = 8,
-                 pdl: bool = False):
+                 pdl: bool = False, kv_dt: str = "", kv_limit: float = 0.0):
     """(kernel, pointer/scalar types, constexprs, num_warps, num_stages) as the launchers pass them;
-    with ``pdl``, the kernels that can be launched with programmatic dependent launch are."""
+    with ``pdl``, the kernels that can be launched with programmatic dependent launch are. With
+    ``kv_dt`` (an fp8 pool saturating at ``kv_limit``), only the kernels that touch the pool."""
     d, p = next_pow2(head_dim), f"*{dt}"
     group = num_q_heads // num_kv_heads
     bm, bn, stages = cfg.extend_tiles(head_dim, ELEM_BYTES[dt])
@@ -50,22 +54,29 @@ def kernel_cases(cfg: KernelConfig, dt: str, head_dim: int, num_q_heads: int = 3
     ptrs = {n: p for n in ("Q", "K", "V", "KBuf", "VBuf", "Out", "X", "R", "W", "B", "ResOut", "Cos", "Sin",
                            "QOut", "KOut", "KNew", "VNew", "G")}
     types = {**ptrs, **idx}
+    if kv_dt:
+        types.update(KBuf=f"*{kv_dt}", VBuf=f"*{kv_dt}")
     ew = cfg.elementwise_num_warps
     decode = dict(GROUP=group, HEAD_DIM=head_dim, MIN_SPLIT=max(dn, cfg.min_split_tokens),
-                  BLOCK_H=max(16, next_pow2(group)), BLOCK_D=d, BLOCK_N=dn, FP32_DOT=fp32, USE_PDL=pdl)
-    return [
+                  BLOCK_H=max(16, next_pow2(group)), BLOCK_D=d, BLOCK_N=dn, FP32_DOT=fp32, STORE_LIMIT=kv_limit,
+                  USE_PDL=pdl)
+    kv_cases = [
         # splits, rotary and the KV store inside (decode steps)
         (_decode_partial_kernel, types, dict(decode, DIRECT=False, ROTARY=True), cfg.decode_num_warps, dstages),
         # splits, q and k rotated before (direct callers)
         (_decode_partial_kernel, types, dict(decode, DIRECT=False, ROTARY=False), cfg.decode_num_warps, dstages),
         # one split: stage 1 writes the output (large batches)
         (_decode_partial_kernel, types, dict(decode, DIRECT=True, ROTARY=True), cfg.decode_num_warps, dstages),
-        (_decode_reduce_kernel, types, dict(HEAD_DIM=head_dim, MIN_SPLIT=max(dn, cfg.min_split_tokens), BLOCK_N=dn,
-                                            MAX_SPLITS=cfg.max_kv_splits, BLOCK_D=d, USE_PDL=pdl), 4, 1),
         (_extend_kernel, types, dict(GROUP=group, HEAD_DIM=head_dim, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=d,
                                      FP32_DOT=fp32), cfg.extend_num_warps, stages),
-        (_store_kv_kernel, types, dict(ROW=num_kv_heads * head_dim,
-                                       BLOCK=min(4096, next_pow2(num_kv_heads * head_dim)), USE_PDL=pdl), ew, 1),
+        (_store_kv_kernel, types, dict(ROW=num_kv_heads * head_dim, BLOCK=min(4096, next_pow2(num_kv_heads * head_dim)),
+                                       STORE_LIMIT=kv_limit, USE_PDL=pdl), ew, 1),
+    ]
+    if kv_dt:
+        return kv_cases
+    return kv_cases + [
+        (_decode_reduce_kernel, types, dict(HEAD_DIM=head_dim, MIN_SPLIT=max(dn, cfg.min_split_tokens), BLOCK_N=dn,
+                                            MAX_SPLITS=cfg.max_kv_splits, BLOCK_D=d, USE_PDL=pdl), 4, 1),
         (_rms_norm_kernel, types, dict(N=4096, HAS_RESIDUAL=True, BLOCK=4096, USE_PDL=pdl), ew, 1),
         (_silu_and_mul_kernel, types, dict(D=14336, BLOCK=2048, USE_PDL=pdl), ew, 1),
         (_rotary_kernel, types, dict(HQ=num_q_heads, HKV=num_kv_heads, HALF=head_dim // 2, BLOCK_HQ=num_q_heads,
@@ -101,20 +112,23 @@ def parse_target(text: str) -> GPUTarget:
 
 
 def check(targets: list[GPUTarget], dtypes=("bf16",), head_dims=(128,)) -> list[str]:
-    """Compile every case; returns the failures (empty when all compiled)."""
+    """Compile every case, and the KV kernels over each fp8 pool; returns the failures (empty
+    when all compiled)."""
     failures = []
     for target in targets:
         cfg = _config(target.backend)
-        for dt in dtypes:
-            for head_dim in head_dims:
-                pdl = target.backend == "cuda" and int(target.arch) >= 90
-                for fn, types, consts, warps, stages in kernel_cases(cfg, dt, head_dim, pdl=pdl):
-                    name = f"{target.backend}:{target.arch} {fn.fn.__name__} {dt} head_dim={head_dim}"
-                    try:
-                        compiled = compile_kernel(fn, types, consts, target, warps, stages)
-                        logger.info("%s: ok (%d bytes shared memory)", name, compiled.metadata.shared)
-                    except Exception as e:  # noqa: BLE001 - report every failing kernel, not the first
-                        failures.append(f"{name}: {type(e).__name__}: {e}")
+        pools = [("", 0.0)] + list(FP8_KV[target.backend].items())
+        for dt, head_dim, (kv_dt, limit) in ((d, h, k) for d in dtypes for h in head_dims for k in pools):
+            pdl = target.backend == "cuda" and int(target.arch) >= 90
+            for fn, types, consts, warps, stages in kernel_cases(cfg, dt, head_dim, pdl=pdl, kv_dt=kv_dt,
+                                                                 kv_limit=limit):
+                name = (f"{target.backend}:{target.arch} {fn.fn.__name__} {dt} head_dim={head_dim}"
+                        + (f" kv={kv_dt}" if kv_dt else ""))
+                try:
+                    compiled = compile_kernel(fn, types, consts, target, warps, stages)
+                    logger.info("%s: ok (%d bytes shared memory)", name, compiled.metadata.shared)
+                except Exception as e:  # noqa: BLE001 - report every failing kernel, not the first
+                    failures.append(f"{name}: {type(e).__name__}: {e}")
     return failures
 
 

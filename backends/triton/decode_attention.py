@@ -9,7 +9,8 @@ request's split count grows with its length (at least ``min_split_tokens`` posit
 up to ``num_splits``, a host number fixed per batch size, so the launch grid never depends on
 device values. Position i of request b
 lives at KV slot ``req_to_token[req_pool_indices[b], i]``; page size plays no role here.
-Softmax runs in base 2: scores are scaled by log2(e) once.
+Softmax runs in base 2: scores are scaled by log2(e) once. K and V are converted to q's dtype
+as they are read (an fp8 pool: half the bytes, the same arithmetic).
 """
 from __future__ import annotations
 
@@ -20,7 +21,8 @@ import torch
 import triton
 import triton.language as tl
 
-from backends.triton.tl_helpers import mma, next_pow2, pdl_launch, pdl_launch_dependents, pdl_wait
+from backends.triton.tl_helpers import (kv_limit, mma, next_pow2, pdl_launch, pdl_launch_dependents, pdl_wait,
+                                        to_pool)
 from hal.kernel_config import KernelConfig
 
 LOG2E = 1.4426950408889634
@@ -37,11 +39,11 @@ def _split_range(seq_len, split, num_splits_cap, MIN_SPLIT: tl.constexpr, BLOCK_
 
 
 @triton.jit
-def _rotate(x, x_partner, cos, signed_sin, dtype):
-    """Neox rotary along the last axis, as the layer ops' rotary kernel computes it (fp32, one
-    rounding): x_partner[j] is x[j + D/2] for the first half and x[j - D/2] for the second, and
-    signed_sin is -sin on the first half."""
-    return (x.to(tl.float32) * cos + x_partner.to(tl.float32) * signed_sin).to(dtype)
+def _rotate(x, x_partner, cos, signed_sin):
+    """Neox rotary along the last axis in fp32, as the layer ops' rotary kernel computes it (the
+    caller rounds once): x_partner[j] is x[j + D/2] for the first half and x[j - D/2] for the
+    second, and signed_sin is -sin on the first half."""
+    return x.to(tl.float32) * cos + x_partner.to(tl.float32) * signed_sin
 
 
 @triton.jit
@@ -53,7 +55,7 @@ def _decode_partial_kernel(
         stride_ct, stride_st, stride_knt, stride_knh, stride_vnt, stride_vnh,
         GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, MIN_SPLIT: tl.constexpr,
         BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, FP32_DOT: tl.constexpr,
-        DIRECT: tl.constexpr, ROTARY: tl.constexpr, USE_PDL: tl.constexpr):
+        DIRECT: tl.constexpr, ROTARY: tl.constexpr, STORE_LIMIT: tl.constexpr, USE_PDL: tl.constexpr):
     """One (request, KV head, split). ROTARY: q and the new token's k arrive unrotated (cos, sin
     of each request's position), and the program whose split holds the new token rotates its k,
     writes k and v to the pool (slot OutLoc[b]) and attends to them from registers."""
@@ -89,7 +91,7 @@ def _decode_partial_kernel(
         sin = tl.where(first, -sin, sin)
         q_p = tl.load(Q + b64 * stride_qt + heads[:, None] * stride_qh + partner[None, :], mask=q_mask,
                       other=0.0)
-        q = _rotate(q, q_p, cos[None, :], sin[None, :], q.dtype)
+        q = _rotate(q, q_p, cos[None, :], sin[None, :]).to(q.dtype)
         new_pos = seq_len - 1
         holds_new = (start <= new_pos) & (new_pos < end)
         loop_end = tl.minimum(end, new_pos)
@@ -100,9 +102,10 @@ def _decode_partial_kernel(
         kn_row = KNew + b64 * stride_knt + kv_head * stride_knh
         k_new = tl.load(kn_row + offs_d, mask=new_mask, other=0.0)
         k_p = tl.load(kn_row + partner, mask=new_mask, other=0.0)
-        k_new = _rotate(k_new, k_p, cos, sin, KBuf.dtype.element_ty)
-        v_new = tl.load(VNew + b64 * stride_vnt + kv_head * stride_vnh + offs_d, mask=new_mask,
-                        other=0.0).to(VBuf.dtype.element_ty)
+        # as the pool holds them (rounded, saturated into fp8), so this step reads what later ones will
+        k_new = to_pool(_rotate(k_new, k_p, cos, sin), KBuf.dtype.element_ty, STORE_LIMIT)
+        v_new = to_pool(tl.load(VNew + b64 * stride_vnt + kv_head * stride_vnh + offs_d, mask=new_mask,
+                                other=0.0), VBuf.dtype.element_ty, STORE_LIMIT)
         new_slot = tl.load(OutLoc + b).to(tl.int64)
         tl.store(KBuf + new_slot * stride_buf_t + kv_head * stride_buf_h + offs_d, k_new, mask=new_mask)
         tl.store(VBuf + new_slot * stride_buf_t + kv_head * stride_buf_h + offs_d, v_new, mask=new_mask)
@@ -113,26 +116,26 @@ def _decode_partial_kernel(
         slot = tl.load(ReqToToken + row * stride_r2t + pos, mask=p_mask, other=0).to(tl.int64)
         kv_offs = slot[:, None] * stride_buf_t + kv_head * stride_buf_h + offs_d[None, :]
         kv_mask = p_mask[:, None] & d_mask[None, :]
-        k = tl.load(KBuf + kv_offs, mask=kv_mask, other=0.0)                 # [BLOCK_N, BLOCK_D]
+        k = tl.load(KBuf + kv_offs, mask=kv_mask, other=0.0).to(q.dtype)     # [BLOCK_N, BLOCK_D]
         s = mma(q, tl.trans(k), FP32_DOT) * qk_scale                          # [BLOCK_H, BLOCK_N]
         s = tl.where(p_mask[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(VBuf + kv_offs, mask=kv_mask, other=0.0)
-        acc = acc * alpha[:, None] + mma(p.to(v.dtype), v, FP32_DOT)
+        v = tl.load(VBuf + kv_offs, mask=kv_mask, other=0.0).to(q.dtype)
+        acc = acc * alpha[:, None] + mma(p.to(q.dtype), v, FP32_DOT)
         m_i = m_new
     if ROTARY:
         if holds_new:
-            # the new token last, as it would come in the last block: its weight rounded to the
-            # pool's dtype for the product with v, as mma's operand is
+            # the new token last, as it would come in the last block: its weight rounded to q's
+            # dtype for the product with v, as mma's operand is
             s_new = tl.sum(q.to(tl.float32) * k_new.to(tl.float32)[None, :], 1) * qk_scale   # [BLOCK_H]
             m_new = tl.maximum(m_i, s_new)
             alpha = tl.exp2(m_i - m_new)
             p_new = tl.exp2(s_new - m_new)
             l_i = l_i * alpha + p_new
-            p_v = p_new.to(v_new.dtype).to(tl.float32)
+            p_v = p_new.to(q.dtype).to(tl.float32)
             acc = acc * alpha[:, None] + p_v[:, None] * v_new.to(tl.float32)[None, :]
             m_i = m_new
 
@@ -216,7 +219,7 @@ def decode_attention(q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, 
         partial_lse.stride(1), out.stride(0), out.stride(1), *rot_strides,
         GROUP=group, HEAD_DIM=head_dim, MIN_SPLIT=min_split, BLOCK_H=max(16, next_pow2(group)),
         BLOCK_D=block_d, BLOCK_N=block_n, FP32_DOT=fp32_dot, DIRECT=direct, ROTARY=rotary is not None,
-        num_warps=num_warps, num_stages=num_stages, **pdl_launch(pdl))
+        STORE_LIMIT=kv_limit(k_buf.dtype), num_warps=num_warps, num_stages=num_stages, **pdl_launch(pdl))
     if direct:
         return
     _decode_reduce_kernel[(batch, num_q_heads)](

@@ -1,17 +1,18 @@
 """The write of new K and V into the paged pool: one fused kernel for both, casting to the
-pool's dtype. Slot ``out_cache_loc[t]`` receives token t's [num_kv_heads, head_dim] row."""
+pool's dtype (saturating into fp8). Slot ``out_cache_loc[t]`` receives token t's [num_kv_heads, head_dim] row."""
 from __future__ import annotations
 
 import torch
 import triton
 import triton.language as tl
 
-from backends.triton.tl_helpers import next_pow2, pdl_launch, pdl_launch_dependents, pdl_wait
+from backends.triton.tl_helpers import kv_limit, next_pow2, pdl_launch, pdl_launch_dependents, pdl_wait, to_pool
 
 
 @triton.jit
 def _store_kv_kernel(K, V, KBuf, VBuf, Loc, stride_kt, stride_vt, stride_buf,
-                     ROW: tl.constexpr, BLOCK: tl.constexpr, USE_PDL: tl.constexpr):
+                     ROW: tl.constexpr, BLOCK: tl.constexpr, STORE_LIMIT: tl.constexpr,
+                     USE_PDL: tl.constexpr):
     t = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < ROW
@@ -21,8 +22,8 @@ def _store_kv_kernel(K, V, KBuf, VBuf, Loc, stride_kt, stride_vt, stride_buf,
     t64 = t.to(tl.int64)
     k = tl.load(K + t64 * stride_kt + cols, mask=mask)
     v = tl.load(V + t64 * stride_vt + cols, mask=mask)
-    tl.store(KBuf + slot * stride_buf + cols, k.to(KBuf.dtype.element_ty), mask=mask)
-    tl.store(VBuf + slot * stride_buf + cols, v.to(VBuf.dtype.element_ty), mask=mask)
+    tl.store(KBuf + slot * stride_buf + cols, to_pool(k, KBuf.dtype.element_ty, STORE_LIMIT), mask=mask)
+    tl.store(VBuf + slot * stride_buf + cols, to_pool(v, VBuf.dtype.element_ty, STORE_LIMIT), mask=mask)
 
 
 def _rows(x: torch.Tensor) -> torch.Tensor:
@@ -46,4 +47,5 @@ def store_kv(k_buf: torch.Tensor, v_buf: torch.Tensor, loc: torch.Tensor, k: tor
     block = min(next_pow2(row), 4096)
     grid = (num_tokens, triton.cdiv(row, block))
     _store_kv_kernel[grid](k, v, k_buf, v_buf, loc, k.stride(0), v.stride(0), k_buf.stride(0),
-                           ROW=row, BLOCK=block, num_warps=num_warps, **pdl_launch(pdl))
+                           ROW=row, BLOCK=block, STORE_LIMIT=kv_limit(k_buf.dtype), num_warps=num_warps,
+                           **pdl_launch(pdl))

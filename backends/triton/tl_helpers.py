@@ -34,6 +34,21 @@ def mma(a, b, FP32_DOT: tl.constexpr):
     return out
 
 
+def kv_limit(dtype: torch.dtype) -> float:
+    """The STORE_LIMIT of a KV pool of ``dtype``: its largest finite value for an 8-bit float
+    (stores saturate there), 0.0 (no clamp) otherwise."""
+    return float(torch.finfo(dtype).max) if dtype.is_floating_point and dtype.itemsize == 1 else 0.0
+
+
+@triton.jit
+def to_pool(x, dtype, STORE_LIMIT: tl.constexpr):
+    """x converted for a store into a KV pool of ``dtype``, saturating at STORE_LIMIT when it is
+    not 0 (fp8 pools: conversions past the range give inf or NaN on some devices)."""
+    if STORE_LIMIT > 0:
+        x = tl.clamp(x.to(tl.float32), -STORE_LIMIT, STORE_LIMIT)
+    return x.to(dtype)
+
+
 # Programmatic dependent launch (NVIDIA sm90+, KernelConfig.pdl): a kernel launched with it may
 # start while the kernel before it in the stream is still running, as soon as every program of
 # that one has called pdl_launch_dependents. Until pdl_wait returns it may only compute indices

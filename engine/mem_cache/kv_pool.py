@@ -3,10 +3,27 @@
 Slot ``s`` lives in page ``s // page_size`` at offset ``s % page_size``. Position ``i`` of a
 request always sits at offset ``i % page_size`` of its page, so a request's slots for one
 page-aligned block of positions are one whole page.
+
+The pool's dtype is the model's, or an 8-bit float (--kv-cache-dtype fp8_e4m3 / fp8_e5m2) that
+halves its bytes: values are stored unscaled and saturate at the format's largest finite value;
+attention kernels convert what they read back to the model's dtype.
 """
 from __future__ import annotations
 
 import torch
+
+
+def is_fp8(dtype: torch.dtype) -> bool:
+    return dtype.is_floating_point and dtype.itemsize == 1
+
+
+def to_kv_dtype(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """x cast to a pool of ``dtype``; into fp8, saturating (torch's casts give the largest value,
+    inf or NaN past the range, depending on the variant)."""
+    if is_fp8(dtype):
+        limit = torch.finfo(dtype).max
+        x = x.clamp(-limit, limit)
+    return x.to(dtype)
 
 
 class KVPool:
@@ -32,5 +49,5 @@ class KVPool:
 
     def set_kv(self, layer_id: int, loc: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """loc: [num_tokens] int64 slots; k, v: [num_tokens, num_kv_heads, head_dim]."""
-        self.k_buffers[layer_id][loc] = k.to(self.dtype)
-        self.v_buffers[layer_id][loc] = v.to(self.dtype)
+        self.k_buffers[layer_id][loc] = to_kv_dtype(k, self.dtype)
+        self.v_buffers[layer_id][loc] = to_kv_dtype(v, self.dtype)

@@ -14,7 +14,7 @@ import torch
 import hal
 from engine.layers.ops import set_layer_ops
 from engine.mem_cache.allocator import PagedAllocator, ReqToTokenPool
-from engine.mem_cache.kv_pool import KVPool
+from engine.mem_cache.kv_pool import KVPool, is_fp8
 from engine.models.config import ModelConfig
 from engine.runner.forward_batch import ForwardBatch
 from engine.runner.model_loader import load_model
@@ -58,6 +58,7 @@ class ModelRunner:
             server_args.model_path, context_length=server_args.context_length, dtype=server_args.dtype,
             platform_dtypes=self.platform.supported_dtypes(), platform_default=self.platform.default_dtype)
         self.dtype = self.model_config.dtype
+        self.kv_cache_dtype = self.platform.kv_cache_dtype(server_args.kv_cache_dtype, self.dtype)
         self.context_len = self.model_config.context_len
         self.vocab_size = self.model_config.vocab_size
         cfg, tp = self.model_config, self.tp_size
@@ -83,7 +84,8 @@ class ModelRunner:
     # -- memory ------------------------------------------------------------------------------
     def _kv_budget_tokens(self, free_before: int) -> int:
         args, cfg = self.server_args, self.model_config
-        per_token = KVPool.bytes_per_token(cfg.num_hidden_layers, self.num_kv_heads, cfg.head_dim, self.dtype)
+        per_token = KVPool.bytes_per_token(cfg.num_hidden_layers, self.num_kv_heads, cfg.head_dim,
+                                           self.kv_cache_dtype)
         self.kv_bytes_per_token = per_token
         if args.max_total_tokens is not None:
             return args.max_total_tokens
@@ -124,7 +126,7 @@ class ModelRunner:
         # One page more than the allocator hands out: padded rows of captured decode steps write
         # their K/V to its first slot, which no request ever owns.
         self.kv_pool = KVPool(num_layers=cfg.num_hidden_layers, num_kv_heads=self.num_kv_heads,
-                              head_dim=cfg.head_dim, dtype=self.dtype, device=self.device,
+                              head_dim=cfg.head_dim, dtype=self.kv_cache_dtype, device=self.device,
                               num_pages=num_pages + 1, page_size=page)
         self.pad_slot = num_pages * page
         self.allocator = PagedAllocator(num_pages, page, self.device)
@@ -141,7 +143,8 @@ class ModelRunner:
 
     def _init_backends(self) -> None:
         args, cfg = self.server_args, self.model_config
-        entry, why = hal.select("attention", self.platform, args.attention_backend)
+        needs = {"fp8_kv_cache": f"--kv-cache-dtype {args.kv_cache_dtype}"} if is_fp8(self.kv_cache_dtype) else {}
+        entry, why = hal.select("attention", self.platform, args.attention_backend, needs=needs)
         self.attention_backend_name = entry.name
         self.attn_backend = entry.factory(
             num_q_heads=self.num_q_heads, num_kv_heads=self.num_kv_heads,
@@ -260,7 +263,8 @@ class ModelRunner:
                 f"layer_ops={self.layer_ops_name} ({self.layer_ops_reason}) "
                 f"graphs={self.graphs_reason} "
                 f"kv_capacity={self.max_total_tokens} tokens "
-                f"({self.max_total_tokens * self.kv_bytes_per_token / GiB:.2f} GiB, page_size="
+                f"({self.max_total_tokens * self.kv_bytes_per_token / GiB:.2f} GiB, "
+                f"{str(self.kv_cache_dtype).replace('torch.', '')}, page_size="
                 f"{self.server_args.page_size}) max_running_requests={self.max_running_requests} "
                 f"context_len={self.context_len}"
                 + (f" kernel_config={json.dumps(self.kernel_config_overrides)}" if self.kernel_config_overrides else ""))
