@@ -12,6 +12,8 @@
 #   ratio-overlap        200 requests 1024/512, overlap scheduler on vs --disable-overlap-schedule. ~2.5 min
 #   ratio-graphs         the same, device graphs on vs --disable-cuda-graph. ~3 min
 #   ratios               ratio-overlap then ratio-graphs. ~5.5 min
+#   kv-fp8               1000 requests 1024/512, --kv-cache-dtype auto vs fp8_e4m3 (twice the KV
+#                        tokens, half the attention reads). ~4 min
 #   serving              one server, max concurrency 1/16/64 with 8/64/256 requests of 1024/512. ~3 min
 #   serving-overlap      serving for a server with and one without the overlap scheduler. ~6 min
 #   ab-kernel-config     offline-sharegpt with the platform's kernel config, then with $KERNEL_CONFIG
@@ -119,6 +121,9 @@ run_stage() {
         --compare disable_cuda_graph ;;
     ratios)
       run_stage ratio-overlap; run_stage ratio-graphs ;;
+    kv-fp8)
+      offline kv-fp8 --num-prompts "$N_BIG" "${RANDOM_LENS[@]}" --skip-hf --isolate \
+        --compare kv_cache_dtype=fp8_e4m3 ;;
     serving)
       serving serving ;;
     serving-overlap)
@@ -145,7 +150,7 @@ run_stage() {
       $PY benchmarks/suite_summary.py "$OUT" ;;
     *)
       echo "unknown stage '$1'; stages: offline-random offline-sharegpt offline-hf-baseline ratio-overlap" \
-           "ratio-graphs ratios serving serving-overlap ab-kernel-config decode-ab summary" >&2
+           "ratio-graphs ratios kv-fp8 serving serving-overlap ab-kernel-config decode-ab grammar summary" >&2
       return 2 ;;
   esac
 }

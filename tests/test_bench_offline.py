@@ -113,8 +113,14 @@ def test_compare_toggles_a_boolean_from_its_default():
         ("disable_overlap_schedule=True", {"max_total_tokens": 4096, "disable_overlap_schedule": True})]
     assert [v for _, v in compare_variants("enable_metrics", {})] == [{"enable_metrics": True},
                                                                        {"enable_metrics": False}]
-    with pytest.raises(ValueError, match="only boolean"):
+    with pytest.raises(ValueError, match="only boolean server arguments can be toggled .*KEY=VALUE"):
         compare_variants("page_size", {})
+    # any other field: its default, then the value given
+    assert compare_variants("kv-cache-dtype=fp8_e4m3", {}) == [
+        ("kv_cache_dtype=auto", {"kv_cache_dtype": "auto"}), ("kv_cache_dtype=fp8_e4m3", {"kv_cache_dtype": "fp8_e4m3"})]
+    assert [v for _, v in compare_variants("page_size=16", {})] == [{"page_size": 1}, {"page_size": 16}]
+    with pytest.raises(ValueError, match="is the default"):
+        compare_variants("kv_cache_dtype=auto", {})
     with pytest.raises(ValueError, match="contradict"):
         compare_variants("disable_cuda_graph", {"disable_cuda_graph": True})
 

@@ -6,7 +6,7 @@ import torch
 
 from attention_case import step_inputs
 from backends.cpu.torch_attention import TorchAttentionBackend
-from engine.mem_cache.kv_pool import KVPool
+from engine.mem_cache.kv_pool import KVPool, to_kv_dtype
 from engine.runner.forward_batch import ForwardBatch, ForwardMode
 
 NUM_KV_HEADS = 2
@@ -31,12 +31,13 @@ def reference_attention(q, k_all, v_all, prefix_lens, ext_lens, scaling):
     return torch.stack(outs)
 
 
-def make_setup(page_size, num_q_heads, head_dim, dtype, batch_size=3, seed=0):
-    """A pool whose pages are handed out in shuffled order, so slots are not contiguous."""
+def make_setup(page_size, num_q_heads, head_dim, dtype, batch_size=3, seed=0, kv_dtype=None):
+    """A pool whose pages are handed out in shuffled order, so slots are not contiguous; kv_dtype:
+    the pool's, when not the model's (fp8)."""
     g = torch.Generator().manual_seed(seed)
     pages_per_req = MAX_CONTEXT // page_size
     num_pages = batch_size * pages_per_req + 3
-    pool = KVPool(num_layers=2, num_kv_heads=NUM_KV_HEADS, head_dim=head_dim, dtype=dtype,
+    pool = KVPool(num_layers=2, num_kv_heads=NUM_KV_HEADS, head_dim=head_dim, dtype=kv_dtype or dtype,
                   device=torch.device("cpu"), num_pages=num_pages, page_size=page_size)
     for buf in pool.k_buffers + pool.v_buffers:  # stale garbage everywhere, not zeros
         buf.copy_(torch.randn(buf.shape, generator=g))
@@ -52,9 +53,9 @@ def make_setup(page_size, num_q_heads, head_dim, dtype, batch_size=3, seed=0):
     return backend, pool, req_to_token, rows, g
 
 
-def run_step(mode, prefix_lens, ext_lens, page_size, num_q_heads, head_dim, dtype, layer_id=1):
+def run_step(mode, prefix_lens, ext_lens, page_size, num_q_heads, head_dim, dtype, layer_id=1, kv_dtype=None):
     backend, pool, req_to_token, rows, g = make_setup(page_size, num_q_heads, head_dim, dtype,
-                                                      batch_size=len(prefix_lens))
+                                                      batch_size=len(prefix_lens), kv_dtype=kv_dtype)
     seq_lens = [p + n for p, n in zip(prefix_lens, ext_lens)]
     batch, (q, k, v) = step_inputs(mode, req_to_token, rows, prefix_lens, ext_lens, num_q_heads, NUM_KV_HEADS,
                                    head_dim, dtype, g)
@@ -63,9 +64,9 @@ def run_step(mode, prefix_lens, ext_lens, page_size, num_q_heads, head_dim, dtyp
     backend.init_forward_metadata(batch)
     out = backend.forward(q, k, v, layer_id, scaling, batch)
 
-    # the new K/V landed at out_cache_loc
-    torch.testing.assert_close(pool.k_buffers[layer_id][loc], k, rtol=0, atol=0)
-    torch.testing.assert_close(pool.v_buffers[layer_id][loc], v, rtol=0, atol=0)
+    # the new K/V landed at out_cache_loc (rounded into an fp8 pool as torch casts, saturating)
+    assert torch.equal(pool.k_buffers[layer_id][loc], to_kv_dtype(k, pool.dtype))
+    assert torch.equal(pool.v_buffers[layer_id][loc], to_kv_dtype(v, pool.dtype))
     k_all = [pool.k_buffers[layer_id][req_to_token[r, :s].long()] for r, s in zip(rows, seq_lens)]
     v_all = [pool.v_buffers[layer_id][req_to_token[r, :s].long()] for r, s in zip(rows, seq_lens)]
     ref = reference_attention(q, k_all, v_all, prefix_lens, ext_lens, scaling)
@@ -108,6 +109,16 @@ def test_matches_reference_fp32(case, gqa, page_size):
     (4, 4, 128, torch.bfloat16)], ids=["fp32-hd128", "bf16-hd64", "bf16-hd128-mha", "bf16-hd128-gqa4"])
 def test_matches_reference_head_dims_and_bf16(case, gqa, page_size, head_dim, dtype):
     check_case(case, gqa, page_size, head_dim, dtype)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("kv_dtype", [torch.float8_e4m3fn, torch.float8_e5m2], ids=["e4m3", "e5m2"])
+def test_matches_reference_over_an_fp8_pool(case, kv_dtype):
+    """--kv-cache-dtype fp8_*: the reference attends over what the pool holds, read back in bf16."""
+    mode, prefix_lens, ext_lens = CASES[case]
+    out, ref = run_step(mode, prefix_lens, ext_lens, 4, NUM_KV_HEADS * 2, 64, torch.bfloat16, kv_dtype=kv_dtype)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.double(), ref, **tolerance(torch.bfloat16))
 
 
 def check_steps_in_sequence(backend, req_to_token, rows, g, steps):

@@ -26,7 +26,7 @@ from backends.triton.attention_backend import TritonAttentionBackend  # noqa: E4
 from backends.triton.kv_store import store_kv  # noqa: E402
 from backends.triton.layer_ops import TritonLayerOps  # noqa: E402
 from engine.layers.rotary import RotaryEmbedding  # noqa: E402
-from engine.mem_cache.kv_pool import KVPool  # noqa: E402
+from engine.mem_cache.kv_pool import KVPool, to_kv_dtype  # noqa: E402
 from engine.runner.forward_batch import ForwardBatch, ForwardMode  # noqa: E402
 from hal.kernel_config import KernelConfig  # noqa: E402
 from test_torch_attention import CASES, check_steps_in_sequence, reference_attention  # noqa: E402
@@ -66,12 +66,14 @@ def tolerance(dtype):
             torch.bfloat16: dict(atol=3e-2, rtol=3e-2)}[dtype]
 
 
-def make_setup(page_size, num_q_heads, head_dim, dtype, batch_size, max_context=64, config=SMALL, seed=0):
-    """A pool holding random stale values, pages handed out in shuffled order, request rows not 0..B-1."""
+def make_setup(page_size, num_q_heads, head_dim, dtype, batch_size, max_context=64, config=SMALL, seed=0,
+               kv_dtype=None):
+    """A pool holding random stale values, pages handed out in shuffled order, request rows not 0..B-1;
+    kv_dtype: the pool's, when not the model's (fp8)."""
     g = torch.Generator().manual_seed(seed)
     pages_per_req = -(-max_context // page_size)
     num_pages = batch_size * pages_per_req + 3
-    pool = KVPool(num_layers=2, num_kv_heads=NUM_KV_HEADS, head_dim=head_dim, dtype=dtype,
+    pool = KVPool(num_layers=2, num_kv_heads=NUM_KV_HEADS, head_dim=head_dim, dtype=kv_dtype or dtype,
                   device=torch.device("cpu"), num_pages=num_pages, page_size=page_size)
     for buf in pool.k_buffers + pool.v_buffers:
         buf.copy_(torch.randn(buf.shape, generator=g))
@@ -86,13 +88,34 @@ def make_setup(page_size, num_q_heads, head_dim, dtype, batch_size, max_context=
     return backend, pool, req_to_token, rows, g
 
 
+def assert_stored(stored, values):
+    """The pool holds ``values`` as a store into its dtype rounds them (torch's cast, saturating
+    into fp8). Into fp8, Triton's interpreter rounds ties away from zero, loses the carry when
+    rounding up reaches the next power of two (1.96 -> 1.0) and flushes subnormals: those values
+    are only checked for sign, range and a factor of two, all others exactly. On the GPU every
+    value is exact (tests/gpu)."""
+    expected = to_kv_dtype(values, stored.dtype)
+    if stored.dtype.itemsize != 1:
+        assert torch.equal(stored, expected)
+        return
+    rounded = lambda x: to_kv_dtype(x, stored.dtype).double()  # noqa: E731
+    x, e, s = values.double(), expected.double(), stored.double()
+    fi = torch.finfo(stored.dtype)
+    safe = ((e.abs() >= fi.smallest_normal) & (torch.log2(e.abs()) % 1 != 0)
+            & (rounded(x * (1 - 2 ** -12)) == rounded(x * (1 + 2 ** -12))))
+    assert safe.double().mean() > 0.5 and torch.equal(s[safe], e[safe])
+    assert not s.isnan().any() and (s.abs() <= fi.max).all() and (s * e >= 0).all()
+    assert ((s - e).abs() <= 0.5 * e.abs() + fi.smallest_normal).all()
+
+
 def run_step(mode, prefix_lens, ext_lens, page_size, num_q_heads, head_dim, dtype, config=SMALL, layer_id=1,
-             rotary=False):
-    """One step against the fp64 reference. rotary (decode): q and k go in unrotated with the
-    requests' cos/sin and the backend rotates them (and stores k, v) inside its attention kernel."""
+             rotary=False, kv_dtype=None):
+    """One step against the fp64 reference over what the pool holds. rotary (decode): q and k go
+    in unrotated with the requests' cos/sin and the backend rotates them (and stores k, v) inside
+    its attention kernel. kv_dtype: the pool's (fp8), when not the model's."""
     max_context = max(64, max(p + n for p, n in zip(prefix_lens, ext_lens)))
     backend, pool, req_to_token, rows, g = make_setup(page_size, num_q_heads, head_dim, dtype,
-                                                      len(prefix_lens), max_context, config)
+                                                      len(prefix_lens), max_context, config, kv_dtype=kv_dtype)
     seq_lens = [p + n for p, n in zip(prefix_lens, ext_lens)]
     batch, (q, k, v) = step_inputs(mode, req_to_token, rows, prefix_lens, ext_lens, num_q_heads, NUM_KV_HEADS,
                                    head_dim, dtype, g)
@@ -102,12 +125,17 @@ def run_step(mode, prefix_lens, ext_lens, page_size, num_q_heads, head_dim, dtyp
         assert backend.fuses_rotary(batch)
         cos, sin = RotaryEmbedding(head_dim, max_context, 10000.0).cos_sin(torch.tensor(seq_lens) - 1, dtype)
         out = backend.forward(q, k, v, layer_id, head_dim ** -0.5, batch, cos_sin=(cos, sin))
+        if kv_dtype is not None:   # k rotated in fp32 and rounded once, into fp8
+            k_fp32 = TorchLayerOps().apply_rotary(q.float(), k.float(), cos.float(), sin.float())[1]
+            assert_stored(pool.k_buffers[layer_id][loc], k_fp32)
         q, k = TorchLayerOps().apply_rotary(q, k, cos, sin)
-        torch.testing.assert_close(pool.k_buffers[layer_id][loc], k, **ops_tolerance(dtype))
-        assert torch.equal(pool.v_buffers[layer_id][loc], v)
+        if kv_dtype is None:
+            torch.testing.assert_close(pool.k_buffers[layer_id][loc], k, **ops_tolerance(dtype))
+        assert_stored(pool.v_buffers[layer_id][loc], v)
     else:
         out = backend.forward(q, k, v, layer_id, head_dim ** -0.5, batch)
-        assert torch.equal(pool.k_buffers[layer_id][loc], k) and torch.equal(pool.v_buffers[layer_id][loc], v)
+        assert_stored(pool.k_buffers[layer_id][loc], k)
+        assert_stored(pool.v_buffers[layer_id][loc], v)
     k_all = [pool.k_buffers[layer_id][req_to_token[r, :s].long()] for r, s in zip(rows, seq_lens)]
     v_all = [pool.v_buffers[layer_id][req_to_token[r, :s].long()] for r, s in zip(rows, seq_lens)]
     ref = reference_attention(q, k_all, v_all, prefix_lens, ext_lens, head_dim ** -0.5)
@@ -142,6 +170,19 @@ def test_triton_decode_long_contexts_split_along_the_sequence(config, rotary):
     splits empty, plus a one-token context; with rotary in the kernel, the new token sits in
     the last non-empty split."""
     run_step(ForwardMode.DECODE, [300, 0, 129, 47], [1, 1, 1, 1], 16, 8, 64, torch.float32, config, rotary=rotary)
+
+
+@pytest.mark.parametrize("kv_dtype", [torch.float8_e4m3fn, torch.float8_e5m2, torch.float8_e4m3fnuz],
+                         ids=["e4m3fn", "e5m2", "e4m3fnuz"])
+@pytest.mark.parametrize("mode, prefix_lens, ext_lens", [
+    (ForwardMode.EXTEND, [5, 17, 0], [9, 1, 20]), (ForwardMode.DECODE, [0, 40, 130], [1, 1, 1])],
+    ids=["extend", "decode"])
+def test_triton_attention_over_an_fp8_pool(mode, prefix_lens, ext_lens, kv_dtype):
+    """--kv-cache-dtype fp8_*: bf16 q, K/V stored into and read back from an fp8 pool (decode: split
+    along the sequence, and with rotary and the store inside the kernel)."""
+    run_step(mode, prefix_lens, ext_lens, 16, 8, 64, torch.bfloat16, kv_dtype=kv_dtype)
+    if mode.is_decode:
+        run_step(mode, prefix_lens, ext_lens, 16, 8, 64, torch.bfloat16, kv_dtype=kv_dtype, rotary=True)
 
 
 def test_triton_extend_long_prompt_with_prefix_crosses_blocks():
@@ -183,6 +224,31 @@ def test_triton_store_kv_writes_only_the_given_slots(src_dtype, pool_dtype):
     store_kv(k_buf, v_buf, loc, k, v)
     k_ref[loc], v_ref[loc] = k.to(pool_dtype), v.to(pool_dtype)
     assert torch.equal(k_buf, k_ref) and torch.equal(v_buf, v_ref)
+
+
+@pytest.mark.parametrize("pool_dtype", [torch.float8_e4m3fn, torch.float8_e5m2, torch.float8_e4m3fnuz])
+@pytest.mark.parametrize("rotary", [False, True], ids=["store-kernel", "decode-kernel"])
+def test_triton_fp8_stores_saturate(pool_dtype, rotary):
+    """Values past the format's range are stored as its largest (not inf or NaN), by the store
+    kernel and by the decode kernel that stores the new token's k and v."""
+    limit = torch.finfo(pool_dtype).max
+    backend, pool, req_to_token, rows, g = make_setup(1, 4, 64, torch.bfloat16, 2, kv_dtype=pool_dtype)
+    batch, (q, k, v) = step_inputs(ForwardMode.DECODE, req_to_token, rows, [3, 9], [1, 1], 4, NUM_KV_HEADS, 64,
+                                   torch.bfloat16, g)
+    k = (k * 1e5).to(torch.bfloat16)
+    v = (v * 1e5).to(torch.bfloat16)
+    batch.attn_backend, loc = backend, batch.out_cache_loc
+    backend.init_forward_metadata(batch)
+    if rotary:  # the identity rotation (position 0): k goes in as it is stored
+        cos = torch.ones(2, 1, 32, dtype=torch.bfloat16)
+        backend.forward(q, k, v, 0, 0.125, batch, cos_sin=(cos, torch.zeros_like(cos)))
+    else:
+        backend.forward(q, k, v, 0, 0.125, batch)
+    for stored, values in ((pool.k_buffers[0][loc], k), (pool.v_buffers[0][loc], v)):
+        stored = stored.float()
+        big = values.float().abs() > limit
+        assert big.sum() > 100 and torch.equal(stored[big], values.float()[big].sign() * limit)
+        assert_stored(pool.k_buffers[0][loc] if values is k else pool.v_buffers[0][loc], values)
 
 
 # ---- fused layer ops -----------------------------------------------------------------------------

@@ -3,7 +3,8 @@ once) and through transformers' ``generate`` in static batches, in one run; prin
 the ratio, writes JSON.
 
 ``--compare FLAG`` runs anyserve twice, with a boolean server flag at its default and toggled (a
-fresh Engine each), and reports the ratio; ``--server-arg KEY=VALUE`` passes any other ServerArgs
+fresh Engine each), and reports the ratio (``--compare KEY=VALUE``: any flag at its default, then
+at VALUE); ``--server-arg KEY=VALUE`` passes any other ServerArgs
 field. With ``--load-format dummy`` the model folder may hold only config.json and a tokenizer
 (benchmarks/make_shape_folder.py): anyserve makes random weights, transformers builds the model
 from the config with random initialisation on the device.
@@ -79,7 +80,8 @@ def add_bench_offline_args(p: argparse.ArgumentParser) -> None:
                           "cuda_graph_max_bs=256, attention_backend=triton (repeatable).")
     srv.add_argument("--compare", default=None, metavar="FLAG",
                      help="A boolean ServerArgs field (e.g. disable_overlap_schedule, disable_cuda_graph): "
-                          "run anyserve with it at its default and toggled, and report the ratio.")
+                          "run anyserve with it at its default and toggled, and report the ratio; or "
+                          "KEY=VALUE (e.g. kv_cache_dtype=fp8_e4m3): the field at its default, then at VALUE.")
     srv.add_argument("--max-running-requests", type=int, default=None, help="Passed to anyserve.")
     srv.add_argument("--chunked-prefill-size", type=int, default=None, help="Passed to anyserve.")
     srv.add_argument("--isolate", action="store_true",
@@ -150,23 +152,31 @@ def server_arg_overrides(items: list[str]) -> dict[str, Any]:
     return out
 
 
-def compare_field(name: str) -> tuple[str, bool]:
-    """The ServerArgs field --compare toggles and its default; it must be a boolean."""
+def compare_field(name: str) -> tuple[str, Any, Any]:
+    """The ServerArgs field --compare sets, its default and its other value: a boolean toggled, or
+    KEY=VALUE's value."""
+    if "=" in name:
+        key, value = parse_server_arg(name)
+        default = _server_fields()[key].default
+        if value == default:
+            raise ValueError(f"--compare {name}: {value!r} is the default; compare with another value")
+        return key, default, value
     key = _field_name(name, "--compare")
     f = _server_fields()[key]
     if not _is_bool(f):
-        raise ValueError(f"--compare {key}: only boolean server arguments can be toggled; its type is {f.type}")
-    return key, bool(f.default)
+        raise ValueError(f"--compare {key}: only boolean server arguments can be toggled (its type is {f.type}); "
+                         f"give another field as KEY=VALUE")
+    return key, bool(f.default), not f.default
 
 
 def compare_variants(compare: Optional[str], overrides: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
-    """[(label, overrides)]: one run, or with --compare the default first and the toggled second."""
+    """[(label, overrides)]: one run, or with --compare the default first and the other value second."""
     if not compare:
         return [("anyserve", overrides)]
-    key, default = compare_field(compare)
+    key, default, other = compare_field(compare)
     if key in overrides:
         raise ValueError(f"--compare {key} and --server-arg {key}=... contradict each other")
-    return [(f"{key}={v}", {**overrides, key: v}) for v in (default, not default)]
+    return [(f"{key}={v}", {**overrides, key: v}) for v in (default, other)]
 
 
 def server_cli_flags(overrides: dict[str, Any]) -> list[str]:

@@ -8,7 +8,7 @@ import random
 
 import pytest
 import torch
-from hf_reference import hf_greedy, hf_model as reference_model
+from hf_reference import hf_greedy, hf_model as reference_model, kv_rounded_to
 
 pytestmark = [
     pytest.mark.gpu,
@@ -53,6 +53,25 @@ def test_fp32_greedy_tokens_identical_to_transformers(llama_tiny, attention, dis
     assert alone["output_ids"] == expected[0]
     for o, e in zip(outs, expected):
         assert o["output_ids"] == e
+
+
+@pytest.mark.parametrize("kv", ["fp8_e4m3", "fp8_e5m2"])
+def test_fp8_kv_cache_greedy_tokens_identical_to_transformers_with_the_same_rounding(llama_tiny, kv):
+    """--kv-cache-dtype fp8_*, Triton attention with graphs: transformers' cache rounds K and V
+    the same way (saturating casts) and decodes the same tokens in fp32."""
+    from engine import Engine
+
+    hf = hf_model(llama_tiny, torch.float32)
+    batch = prompts(8, seed=4)
+    with Engine(model_path=str(llama_tiny), dtype="float32", kv_cache_dtype=kv, **ENGINE_KW) as eng:
+        runner = eng.scheduler.runner
+        kv_dtype = runner.kv_pool.dtype
+        assert runner.attention_backend_name == "triton" and runner.graph_runner is not None
+        assert kv_dtype.itemsize == 1
+        outs = eng.generate(input_ids=batch, sampling_params={**GREEDY, "max_new_tokens": N_TOKENS})
+    with kv_rounded_to(kv_dtype):
+        expected = [hf_greedy(hf, p, N_TOKENS) for p in batch]
+    assert [o["output_ids"] for o in outs] == expected
 
 
 # bf16 logits may differ from transformers' by this fraction of their largest magnitude (the prefill
