@@ -9,6 +9,7 @@ bench) and each decodes its output length, so the batch at step i is the request
 output tokens. Attention FLOPs, the LM head's share of prefill and every kernel's ramp are left
 out, so real engines sit above this bound. Bandwidth: the device copy bandwidth measured by
 bench_decode.py; compute: what dense bf16 GEMMs reach (about 650-700 TFLOPS on an H100/H200).
+``--kv-cache-dtype fp8`` counts one byte per KV element (--kv-cache-dtype fp8_e4m3 / fp8_e5m2).
 """
 from __future__ import annotations
 
@@ -26,8 +27,9 @@ from bench_decode import SHAPES  # noqa: E402
 from engine.bench.datasets import sharegpt_synthetic_lengths  # noqa: E402
 
 
-def shape_sizes(cfg: dict) -> tuple[float, float, float]:
-    """(weight bytes, matmul parameters per token, KV bytes per token) of a llama-like config, bf16."""
+def shape_sizes(cfg: dict, kv_bytes: int = 2) -> tuple[float, float, float]:
+    """(weight bytes, matmul parameters per token, KV bytes per token) of a llama-like config, bf16
+    weights and ``kv_bytes`` per KV element."""
     h, i, n = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_hidden_layers"]
     hd = cfg.get("head_dim") or h // cfg["num_attention_heads"]
     q, kv = cfg["num_attention_heads"] * hd, cfg["num_key_value_heads"] * hd
@@ -35,11 +37,12 @@ def shape_sizes(cfg: dict) -> tuple[float, float, float]:
     embed = cfg["vocab_size"] * h * (1 if cfg.get("tie_word_embeddings") else 2)
     weights = 2 * (n * per_layer + embed)
     matmul = n * per_layer + cfg["vocab_size"] * h
-    return weights, matmul, 2 * 2 * n * kv
+    return weights, matmul, 2 * kv_bytes * n * kv
 
 
-def floor(input_lens: np.ndarray, output_lens: np.ndarray, cfg: dict, bandwidth: float, flops: float) -> dict:
-    weights, matmul, kv_per_token = shape_sizes(cfg)
+def floor(input_lens: np.ndarray, output_lens: np.ndarray, cfg: dict, bandwidth: float, flops: float,
+          kv_bytes: int = 2) -> dict:
+    weights, matmul, kv_per_token = shape_sizes(cfg, kv_bytes)
     prefill = float(input_lens.sum()) * 2 * matmul / flops
     decode, kv_total, memory_bound_steps = 0.0, 0.0, 0
     for i in range(1, int(output_lens.max())):
@@ -66,6 +69,8 @@ def main() -> None:
     p.add_argument("--random-input-len", type=int, default=1024)
     p.add_argument("--random-output-len", type=int, default=512)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--kv-cache-dtype", default="bf16", choices=["bf16", "fp8"],
+                   help="KV element size: 2 bytes, or 1 (--kv-cache-dtype fp8_*).")
     p.add_argument("--output-file", default=None)
     args = p.parse_args()
     if args.dataset == "random":
@@ -74,9 +79,10 @@ def main() -> None:
     else:
         i, o = sharegpt_synthetic_lengths(args.num_prompts, args.seed)
         ins, outs = np.array(i), np.array(o)
-    r = floor(ins, outs, SHAPES[args.shape], args.bandwidth_gb_s * 1e9, args.tflops * 1e12)
+    r = floor(ins, outs, SHAPES[args.shape], args.bandwidth_gb_s * 1e9, args.tflops * 1e12,
+              kv_bytes=1 if args.kv_cache_dtype == "fp8" else 2)
     print(f"{args.dataset} x {args.num_prompts} on {args.shape}, {args.bandwidth_gb_s:,.0f} GB/s, "
-          f"{args.tflops:,.0f} TFLOPS:")
+          f"{args.tflops:,.0f} TFLOPS, {args.kv_cache_dtype} KV cache:")
     print(f"  prefill >= {r['prefill_s']:.2f} s, decode >= {r['decode_s']:.2f} s in {r['decode_steps']} steps "
           f"({r['memory_bound_steps']} memory-bound, {r['kv_read_tb']:.1f} TB of KV read)")
     print(f"  total >= {r['total_s']:.2f} s: at most {r['max_output_tok_s']:,.0f} output tok/s")

@@ -23,6 +23,7 @@ def test_shape_sizes_count_every_projection():
     assert matmul == 2 * per_layer + 100 * 64
     assert weights == 2 * (2 * per_layer + 2 * 100 * 64)
     assert kv == 2 * 2 * 2 * 32      # K and V, bf16, 2 layers, 2 heads x 16
+    assert shape_sizes(CFG, kv_bytes=1)[2] == kv // 2   # an fp8 KV cache
 
 
 def test_floor_takes_the_slower_of_bytes_and_flops_per_step():
@@ -35,6 +36,8 @@ def test_floor_takes_the_slower_of_bytes_and_flops_per_step():
     assert r["decode_s"] == pytest.approx(sum(steps))
     assert r["prefill_s"] == pytest.approx(30 * 2 * matmul / fl)
     assert r["max_output_tok_s"] == pytest.approx(5 / (r["prefill_s"] + r["decode_s"]))
+    fp8 = floor(ins, outs, CFG, bw, fl, kv_bytes=1)
+    assert fp8["kv_read_tb"] == pytest.approx(r["kv_read_tb"] / 2)
 
 
 def test_cli_prints_the_bound():
