@@ -194,6 +194,34 @@ def test_stream_reasoning_false_sends_unclosed_reasoning_at_the_end(serve, parse
     assert whole["finish_reason"] == ("length" if max_tokens else "stop")
 
 
+def test_stream_reasoning_false_sends_held_reasoning_before_an_abort(serve):
+    """Aborted mid-reasoning: what was held back comes as one delta before the error event."""
+    import asyncio
+
+    import httpx
+
+    tm, client = serve("<think>\nStill thinking it over, ", reasoning_parser="qwen3")
+
+    async def run() -> list:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=client.app), base_url="http://t") as ac:
+            job = asyncio.create_task(ac.post("/v1/chat/completions", json={
+                "model": MODEL, "messages": [{"role": "user", "content": "Hi"}], "stream": True,
+                "stream_reasoning": False, "max_tokens": 220, "ignore_eos": True}))
+            while not tm.running and not job.done():
+                await asyncio.sleep(0.01)
+            await asyncio.sleep(0.06)                               # ~40 of its 220 tokens
+            assert not job.done(), (await job).text[-500:]
+            assert len((await ac.post("/abort_request", json={"abort_all": True})).json()["aborted"]) == 1
+            return hc.sse_events((await job).text)
+
+    events = asyncio.run(run())
+    assert events[-1] == "[DONE]" and "aborted" in events[-2]["error"]["message"]
+    kinds = _delta_kinds(events[:-2])
+    assert len(kinds) == 1 and kinds[0][0] == "reasoning_content"
+    held = kinds[0][1]
+    assert len(held) > 20 and held.startswith("Still thinking it over, ")
+
+
 def test_stream_reasoning_without_reasoning_or_stream_changes_nothing(serve):
     _, client = serve(reasoning_parser="qwen3")
     with client:

@@ -89,3 +89,11 @@ class AnswerStreamer:
         else:
             content_delta, calls = common.new_text(self.sent_content, 0, text), []
         return reasoning_delta, content_delta, calls
+
+    def held_reasoning(self, text: str) -> str:
+        """The reasoning of the cumulative ``text`` that stream_reasoning false still holds back
+        (sent before an abort's error, so that the option changes when reasoning is sent, never
+        whether)."""
+        if self.reasoning is None or self.stream_reasoning:
+            return ""
+        return self.reasoning.split(text, True).reasoning[self.sent_reasoning:]

@@ -108,6 +108,7 @@ async def _stream(fan: FanOut, req: ChatCompletionRequest, head: dict[str, Any],
     n = len(fan.reqs)
     streamers = [AnswerStreamer(parsers, req.stream_reasoning) for _ in range(n)]
     sent_logprobs = [0] * n
+    texts = [""] * n
     metas: list[Optional[dict]] = [None] * n
     output_ids: list[list[int]] = [[] for _ in range(n)]
 
@@ -124,9 +125,15 @@ async def _stream(fan: FanOut, req: ChatCompletionRequest, head: dict[str, Any],
             meta = metas[i] = out["meta_info"]
             closing = common.abort_events(meta)
             if closing is not None:
+                texts[i] = out.get("text") or texts[i]
+                for j, streamer in enumerate(streamers):
+                    held = streamer.held_reasoning(texts[j])
+                    if held:
+                        yield chunk([ChatChunkChoice(index=j, delta={"reasoning_content": held})])
                 for event in closing:
                     yield event
                 return
+            texts[i] = out["text"]
             reason = common.finish_reason(meta)
             output_ids[i] = out.get("output_ids") or output_ids[i]
             thought, delta, calls = streamers[i].update(out["text"], final=reason is not None)
