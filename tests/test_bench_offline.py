@@ -168,6 +168,7 @@ def test_baseline_builds_transformers_from_a_config_only_folder(llama_tiny, tmp_
     assert hf["generated_tokens"] >= hf["output_tokens"]      # a batch runs to its longest output
     assert r["ratio"] == pytest.approx(r["anyserve"]["output_tokens_per_s"] / hf["output_tokens_per_s"])
     assert r["published"]["output_tokens_per_s"]["sglang"] == 16215.0
+    assert r["published"]["anyserve_total_over_sglang"] == pytest.approx(r["anyserve"]["total_tokens_per_s"] / 16215.0)
 
 
 # ---- benchmarks/bench_serving_gpu.py ------------------------------------------------------------
