@@ -319,6 +319,7 @@ def _engine_info(engine: Any) -> dict[str, Any]:
     info = {"attention_backend": getattr(runner, "attention_backend_name", None),
             "graphs": getattr(runner, "graphs_reason", None),
             "max_total_tokens": getattr(runner, "max_total_tokens", None),
+            "kv_cache_dtype": str(getattr(runner, "kv_cache_dtype", "")).replace("torch.", "") or None,
             "max_running_requests": getattr(runner, "max_running_requests", None)}
     platform = getattr(runner, "platform", None)
     if platform is not None:
