@@ -121,6 +121,18 @@ def test_matches_reference_over_an_fp8_pool(case, kv_dtype):
     torch.testing.assert_close(out.double(), ref, **tolerance(torch.bfloat16))
 
 
+@pytest.mark.parametrize("fp8", [torch.float8_e4m3fn, torch.float8_e5m2, torch.float8_e4m3fnuz, torch.float8_e5m2fnuz])
+def test_fp8_table_conversion_equals_torch_cast(fp8):
+    """from_fp8 (the backend's fast path) gives every one of the 256 values as torch's cast does."""
+    from backends.cpu.torch_attention import from_fp8
+
+    every = torch.arange(256, dtype=torch.uint8).view(fp8).view(16, 16)[:, None].expand(16, 3, 16)
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        ours, ref = from_fp8(every, dtype), every.to(dtype)
+        assert ours.dtype == dtype and ours.shape == ref.shape
+        assert torch.equal(ours.isnan(), ref.isnan()) and torch.equal(ours[~ours.isnan()], ref[~ref.isnan()])
+
+
 def check_steps_in_sequence(backend, req_to_token, rows, g, steps):
     """One request through several extend/decode steps, each reading the K/V the last wrote;
     steps: [(mode, prefix_len, new_tokens)]."""

@@ -5,10 +5,11 @@ K/V are gathered from the pool through ``req_to_token`` (so any page size works)
 call for the whole batch. Extend is one call when all requests have the same new and cached
 lengths, else one call per request: with mixed lengths, padding to the longest costs 2-8x
 more than the per-request calls (measured on the CPU with Qwen2-0.5B shapes). An fp8 pool's
-gathered K/V are converted to q's dtype.
+gathered K/V are converted to q's dtype through a 256-entry table.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Optional
 
@@ -29,6 +30,19 @@ class _Segment:
     kv_slots: torch.Tensor           # [num_reqs * kv_len] int64 KV slots (padding -> slot 0)
     mask: Optional[torch.Tensor]     # [num_reqs or 1, 1, q_len, kv_len] bool, True = attend
     causal: bool = False             # top-left causal, no prefix (instead of a mask)
+
+
+@functools.lru_cache(maxsize=None)
+def _fp8_table(fp8: torch.dtype, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """[256] every value of the 8-bit float ``fp8`` in ``dtype``, indexed by its bits."""
+    return torch.arange(256, dtype=torch.uint8, device=device).view(fp8).to(dtype)
+
+
+def from_fp8(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """x (an 8-bit float) in ``dtype``, exactly as ``x.to(dtype)``; a table lookup, since torch's
+    own conversion is ~3x slower on the CPU (2.3 against 0.8 ms for 1.1M values, bf16)."""
+    table = _fp8_table(x.dtype, dtype, x.device)
+    return table.index_select(0, x.view(torch.uint8).reshape(-1).int()).view(x.shape)
 
 
 class TorchAttentionBackend(AttentionBackend):
@@ -91,7 +105,7 @@ class TorchAttentionBackend(AttentionBackend):
         ks = k_buf.index_select(0, s.kv_slots).view(s.num_reqs, -1, hkv, d)   # [b, kv_len, Hkv, D]
         vs = v_buf.index_select(0, s.kv_slots).view(s.num_reqs, -1, hkv, d)
         if ks.dtype != q.dtype:   # an fp8 pool
-            ks, vs = ks.to(q.dtype), vs.to(q.dtype)
+            ks, vs = from_fp8(ks, q.dtype), from_fp8(vs, q.dtype)
         if s.q_len == 1 and hq != hkv:
             # Decode with GQA: the q heads of one KV head form a query "sequence" of length
             # hq / hkv, so SDPA never expands K and V to every q head, and runs in the model's
