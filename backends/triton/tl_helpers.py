@@ -8,6 +8,8 @@ import torch
 import triton
 import triton.language as tl
 
+from engine.mem_cache.kv_pool import is_fp8
+
 
 def interpreting() -> bool:
     """True when Triton runs kernels in its CPU interpreter (TRITON_INTERPRET=1)."""
@@ -37,7 +39,7 @@ def mma(a, b, FP32_DOT: tl.constexpr):
 def kv_limit(dtype: torch.dtype) -> float:
     """The STORE_LIMIT of a KV pool of ``dtype``: its largest finite value for an 8-bit float
     (stores saturate there), 0.0 (no clamp) otherwise."""
-    return float(torch.finfo(dtype).max) if dtype.is_floating_point and dtype.itemsize == 1 else 0.0
+    return float(torch.finfo(dtype).max) if is_fp8(dtype) else 0.0
 
 
 @triton.jit
