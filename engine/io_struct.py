@@ -174,6 +174,7 @@ class SchedulerInfo:
     dtype: str
     attention_backend: str
     sampling_backend: str
+    kv_cache_dtype: str = ""      # the pool's torch dtype, e.g. bfloat16, float8_e4m3fn
 
 
 @dataclass

@@ -58,6 +58,8 @@ def test_fp8_holds_twice_the_tokens_of_bf16_in_the_same_memory(llama_tiny, monke
                     mem_fraction_static=0.0005) as eng:
             runner = eng.scheduler.runner
             seen[kv] = runner.max_total_tokens, runner.kv_bytes_per_token, runner.describe()
+            # /get_server_info's scheduler_info says what the pool stores
+            assert eng.scheduler.info.kv_cache_dtype == {"auto": "bfloat16", "fp8_e4m3": "float8_e4m3fn"}[kv]
     (tokens_bf16, bytes_bf16, _), (tokens_fp8, bytes_fp8, line) = seen["auto"], seen["fp8_e4m3"]
     assert bytes_bf16 == 2 * bytes_fp8
     assert tokens_fp8 == 2 * tokens_bf16 > 0

@@ -133,6 +133,7 @@ def test_health_and_info_routes(server, http, qwen2_tiny):
     assert s["port"] == server.port and s["grpc_port"] == server.grpc_port and s["device"] == "cpu"
     assert s["context_length"] == s["scheduler_info"]["context_length"] > 0 and s["vocab_size"] > 0
     assert s["scheduler_info"]["max_total_tokens"] > 0 and "version" in s
+    assert s["kv_cache_dtype"] == "auto" and s["scheduler_info"]["kv_cache_dtype"] == s["scheduler_info"]["dtype"]
     assert http.get("/v1/models").json()["data"][0]["id"] == MODEL
 
 

@@ -133,7 +133,8 @@ class Scheduler:
                              context_length=r.context_len, vocab_size=r.vocab_size,
                              device=r.platform.name, dtype=str(r.dtype).replace("torch.", ""),
                              attention_backend=r.attention_backend_name,
-                             sampling_backend=r.sampling_backend_name)
+                             sampling_backend=r.sampling_backend_name,
+                             kv_cache_dtype=str(r.kv_cache_dtype).replace("torch.", ""))
 
     # -- messages ------------------------------------------------------------------------------
     def handle(self, msg: Any) -> Any:
