@@ -130,8 +130,9 @@ class ServerArgs:
     page_size: int = _flag(1, "Tokens per KV page; prefixes are shared in whole pages.", group="memory")
     kv_cache_dtype: str = _flag(
         "auto", "How the KV cache stores K and V: auto (the model's dtype), or 8-bit floats, fp8_e4m3 "
-        "or fp8_e5m2 (the device's variant of the format, e.g. fnuz where the chip uses it), which hold twice the tokens "
-        "in the same memory and halve what decode attention reads, at some accuracy: values are "
+        "or fp8_e5m2 (the device's variant of the format, e.g. fnuz where the chip uses it), which "
+        "hold twice the tokens in the same memory and halve what decode attention reads, at some "
+        "accuracy: values are "
         "stored unscaled (scale 1.0) and saturate at the format's largest (448 for e4m3). Attention "
         "backends triton and torch read fp8 caches.", KV_CACHE_DTYPES, group="memory")
     max_running_requests: Optional[int] = _flag(
