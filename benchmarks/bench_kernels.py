@@ -3,10 +3,12 @@
 context 512/4096. Prints a table and writes JSON.
 
     PYTHONPATH=. python benchmarks/bench_kernels.py --out bench_kernels.json
+        [--kv-cache-dtypes auto fp8_e4m3] [--modes decode] [--batch-sizes 256 512] [--contexts 1280]
 
 Decode: one new token per request over a context of C tokens (KV bytes read / time = GB/s).
 Extend: 512 new tokens per request after C - 512 cached ones (a whole prompt when C = 512).
-Extend tile variants are timed too, to tune the platform's KernelConfig.
+Decode and extend tile variants are timed too, to tune the platform's KernelConfig. Each KV cache
+dtype (``--kv-cache-dtype``'s names) gets its own rows: an fp8 pool reads half the bytes.
 """
 from __future__ import annotations
 
@@ -40,7 +42,8 @@ def _commit() -> str:
         return "unknown"
 
 
-def make_case(mode: str, batch_size: int, context: int, page_size: int, dtype: torch.dtype, device):
+def make_case(mode: str, batch_size: int, context: int, page_size: int, dtype: torch.dtype, device,
+              kv_dtype: torch.dtype):
     """Pool, req_to_token with shuffled pages, and a ForwardBatch plus q/k/v for one step."""
     from engine.mem_cache.kv_pool import KVPool
     from engine.runner.forward_batch import ForwardBatch, ForwardMode
@@ -48,10 +51,10 @@ def make_case(mode: str, batch_size: int, context: int, page_size: int, dtype: t
     g = torch.Generator(device=device).manual_seed(0)
     pages_per_req = -(-context // page_size)
     num_pages = batch_size * pages_per_req + 1
-    pool = KVPool(num_layers=1, num_kv_heads=HKV, head_dim=D, dtype=dtype, device=device,
+    pool = KVPool(num_layers=1, num_kv_heads=HKV, head_dim=D, dtype=kv_dtype, device=device,
                   num_pages=num_pages, page_size=page_size)
-    pool.k_buffers[0].normal_(generator=g)
-    pool.v_buffers[0].normal_(generator=g)
+    for buf in (pool.k_buffers[0], pool.v_buffers[0]):
+        buf.copy_(torch.randn(buf.shape, device=device, generator=g).to(kv_dtype))
     pages = torch.randperm(num_pages, device=device, generator=g)[: batch_size * pages_per_req]
     pages = pages.view(batch_size, pages_per_req)
     pos = torch.arange(context, device=device)
@@ -108,26 +111,39 @@ def timed(label: str, backend_fn, batch, qkv):
         return None, None
 
 
-def bench_case(mode: str, bs: int, ctx: int, page_size: int, dtype, device, base_cfg) -> dict:
-    pool, r2t, batch, qkv = make_case(mode, bs, ctx, page_size, dtype, device)
-    label = f"{mode} bs={bs} ctx={ctx}"
+DECODE_TILES = ((32, 4, 2), (64, 4, 2), (64, 4, 3), (128, 4, 2), (128, 8, 2), (128, 4, 3))
+EXTEND_TILES = ((64, 64, 4), (128, 64, 8), (128, 32, 4))
+
+
+def bench_case(mode: str, bs: int, ctx: int, page_size: int, dtype, device, base_cfg, kv_name: str,
+               kv_dtype) -> dict:
+    pool, r2t, batch, qkv = make_case(mode, bs, ctx, page_size, dtype, device, kv_dtype)
+    label = f"{mode} kv={kv_name} bs={bs} ctx={ctx}"
     torch_ms, ref = timed(f"torch {label}", lambda: build("torch", pool, r2t, page_size, dtype, device), batch, qkv)
     triton_ms, out = timed(f"triton {label}", lambda: build("triton", pool, r2t, page_size, dtype, device),
                            batch, qkv)
-    row = dict(mode=mode, batch=bs, context=ctx, torch_ms=torch_ms, triton_ms=triton_ms,
+    row = dict(mode=mode, kv_cache_dtype=kv_name, batch=bs, context=ctx, torch_ms=torch_ms, triton_ms=triton_ms,
                speedup=torch_ms / triton_ms if torch_ms and triton_ms else None,
                max_abs_err=(out.float() - ref.float()).abs().max().item() if out is not None and ref is not None
                else None)
     if mode == "decode" and triton_ms:
-        row["triton_kv_gbps"] = 2 * bs * ctx * HKV * D * 2 / (triton_ms * 1e-3) / 1e9
-    if mode == "extend":
-        tiles = {}
-        for bm, bn, warps in ((64, 64, 4), (128, 64, 8), (128, 32, 4)):
+        kv_bytes = 2 * bs * ctx * HKV * D * pool.k_buffers[0].element_size()
+        row["triton_kv_gbps"] = kv_bytes / (triton_ms * 1e-3) / 1e9
+    tiles = {}
+    if mode == "decode":
+        for bn, warps, stages in DECODE_TILES:
+            cfg = dataclasses.replace(base_cfg, decode_block_n=bn, decode_num_warps=warps, decode_num_stages=stages)
+            backend = build("triton", pool, r2t, page_size, dtype, device, cfg)
+            key = f"n{backend.decode_block_n}w{warps}s{backend.decode_stages}"   # as launched (fp8: twice n)
+            if key not in tiles:
+                tiles[key] = timed(f"triton {label} tiles {key}", lambda: backend, batch, qkv)[0]
+    else:
+        for bm, bn, warps in EXTEND_TILES:
             cfg = dataclasses.replace(base_cfg, extend_block_m=bm, extend_block_n=bn, extend_num_warps=warps)
             tiles[f"{bm}x{bn}w{warps}"] = timed(
                 f"triton {label} tiles {bm}x{bn}w{warps}",
                 lambda: build("triton", pool, r2t, page_size, dtype, device, cfg), batch, qkv)[0]
-        row["triton_extend_tiles_ms"] = tiles
+    row["triton_tiles_ms"] = tiles
     logger.info("%s: torch %s ms, triton %s ms", label, _fmt(torch_ms), _fmt(triton_ms))
     return row
 
@@ -144,11 +160,14 @@ def run(args) -> dict:
     platform = hal.get_platform("auto")
     base_cfg = platform.kernel_config()
     rows = []
-    for mode in ("decode", "extend"):
-        for bs in args.batch_sizes:
-            for ctx in args.contexts:
-                rows.append(bench_case(mode, bs, ctx, args.page_size, dtype, device, base_cfg))
-                torch.cuda.empty_cache()
+    for kv_name in args.kv_cache_dtypes:
+        kv_dtype = platform.kv_cache_dtype(kv_name, dtype)
+        for mode in args.modes:
+            for bs in args.batch_sizes:
+                for ctx in args.contexts:
+                    rows.append(bench_case(mode, bs, ctx, args.page_size, dtype, device, base_cfg, kv_name,
+                                           kv_dtype))
+                    torch.cuda.empty_cache()
     return dict(device=torch.cuda.get_device_name(), platform=platform.name, commit=_commit(),
                 torch=torch.__version__, triton=__import__("triton").__version__, python=host.python_version(),
                 shape=dict(num_q_heads=HQ, num_kv_heads=HKV, head_dim=D, dtype="bfloat16",
@@ -161,11 +180,11 @@ def print_table(report: dict) -> None:
     print(f"\n{report['device']} ({report['platform']}), commit {report['commit']}, torch {report['torch']}, "
           f"triton {report['triton']}; Llama-3.1-8B attention: {HQ} q heads, {HKV} KV heads, head dim {D}, "
           f"bf16, page size {report['shape']['page_size']}")
-    print(f"{'mode':<7}{'batch':>6}{'context':>9}{'torch ms':>11}{'triton ms':>11}{'speedup':>9}"
-          f"{'KV GB/s':>9}{'max err':>10}  extend tiles (ms)")
+    print(f"{'mode':<7}{'KV':<10}{'batch':>6}{'context':>9}{'torch ms':>11}{'triton ms':>11}{'speedup':>9}"
+          f"{'KV GB/s':>9}{'max err':>10}  tiles (ms)")
     for r in report["results"]:
-        tiles = " ".join(f"{k}={_fmt(v)}" for k, v in r.get("triton_extend_tiles_ms", {}).items())
-        print(f"{r['mode']:<7}{r['batch']:>6}{r['context']:>9}{_fmt(r['torch_ms']):>11}{_fmt(r['triton_ms']):>11}"
+        tiles = " ".join(f"{k}={_fmt(v)}" for k, v in r.get("triton_tiles_ms", {}).items())
+        print(f"{r['mode']:<7}{r['kv_cache_dtype']:<10}{r['batch']:>6}{r['context']:>9}{_fmt(r['torch_ms']):>11}{_fmt(r['triton_ms']):>11}"
               f"{_fmt(r['speedup'], '.2f') + 'x':>9}{_fmt(r.get('triton_kv_gbps'), '.0f'):>9}"
               f"{_fmt(r['max_abs_err'], '.2e'):>10}  {tiles}")
 
@@ -176,6 +195,9 @@ def main() -> None:
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 16, 64])
     parser.add_argument("--contexts", type=int, nargs="+", default=[512, 4096])
     parser.add_argument("--page-size", type=int, default=16)
+    parser.add_argument("--modes", nargs="+", choices=("decode", "extend"), default=["decode", "extend"])
+    parser.add_argument("--kv-cache-dtypes", nargs="+", default=["auto"], metavar="NAME",
+                        help="KV pool dtypes, as --kv-cache-dtype names them (default: auto, the model's)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     if not torch.cuda.is_available():

@@ -16,7 +16,8 @@ class KernelConfig:
     shared_memory_bytes: int = 48 * 1024   # per block; tiles are shrunk until they fit
     num_compute_units: int = 1             # SMs / CUs / Xe cores; filled in at run time
     # decode: one program per (request, KV head, KV split)
-    decode_block_n: int = 64               # KV positions per inner iteration
+    decode_block_n: int = 64               # KV positions per inner iteration (2-byte pool; an fp8
+                                           # pool takes twice as many: the same bytes)
     decode_num_warps: int = 4
     decode_num_stages: int = 2
     max_kv_splits: int = 16                # a power of two; splits along the sequence
@@ -97,9 +98,10 @@ class KernelConfig:
         return m, n, stages
 
     def decode_tiles(self, head_dim: int, elem_bytes: int) -> tuple[int, int]:
-        """(block_n, num_stages) for decode attention at ``head_dim``."""
+        """(block_n, num_stages) for decode attention at ``head_dim`` over a pool of ``elem_bytes``
+        an element: a 1-byte (fp8) pool reads twice decode_block_n positions an iteration."""
         d = _pow2_at_least(head_dim)
-        n, stages = self.decode_block_n, self.decode_num_stages
+        n, stages = self.decode_block_n * (2 if elem_bytes == 1 else 1), self.decode_num_stages
         while 2 * n * d * max(stages, 1) * elem_bytes > self.shared_memory_bytes and stages > 1:
             stages -= 1
         while 2 * n * d * max(stages, 1) * elem_bytes > self.shared_memory_bytes and n > 16:

@@ -185,6 +185,17 @@ def test_triton_attention_over_an_fp8_pool(mode, prefix_lens, ext_lens, kv_dtype
         run_step(mode, prefix_lens, ext_lens, 16, 8, 64, torch.bfloat16, kv_dtype=kv_dtype, rotary=True)
 
 
+def test_triton_decode_tiles_read_the_same_bytes_over_an_fp8_pool():
+    """decode_block_n counts positions of a 2-byte pool; a 1-byte one reads twice as many an
+    iteration (H100, batch 512 x 1280 tokens: 0.72 -> 0.58 ms a layer), shared memory allowing."""
+    cfg = KernelConfig(decode_block_n=64, decode_num_stages=2, shared_memory_bytes=228 * 1024)
+    assert cfg.decode_tiles(128, 2) == (64, 2) and cfg.decode_tiles(128, 1) == (128, 2)
+    small = KernelConfig(decode_block_n=64, decode_num_stages=2, shared_memory_bytes=48 * 1024)
+    assert small.decode_tiles(128, 1) == (128, 1)     # 2 stages of 2 x 128 x 128 bytes would not fit
+    backend = make_setup(16, 8, 64, torch.bfloat16, 1, kv_dtype=torch.float8_e4m3fn, config=SMALL)[0]
+    assert backend.decode_block_n == 2 * SMALL.decode_block_n
+
+
 def test_triton_extend_long_prompt_with_prefix_crosses_blocks():
     run_step(ForwardMode.EXTEND, [70, 0], [45, 90], 8, 4, 64, torch.float32)
 

@@ -34,7 +34,8 @@ class TritonAttentionBackend(AttentionBackend):
         self.config = cfg
         elem = torch.empty((), dtype=self.dtype).element_size()
         self.extend_block_m, self.extend_block_n, self.extend_stages = cfg.extend_tiles(self.head_dim, elem)
-        self.decode_block_n, self.decode_stages = cfg.decode_tiles(self.head_dim, elem)
+        kv_elem = torch.empty((), dtype=self.kv_pool.dtype).element_size()
+        self.decode_block_n, self.decode_stages = cfg.decode_tiles(self.head_dim, kv_elem)
         self.fp32_dot = fp32_dot(self.dtype)
         # decode scratch: [capacity] fp32, viewed per step as [B, Hq, splits, D] and [B, Hq, splits]
         self._partial_o = torch.empty(0, dtype=torch.float32, device=self.device)

@@ -46,7 +46,7 @@ def kernel_cases(cfg: KernelConfig, dt: str, head_dim: int, num_q_heads: int = 3
     d, p = next_pow2(head_dim), f"*{dt}"
     group = num_q_heads // num_kv_heads
     bm, bn, stages = cfg.extend_tiles(head_dim, ELEM_BYTES[dt])
-    dn, dstages = cfg.decode_tiles(head_dim, ELEM_BYTES[dt])
+    dn, dstages = cfg.decode_tiles(head_dim, 1 if kv_dt else ELEM_BYTES[dt])
     fp32 = dt == "fp32"
     idx = {"ReqToToken": "*i32", "ReqPoolIdx": "*i64", "SeqLens": "*i64", "PrefixLens": "*i64",
            "ExtendLens": "*i64", "ExtendStarts": "*i64", "Loc": "*i64", "PartialO": "*fp32",
