@@ -18,7 +18,7 @@ def _flag(default: Any, help: str, choices: Optional[list] = None, group: str = 
 
 SCHEDULE_POLICIES = ["lpm", "fcfs", "dfs-weight", "random"]
 DTYPES = ["auto", "float32", "bfloat16", "float16"]
-KV_CACHE_DTYPES = ["auto", "fp8_e4m3", "fp8_e5m2"]
+KV_CACHE_DTYPES = ["auto", "fp8", "fp8_e4m3", "fp8_e5m2"]
 LOAD_BALANCE_METHODS = ["round_robin", "shortest_queue", "cache_aware"]
 REASONING_PARSERS = ["deepseek-r1", "qwen3"]     # engine.entrypoints.openai.reasoning_parsers
 SPECULATIVE_ALGORITHMS = ["NGRAM"]                # engine/speculative/
@@ -133,8 +133,8 @@ class ServerArgs:
         "or fp8_e5m2 (the device's variant of the format, e.g. fnuz where the chip uses it), which "
         "hold twice the tokens in the same memory and halve what decode attention reads, at some "
         "accuracy: values are "
-        "stored unscaled (scale 1.0) and saturate at the format's largest (448 for e4m3). Attention "
-        "backends triton and torch read fp8 caches.", KV_CACHE_DTYPES, group="memory")
+        "stored unscaled (scale 1.0) and saturate at the format's largest (448 for e4m3). fp8 is "
+        "fp8_e4m3 (vLLM's name). Attention backends triton and torch read fp8 caches.", KV_CACHE_DTYPES, group="memory")
     max_running_requests: Optional[int] = _flag(
         None, "Most requests decoding at once (default: KV capacity / 16 tokens, at most 2048 on "
         "accelerators and 512 on the CPU).", group="memory")

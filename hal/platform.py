@@ -76,11 +76,11 @@ class Platform:
         device's kernels cannot convert is a ValueError that says what to pass instead."""
         if name == "auto":
             return model_dtype
-        if name == "fp8_e4m3":
+        if name in ("fp8", "fp8_e4m3"):    # fp8: vLLM's name for e4m3
             return self.fp8_dtype or torch.float8_e4m3fn
         if name == "fp8_e5m2":
             return self.fp8_e5m2_dtype
-        raise ValueError(f"--kv-cache-dtype {name}: unknown; choose auto, fp8_e4m3 or fp8_e5m2")
+        raise ValueError(f"--kv-cache-dtype {name}: unknown; choose auto, fp8 (= fp8_e4m3), fp8_e4m3 or fp8_e5m2")
 
     def memory_info(self) -> tuple[int, int]:
         """(free_bytes, total_bytes) of the device's memory."""

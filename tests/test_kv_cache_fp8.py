@@ -90,21 +90,27 @@ def test_each_device_maps_the_flag_to_its_variant(monkeypatch):
     # MI300 (CDNA3): the fnuz variants, as its fp8 kernels use
     assert RocmPlatform().kv_cache_dtype("fp8_e4m3", torch.bfloat16) == torch.float8_e4m3fnuz
     assert RocmPlatform().kv_cache_dtype("fp8_e5m2", torch.bfloat16) == torch.float8_e5m2fnuz
+    # fp8: vLLM's name for e4m3, on every device
+    assert cpu.kv_cache_dtype("fp8", torch.float32) == torch.float8_e4m3fn
+    assert RocmPlatform().kv_cache_dtype("fp8", torch.bfloat16) == torch.float8_e4m3fnuz
     with pytest.raises(ValueError, match="unknown"):
-        cpu.kv_cache_dtype("fp8", torch.float32)
+        cpu.kv_cache_dtype("fp8_e4m3fn", torch.float32)
     # NVIDIA: Triton converts e4m3 only from sm89 on
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
     with pytest.raises(ValueError, match="compute capability 8.9 or later .*sm_80: pass fp8_e5m2"):
         CudaPlatform().kv_cache_dtype("fp8_e4m3", torch.bfloat16)
+    with pytest.raises(ValueError, match="--kv-cache-dtype fp8 \\(e4m3\\) needs compute capability 8.9"):
+        CudaPlatform().kv_cache_dtype("fp8", torch.bfloat16)
     assert CudaPlatform().kv_cache_dtype("fp8_e5m2", torch.bfloat16) == torch.float8_e5m2
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
     assert CudaPlatform().kv_cache_dtype("fp8_e4m3", torch.bfloat16) == torch.float8_e4m3fn
 
 
 def test_the_flag_is_checked_and_explained():
-    with pytest.raises(ValueError, match=r"--kv-cache-dtype must be one of \['auto', 'fp8_e4m3', 'fp8_e5m2'\]"):
-        ServerArgs(kv_cache_dtype="fp8")
+    with pytest.raises(ValueError, match=r"--kv-cache-dtype must be one of \['auto', 'fp8', 'fp8_e4m3', 'fp8_e5m2'\]"):
+        ServerArgs(kv_cache_dtype="fp8_e4m3fn")
+    assert ServerArgs(kv_cache_dtype="fp8").kv_cache_dtype == "fp8"
     import argparse
 
     parser = argparse.ArgumentParser()
