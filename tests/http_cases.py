@@ -19,6 +19,8 @@ MODEL = "{{model}}"        # replaced by the served model name
 CHAT = "POST /v1/chat/completions"
 CMPL = "POST /v1/completions"
 GEN = "POST /generate"
+TOK = "POST /v1/tokenize"
+DETOK = "POST /v1/detokenize"
 
 
 class BadInput(NamedTuple):
@@ -109,6 +111,23 @@ BAD_INPUTS: list[BadInput] = [
     BadInput(GEN, '{"text": "\\ud800 x"}', 400, "surrogate"),
     BadInput("GET /v1/models/no-such-model", None, 404, "no-such-model"),
     BadInput("GET /no/such/route", None, 404, "route"),
+    BadInput(TOK, {"model": MODEL}, 400, "exactly one of prompt"),
+    BadInput(TOK, {"prompt": "hi", "messages": _USER}, 400, "exactly one of prompt"),
+    BadInput(TOK, {"prompt": 5}, 400, "prompt"),
+    BadInput(TOK, {"prompt": ["a", 1]}, 400, "prompt"),
+    BadInput(TOK, {"messages": []}, 400, "messages"),
+    BadInput(TOK, {"messages": [{"role": "robot", "content": "x"}]}, 400, "robot"),
+    BadInput(TOK, {"prompt": "hi", "tools": [{"type": "function", "function": {"name": "f"}}]}, 400, "with messages"),
+    BadInput(TOK, {"messages": _USER, "tools": [{"type": "x"}]}, 400, "tools[0]"),
+    BadInput(TOK, {"messages": _USER, "chat_template_kwargs": {"tokenize": True}}, 400, "tokenize"),
+    BadInput(TOK, {"prompt": "hi", "add_special_tokens": "yes"}, 400, "add_special_tokens"),
+    BadInput(TOK, {"model": "no-such-model", "prompt": "hi"}, 404, "no-such-model"),
+    BadInput(DETOK, {}, 400, "tokens"),
+    BadInput(DETOK, {"tokens": "hi"}, 400, "tokens"),
+    BadInput(DETOK, {"tokens": [1.5]}, 400, "tokens"),
+    BadInput(DETOK, {"tokens": [5, 10**9]}, 400, "outside the vocabulary"),
+    BadInput(DETOK, {"tokens": [[5], [-1]]}, 400, "tokens[1]"),
+    BadInput(DETOK, {"model": "no-such-model", "tokens": [5]}, 404, "no-such-model"),
 ]
 
 

@@ -434,3 +434,35 @@ def test_metrics_route_reflects_requests_and_scheduler(fake):
     text = client.get("/metrics").text
     assert "\nanyserve:generation_tokens_total 3.0\n" in text
     assert "\nanyserve:token_usage 0.25\n" in text
+
+
+# ---- /v1/tokenize and /v1/detokenize -----------------------------------------------------
+@pytest.mark.parametrize("prefix", ["/v1", ""])     # SGLang's paths and vLLM's
+def test_tokenize_prompts_and_detokenize_back(fake, prefix):
+    tm, client = fake
+    sent = len(tm.requests)
+    body = client.post(f"{prefix}/tokenize", json={"model": MODEL, "prompt": "Hello",
+                                                   "return_token_strs": True}).json()
+    assert body == {"tokens": [72, 101, 108, 108, 111], "count": 5, "max_model_len": tm.context_len,
+                    "token_strs": list("Hello")}
+    body = client.post(f"{prefix}/tokenize", json={"prompt": ["ab", "", "c"]}).json()   # model optional
+    assert body["tokens"] == [[97, 98], [], [99]] and body["count"] == [2, 0, 1]
+    assert client.post(f"{prefix}/detokenize", json={"tokens": [72, 105]}).json() == {"text": "Hi", "prompt": "Hi"}
+    nested = client.post(f"{prefix}/detokenize", json={"tokens": [[72], [], [2, 105]]}).json()
+    assert nested["text"] == ["H", "", "i"]                                 # id 2: special, skipped
+    kept = client.post(f"{prefix}/detokenize", json={"tokens": [2, 105], "skip_special_tokens": False}).json()
+    assert kept["text"] == "\x02i"
+    assert len(tm.requests) == sent                                         # nothing reached the scheduler
+
+
+def test_tokenize_messages_counts_what_chat_completions_sends(fake):
+    tm, client = fake
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi there"}]
+    kwargs = {"enable_thinking": False}
+    tok = client.post("/v1/tokenize", json={"model": MODEL, "messages": messages,
+                                            "chat_template_kwargs": kwargs}).json()
+    usage = chat(client, messages=messages, chat_template_kwargs=kwargs, max_tokens=2).json()["usage"]
+    assert tok["count"] == usage["prompt_tokens"] == len(tok["tokens"])
+    assert tok["tokens"] == tm.requests[-1].input_ids                        # the very prompt it generated from
+    without = client.post("/v1/tokenize", json={"messages": messages, "add_generation_prompt": False}).json()
+    assert "".join(map(chr, without["tokens"])).endswith("Hi there\n")      # no assistant header

@@ -264,6 +264,28 @@ def test_shared_prefix_reports_cached_tokens(oai):
     assert second.prompt_tokens_details.cached_tokens >= 300 > first.prompt_tokens_details.cached_tokens
 
 
+def test_tokenize_with_the_real_tokenizer_and_chat_template(oai, http, llama_tiny):
+    """/v1/tokenize gives the ids the server generates from: the chat template's (count equals the
+    chat answer's prompt_tokens) and the tokenizer's own for prompts; /v1/detokenize inverts them."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(llama_tiny)
+    messages = [{"role": "user", "content": "Count these words, please"}]
+    body = http.post("/v1/tokenize", json={"model": MODEL, "messages": messages}).json()
+    usage = oai.chat.completions.create(model=MODEL, messages=messages, max_tokens=1).usage
+    assert body["count"] == usage.prompt_tokens == len(body["tokens"]) and body["max_model_len"] == CONTEXT
+    rendered = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    assert body["tokens"] == tok.encode(rendered, add_special_tokens=False)
+    plain = http.post("/tokenize", json={"prompt": "river stone", "return_token_strs": True}).json()
+    assert plain["tokens"] == tok.encode("river stone")                  # with the BOS the tokenizer adds
+    assert plain["token_strs"] == tok.convert_ids_to_tokens(plain["tokens"])
+    bare = http.post("/v1/tokenize", json={"prompt": "river stone", "add_special_tokens": False}).json()
+    assert bare["tokens"] == tok.encode("river stone", add_special_tokens=False)
+    assert http.post("/v1/detokenize", json={"tokens": plain["tokens"]}).json()["text"] == "river stone"
+    usage = oai.completions.create(model=MODEL, prompt="river stone", max_tokens=1).usage
+    assert usage.prompt_tokens == plain["count"]
+
+
 # ---- shared checks, bad inputs -----------------------------------------------------------------
 def test_field_checks_against_real_server(http):
     http_cases.run_field_checks(http, MODEL)

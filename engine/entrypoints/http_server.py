@@ -1,5 +1,5 @@
-"""The HTTP front end: OpenAI's /v1 routes, SGLang's native routes and Prometheus /metrics
-on one FastAPI app. `anyserve serve` builds it with `build_app` and runs it with uvicorn.
+"""The HTTP front end: OpenAI's /v1 routes, /v1/tokenize and /v1/detokenize, SGLang's native
+routes and Prometheus /metrics on one FastAPI app. `anyserve serve` builds it with `build_app` and runs it with uvicorn.
 
 With --api-key every route needs `Authorization: Bearer <key>` except /health,
 /health_generate and /metrics (probes and scrapers usually cannot send one).
@@ -22,6 +22,7 @@ from engine.entrypoints.openai.errors import APIError, CatchAllMiddleware, insta
 from engine.entrypoints.openai.protocol import ModelCard, ModelList
 from engine.entrypoints.openai.serving_chat import create_chat_completion
 from engine.entrypoints.openai.serving_completions import create_completion
+from engine.entrypoints.openai.serving_tokenize import create_detokenize, create_tokenize
 from engine.entrypoints.fanout import ClientDisconnected
 
 logger = logging.getLogger(__name__)
@@ -47,6 +48,17 @@ def build_app(tokenizer_manager: Any, server_args: Any) -> FastAPI:
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
         return await create_completion(ctx, request)
+
+    # SGLang's paths, and vLLM's for the same thing
+    @app.post("/v1/tokenize")
+    @app.post("/tokenize")
+    async def tokenize(request: Request) -> dict[str, Any]:
+        return await create_tokenize(ctx, request)
+
+    @app.post("/v1/detokenize")
+    @app.post("/detokenize")
+    async def detokenize(request: Request) -> dict[str, Any]:
+        return await create_detokenize(ctx, request)
 
     @app.get("/v1/models")
     async def list_models() -> dict[str, Any]:

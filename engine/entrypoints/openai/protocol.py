@@ -30,6 +30,26 @@ RESERVED_TEMPLATE_KWARGS = ("messages", "conversation", "tools", "documents", "a
                             "max_length", "tokenizer_kwargs")
 
 
+def check_template_kwargs(v: Optional[dict[str, Any]]) -> Optional[dict[str, Any]]:
+    taken = [k for k in v or {} if k in RESERVED_TEMPLATE_KWARGS]
+    if taken:
+        raise ValueError(f"must not set {taken[0]!r}: the server passes it to the chat template "
+                         "itself (use the request's messages and tools fields)")
+    return v
+
+
+def check_tools(v: Optional[list[dict[str, Any]]]) -> Optional[list[dict[str, Any]]]:
+    for i, tool in enumerate(v or []):
+        fn = tool.get("function")
+        if tool.get("type") != "function" or not isinstance(fn, dict):
+            raise ValueError(f"tools[{i}] must be {{\"type\": \"function\", \"function\": {{...}}}}")
+        if not isinstance(fn.get("name"), str) or not fn["name"]:
+            raise ValueError(f"tools[{i}].function.name must be a non-empty string")
+        if fn.get("parameters") is not None and not isinstance(fn["parameters"], dict):
+            raise ValueError(f"tools[{i}].function.parameters must be a JSON Schema object")
+    return v
+
+
 class _Model(BaseModel):
     # Unknown fields are ignored, as SDKs send fields we do not use (store, metadata, ...).
     model_config = ConfigDict(extra="ignore", strict=True, allow_inf_nan=False,
@@ -219,24 +239,12 @@ class ChatCompletionRequest(_SamplingRequest):
     @field_validator("chat_template_kwargs")
     @classmethod
     def _template_kwargs_not_reserved(cls, v: Optional[dict[str, Any]]) -> Optional[dict[str, Any]]:
-        taken = [k for k in v or {} if k in RESERVED_TEMPLATE_KWARGS]
-        if taken:
-            raise ValueError(f"must not set {taken[0]!r}: the server passes it to the chat template "
-                             "itself (use the request's messages and tools fields)")
-        return v
+        return check_template_kwargs(v)
 
     @field_validator("tools")
     @classmethod
     def _tools_shape(cls, v: Optional[list[dict[str, Any]]]) -> Optional[list[dict[str, Any]]]:
-        for i, tool in enumerate(v or []):
-            fn = tool.get("function")
-            if tool.get("type") != "function" or not isinstance(fn, dict):
-                raise ValueError(f"tools[{i}] must be {{\"type\": \"function\", \"function\": {{...}}}}")
-            if not isinstance(fn.get("name"), str) or not fn["name"]:
-                raise ValueError(f"tools[{i}].function.name must be a non-empty string")
-            if fn.get("parameters") is not None and not isinstance(fn["parameters"], dict):
-                raise ValueError(f"tools[{i}].function.parameters must be a JSON Schema object")
-        return v
+        return check_tools(v)
 
     @field_validator("tool_choice")
     @classmethod
@@ -507,6 +515,44 @@ class CompletionResponse(_Out):
     system_fingerprint: str
     choices: list[CompletionChoice]
     usage: Optional[UsageInfo] = None
+
+
+class TokenizeRequest(_Model):
+    """POST /v1/tokenize (SGLang) and /tokenize (vLLM): a prompt, a list of prompts, or chat
+    messages rendered by the chat template exactly as /v1/chat/completions renders them."""
+    model: Optional[str] = None
+    prompt: Optional[Union[str, list[str]]] = None
+    messages: Optional[list[ChatMessage]] = Field(default=None, min_length=1)
+    tools: Optional[list[dict[str, Any]]] = None
+    chat_template_kwargs: Optional[dict[str, Any]] = None
+    add_generation_prompt: bool = True
+    add_special_tokens: bool = True     # prompts only (a chat template writes its own)
+    return_token_strs: bool = False
+
+    @field_validator("chat_template_kwargs")
+    @classmethod
+    def _template_kwargs_not_reserved(cls, v: Optional[dict[str, Any]]) -> Optional[dict[str, Any]]:
+        return check_template_kwargs(v)
+
+    @field_validator("tools")
+    @classmethod
+    def _tools_shape(cls, v: Optional[list[dict[str, Any]]]) -> Optional[list[dict[str, Any]]]:
+        return check_tools(v)
+
+    @model_validator(mode="after")
+    def _one_input(self) -> "TokenizeRequest":
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("send exactly one of prompt (a string or a list of strings) and messages")
+        if self.messages is None and (self.tools is not None or self.chat_template_kwargs is not None):
+            raise ValueError("tools and chat_template_kwargs go with messages, not with prompt")
+        return self
+
+
+class DetokenizeRequest(_Model):
+    """POST /v1/detokenize (SGLang) and /detokenize (vLLM): token ids, or a list of them, to text."""
+    model: Optional[str] = None
+    tokens: Union[list[int], list[list[int]]]
+    skip_special_tokens: bool = True
 
 
 class ModelCard(_Out):
