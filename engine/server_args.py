@@ -173,6 +173,9 @@ class ServerArgs:
     api_key: Optional[str] = _flag(None, "Require this bearer token (HTTP) or 'authorization' "
                                    "metadata (gRPC).", group="server")
     log_requests: bool = _flag(False, "Log one line per finished request.", group="server")
+    stream_interval: int = _flag(1, "Send a streamed request's new tokens every this many tokens (the first "
+                                 "and the last at once): fewer, larger chunks, less host work at high "
+                                 "concurrency.", group="server")
     decode_log_interval: int = _flag(40, "Log a 'Decode batch' line (running requests, KV usage, recent "
                                      "generation throughput) every this many decode steps; 0 turns it "
                                      "off. Every prefill batch is logged too.", group="server")
@@ -214,6 +217,8 @@ class ServerArgs:
                 kernel_config_overrides(self.kernel_config)
             except ValueError as e:
                 bad("kernel_config", str(e))
+        if self.stream_interval < 1:
+            bad("stream_interval", f"must be >= 1, got {self.stream_interval}")
         if self.decode_log_interval < 0:
             bad("decode_log_interval", f"must be >= 0, got {self.decode_log_interval}")
         if self.max_prefill_tokens < 1:

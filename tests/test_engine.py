@@ -172,6 +172,21 @@ def test_streaming_deltas_add_up(llama_engine):
     assert all(final["text"].startswith(c["text"]) for c in chunks)
 
 
+def test_stream_interval_sends_first_token_then_every_n(llama_engine, llama_tiny):
+    """--stream-interval 4: the first token at once, then every 4 more, the rest with the finish
+    (a reader that falls behind may get two of these together); the same tokens as without it."""
+    params = {**GREEDY, "max_new_tokens": 10, "ignore_eos": True}
+    final = llama_engine.generate("Streaming works", params)
+    with Engine(model_path=str(llama_tiny), device="cpu", dtype="float32", stream_interval=4) as eng:
+        chunks = list(eng.generate("Streaming works", params, stream=True))
+    sizes = [len(c["output_ids"]) for c in chunks]
+    assert len(sizes) >= 2 and sizes[-1] == 10 and all((n - 1) % 4 == 0 for n in sizes[:-1]), sizes
+    assert chunks[-1]["output_ids"] == final["output_ids"] and chunks[-1]["text"] == final["text"]
+    from engine.server_args import ServerArgs
+    with pytest.raises(ValueError, match="--stream-interval must be >= 1, got 0"):
+        ServerArgs(model_path=str(llama_tiny), stream_interval=0)
+
+
 def test_logprobs_of_chosen_and_top_tokens(llama_engine):
     out = llama_engine.generate("Logprobs", {**GREEDY, "max_new_tokens": 6}, return_logprob=True,
                                 top_logprobs_num=3)

@@ -142,7 +142,7 @@ class NgramDecoder:
                 step.accepted_tokens += taken - 1
             if r.finished:
                 finished.append(r)
-            if r.stream or r.finished:
+            if s.output_due(r):
                 s.outputs.append(r)
             row += n
         if finished:
