@@ -30,26 +30,6 @@ RESERVED_TEMPLATE_KWARGS = ("messages", "conversation", "tools", "documents", "a
                             "max_length", "tokenizer_kwargs")
 
 
-def check_template_kwargs(v: Optional[dict[str, Any]]) -> Optional[dict[str, Any]]:
-    taken = [k for k in v or {} if k in RESERVED_TEMPLATE_KWARGS]
-    if taken:
-        raise ValueError(f"must not set {taken[0]!r}: the server passes it to the chat template "
-                         "itself (use the request's messages and tools fields)")
-    return v
-
-
-def check_tools(v: Optional[list[dict[str, Any]]]) -> Optional[list[dict[str, Any]]]:
-    for i, tool in enumerate(v or []):
-        fn = tool.get("function")
-        if tool.get("type") != "function" or not isinstance(fn, dict):
-            raise ValueError(f"tools[{i}] must be {{\"type\": \"function\", \"function\": {{...}}}}")
-        if not isinstance(fn.get("name"), str) or not fn["name"]:
-            raise ValueError(f"tools[{i}].function.name must be a non-empty string")
-        if fn.get("parameters") is not None and not isinstance(fn["parameters"], dict):
-            raise ValueError(f"tools[{i}].function.parameters must be a JSON Schema object")
-    return v
-
-
 class _Model(BaseModel):
     # Unknown fields are ignored, as SDKs send fields we do not use (store, metadata, ...).
     model_config = ConfigDict(extra="ignore", strict=True, allow_inf_nan=False,
@@ -221,30 +201,47 @@ class ChatMessage(_Model):
         return d
 
 
-class ChatCompletionRequest(_SamplingRequest):
-    messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: Optional[int] = None
-    logprobs: bool = False
-    top_logprobs: Optional[int] = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
+class _ChatTemplateInputs(_Model):
+    """What the chat template reads besides the messages: tools, and SGLang's chat_template_kwargs
+    (extra template variables, e.g. {"enable_thinking": false})."""
     tools: Optional[list[dict[str, Any]]] = None
-    tool_choice: Optional[Union[str, dict[str, Any]]] = None
-    parallel_tool_calls: bool = True
-    # SGLang's: extra variables for the chat template (e.g. {"enable_thinking": false}), whether
-    # a --reasoning-parser server returns the reasoning apart (reasoning_content), and whether a
-    # stream sends it as it comes (false: one reasoning_content delta once the reasoning ends).
     chat_template_kwargs: Optional[dict[str, Any]] = None
-    separate_reasoning: bool = True
-    stream_reasoning: bool = True
 
     @field_validator("chat_template_kwargs")
     @classmethod
     def _template_kwargs_not_reserved(cls, v: Optional[dict[str, Any]]) -> Optional[dict[str, Any]]:
-        return check_template_kwargs(v)
+        taken = [k for k in v or {} if k in RESERVED_TEMPLATE_KWARGS]
+        if taken:
+            raise ValueError(f"must not set {taken[0]!r}: the server passes it to the chat template "
+                             "itself (use the request's messages and tools fields)")
+        return v
 
     @field_validator("tools")
     @classmethod
     def _tools_shape(cls, v: Optional[list[dict[str, Any]]]) -> Optional[list[dict[str, Any]]]:
-        return check_tools(v)
+        for i, tool in enumerate(v or []):
+            fn = tool.get("function")
+            if tool.get("type") != "function" or not isinstance(fn, dict):
+                raise ValueError(f"tools[{i}] must be {{\"type\": \"function\", \"function\": {{...}}}}")
+            if not isinstance(fn.get("name"), str) or not fn["name"]:
+                raise ValueError(f"tools[{i}].function.name must be a non-empty string")
+            if fn.get("parameters") is not None and not isinstance(fn["parameters"], dict):
+                raise ValueError(f"tools[{i}].function.parameters must be a JSON Schema object")
+        return v
+
+
+class ChatCompletionRequest(_SamplingRequest, _ChatTemplateInputs):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: Optional[int] = None
+    logprobs: bool = False
+    top_logprobs: Optional[int] = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
+    tool_choice: Optional[Union[str, dict[str, Any]]] = None
+    parallel_tool_calls: bool = True
+    # SGLang's: whether a --reasoning-parser server returns the reasoning apart
+    # (reasoning_content), and whether a stream sends it as it comes (false: one
+    # reasoning_content delta once the reasoning ends).
+    separate_reasoning: bool = True
+    stream_reasoning: bool = True
 
     @field_validator("tool_choice")
     @classmethod
@@ -517,27 +514,15 @@ class CompletionResponse(_Out):
     usage: Optional[UsageInfo] = None
 
 
-class TokenizeRequest(_Model):
+class TokenizeRequest(_ChatTemplateInputs):
     """POST /v1/tokenize (SGLang) and /tokenize (vLLM): a prompt, a list of prompts, or chat
     messages rendered by the chat template exactly as /v1/chat/completions renders them."""
     model: Optional[str] = None
     prompt: Optional[Union[str, list[str]]] = None
     messages: Optional[list[ChatMessage]] = Field(default=None, min_length=1)
-    tools: Optional[list[dict[str, Any]]] = None
-    chat_template_kwargs: Optional[dict[str, Any]] = None
     add_generation_prompt: bool = True
     add_special_tokens: bool = True     # prompts only (a chat template writes its own)
     return_token_strs: bool = False
-
-    @field_validator("chat_template_kwargs")
-    @classmethod
-    def _template_kwargs_not_reserved(cls, v: Optional[dict[str, Any]]) -> Optional[dict[str, Any]]:
-        return check_template_kwargs(v)
-
-    @field_validator("tools")
-    @classmethod
-    def _tools_shape(cls, v: Optional[list[dict[str, Any]]]) -> Optional[list[dict[str, Any]]]:
-        return check_tools(v)
 
     @model_validator(mode="after")
     def _one_input(self) -> "TokenizeRequest":
