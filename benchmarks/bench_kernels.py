@@ -184,7 +184,8 @@ def print_table(report: dict) -> None:
           f"{'KV GB/s':>9}{'max err':>10}  tiles (ms)")
     for r in report["results"]:
         tiles = " ".join(f"{k}={_fmt(v)}" for k, v in r.get("triton_tiles_ms", {}).items())
-        print(f"{r['mode']:<7}{r['kv_cache_dtype']:<10}{r['batch']:>6}{r['context']:>9}{_fmt(r['torch_ms']):>11}{_fmt(r['triton_ms']):>11}"
+        print(f"{r['mode']:<7}{r['kv_cache_dtype']:<10}{r['batch']:>6}{r['context']:>9}"
+              f"{_fmt(r['torch_ms']):>11}{_fmt(r['triton_ms']):>11}"
               f"{_fmt(r['speedup'], '.2f') + 'x':>9}{_fmt(r.get('triton_kv_gbps'), '.0f'):>9}"
               f"{_fmt(r['max_abs_err'], '.2e'):>10}  {tiles}")
 

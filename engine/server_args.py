@@ -134,7 +134,8 @@ class ServerArgs:
         "hold twice the tokens in the same memory and halve what decode attention reads, at some "
         "accuracy: values are "
         "stored unscaled (scale 1.0) and saturate at the format's largest (448 for e4m3). fp8 is "
-        "fp8_e4m3 (vLLM's name). Attention backends triton and torch read fp8 caches.", KV_CACHE_DTYPES, group="memory")
+        "fp8_e4m3 (vLLM's name). Attention backends triton and torch read fp8 caches.",
+        KV_CACHE_DTYPES, group="memory")
     max_running_requests: Optional[int] = _flag(
         None, "Most requests decoding at once (default: KV capacity / 16 tokens, at most 2048 on "
         "accelerators and 512 on the CPU).", group="memory")

@@ -80,7 +80,8 @@ class Platform:
             return self.fp8_dtype or torch.float8_e4m3fn
         if name == "fp8_e5m2":
             return self.fp8_e5m2_dtype
-        raise ValueError(f"--kv-cache-dtype {name}: unknown; choose auto, fp8 (= fp8_e4m3), fp8_e4m3 or fp8_e5m2")
+        raise ValueError(f"--kv-cache-dtype {name}: unknown; choose auto, fp8 (= fp8_e4m3), fp8_e4m3 or "
+                         "fp8_e5m2")
 
     def memory_info(self) -> tuple[int, int]:
         """(free_bytes, total_bytes) of the device's memory."""

@@ -98,8 +98,8 @@ class CudaPlatform(CudaLikePlatform):
         """Triton converts to and from e4m3 only on sm89 (Ada) and later; e5m2 everywhere."""
         major, minor = torch.cuda.get_device_capability(torch.cuda.current_device())
         if name in ("fp8", "fp8_e4m3") and (major, minor) < (8, 9):
-            raise ValueError(f"--kv-cache-dtype {name} (e4m3) needs compute capability 8.9 or later (Ada, "
-                             f"Hopper); this GPU is sm_{major}{minor}: pass fp8_e5m2")
+            raise ValueError(f"--kv-cache-dtype {name} (e4m3) needs compute capability 8.9 or later "
+                             f"(Ada, Hopper); this GPU is sm_{major}{minor}: pass fp8_e5m2")
         return super().kv_cache_dtype(name, model_dtype)
 
     @classmethod

@@ -1,5 +1,6 @@
 """The HTTP front end: OpenAI's /v1 routes, /v1/tokenize and /v1/detokenize, SGLang's native
-routes and Prometheus /metrics on one FastAPI app. `anyserve serve` builds it with `build_app` and runs it with uvicorn.
+routes and Prometheus /metrics on one FastAPI app. `anyserve serve` builds it with `build_app`
+and runs it with uvicorn.
 
 With --api-key every route needs `Authorization: Bearer <key>` except /health,
 /health_generate and /metrics (probes and scrapers usually cannot send one).
