@@ -116,6 +116,12 @@ class Req:
         """Still has prompt (or resumed) tokens without KV, beyond the last one to feed."""
         return self.kv_len < self.seq_len - 1 or not self.num_out
 
+    def output_due(self, stream_interval: int) -> bool:
+        """Whether there is something to send after the latest tokens: when finished, and for a
+        stream its first token and then every ``stream_interval`` (--stream-interval) tokens."""
+        return self.finished or (self.stream and (self.sent_len == 0 or
+                                                  len(self.output_ids) - self.sent_len >= stream_interval))
+
     def reset_kv(self) -> None:
         self.req_pool_idx = None
         self.prefix_indices = torch.empty(0, dtype=torch.int64)

@@ -460,7 +460,7 @@ class Scheduler:
             self.append_token(r, tok, i, logprobs, top_vals, top_ids)
             if r.finished:
                 finished.append(r)
-            if self.output_due(r):
+            if r.output_due(self.args.stream_interval):
                 self.outputs.append(r)
         if finished:
             self.finish_reqs(finished)
@@ -524,12 +524,6 @@ class Scheduler:
         if (p.max_new_tokens is not None and n_out >= p.max_new_tokens) or \
                 len(r.origin_input_ids) + n_out >= self.runner.context_len:
             r.finished_reason = {"type": "length", "length": n_out}
-
-    def output_due(self, r: Req) -> bool:
-        """Whether r has something to send after its latest tokens: when it finished, and for a
-        stream its first token and then every --stream-interval tokens."""
-        return r.finished or (r.stream and (r.sent_len == 0 or
-                                            len(r.output_ids) - r.sent_len >= self.args.stream_interval))
 
     def take_outputs(self) -> Optional[BatchTokenOutput]:
         """New tokens of every request that has something to send since the last call."""

@@ -142,7 +142,7 @@ class NgramDecoder:
                 step.accepted_tokens += taken - 1
             if r.finished:
                 finished.append(r)
-            if s.output_due(r):
+            if r.output_due(s.args.stream_interval):
                 s.outputs.append(r)
             row += n
         if finished:
