@@ -9,7 +9,7 @@ that request's ``usage.prompt_tokens``. Detokenize answers ``text`` (and ``promp
 name for it)."""
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 from jinja2 import TemplateError
 from starlette.requests import Request
@@ -25,29 +25,24 @@ async def create_tokenize(ctx: ApiContext, request: Request) -> dict[str, Any]:
     if req.model is not None:     # optional here, as in vLLM
         ctx.check_model(req.model)
     tm, tok = ctx.tm, ctx.tm.tokenizer
+    single = req.messages is not None or isinstance(req.prompt, str)
     if req.messages is not None:
         try:
-            ids = tm.apply_chat_template([m.to_template_dict() for m in req.messages], req.tools,
-                                         add_generation_prompt=req.add_generation_prompt,
-                                         template_kwargs=req.chat_template_kwargs)
+            seqs = [tm.apply_chat_template([m.to_template_dict() for m in req.messages], req.tools,
+                                           add_generation_prompt=req.add_generation_prompt,
+                                           template_kwargs=req.chat_template_kwargs)]
         except ValueError as e:
             raise from_value_error(e) from None
         except TemplateError as e:
             raise APIError(400, f"the chat template rejected the messages: {e}", param="messages") from None
-        batch: Optional[list[list[int]]] = None
     else:
-        prompts = [req.prompt] if isinstance(req.prompt, str) else req.prompt
-        batch = [tok.encode(p, add_special_tokens=req.add_special_tokens) for p in prompts]
-        ids = batch[0] if isinstance(req.prompt, str) else None
-    out: dict[str, Any] = {"max_model_len": tm.context_len}
-    if ids is not None:
-        out.update(tokens=ids, count=len(ids))
-        if req.return_token_strs:
-            out["token_strs"] = tok.convert_ids_to_tokens(ids)
-    else:
-        out.update(tokens=batch, count=[len(b) for b in batch])
-        if req.return_token_strs:
-            out["token_strs"] = [tok.convert_ids_to_tokens(b) for b in batch]
+        prompts = [req.prompt] if single else req.prompt
+        seqs = [tok.encode(p, add_special_tokens=req.add_special_tokens) for p in prompts]
+    out: dict[str, Any] = {"tokens": seqs, "count": [len(s) for s in seqs], "max_model_len": tm.context_len}
+    if req.return_token_strs:
+        out["token_strs"] = [tok.convert_ids_to_tokens(s) for s in seqs]
+    if single:      # one prompt: one list, one count
+        out.update({k: v[0] for k, v in out.items() if k != "max_model_len"})
     return out
 
 
