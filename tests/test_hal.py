@@ -55,3 +55,22 @@ def test_no_vendor_names_in_engine():
             if pattern.search(line):
                 hits.append(f"{path.relative_to(ROOT)}:{i}: {line.strip()}")
     assert not hits, "vendor names inside engine/ (see DESIGN.md, the rule of the HAL):\n" + "\n".join(hits)
+
+
+def test_linear_with_residual_writes_the_sum_over_the_residual():
+    """The residual add happens in the matmul (addmm) and, where the residual is a plain tensor the
+    caller gives up, in place: the same numbers as the out-of-place addmm, without its copy."""
+    from backends.cpu.torch_layer_ops import TorchLayerOps
+
+    g = torch.Generator().manual_seed(3)
+    x, w = torch.randn(5, 24, generator=g), torch.randn(16, 24, generator=g)
+    r = torch.randn(5, 16, generator=g)
+    want = torch.addmm(r, x, w.t())
+    out = TorchLayerOps().linear(x, w, residual=r)
+    assert torch.equal(out, want) and out.data_ptr() == r.data_ptr()
+    # a strided residual is read, not written
+    wide = torch.randn(5, 32, generator=g)
+    strided = wide[:, ::2]
+    before = wide.clone()
+    out = TorchLayerOps().linear(x, w, residual=strided)
+    assert torch.equal(out, torch.addmm(before[:, ::2], x, w.t())) and torch.equal(wide, before)

@@ -173,7 +173,7 @@ class RowParallelLinear(LinearBase):
                 residual: Optional[torch.Tensor] = None) -> torch.Tensor:
         """With silu_mul_input, x is the MLP's [gate | up] and SiLU-and-mul is applied first (in
         the same kernel where the layer ops can). residual: added to the (reduced) output, in the
-        matmul's kernel on one rank."""
+        matmul's kernel on one rank, where the sum may be written over it (the caller gives it up)."""
         if self.tp_size == 1:
             return self.layer_ops.linear(x, self.weight, self.bias, silu_mul_input=silu_mul_input,
                                          residual=residual)
