@@ -3,12 +3,12 @@
     python benchmarks/profile_decode.py MODEL_DIR [--batch-size 1 [64 ...]] [--prompt-len 512] [--steps 64]
                                                   [--server-arg KEY=VALUE ...] [--output-file out.json]
 
-For each ``--batch-size``, runs that many requests (random prompts, greedy, ignore_eos) through the offline Engine with
-dummy weights, profiles ``--steps`` decode steps with torch.profiler (kernels launched from captured
-graphs are recorded one by one), and prints each kernel's device time per decode step next to the
-wall time per step: their difference is what the device spends idle between kernels. Both figures
-are differences of two runs that differ only in their number of decode steps, so the prefill's
-kernels cancel out.
+For each ``--batch-size``, runs that many requests (random prompts, greedy, ignore_eos) through the
+offline Engine with dummy weights, profiles ``--steps`` decode steps with torch.profiler (kernels
+launched from captured graphs are recorded one by one), and prints each kernel's device time per
+decode step next to the wall time per step: their difference is what the device spends idle
+between kernels. Both figures are differences of two runs that differ only in their number of
+decode steps, so the prefill's kernels cancel out.
 """
 from __future__ import annotations
 
@@ -49,7 +49,8 @@ def main() -> None:
     engine.shutdown()
     if args.output_file:
         with open(args.output_file, "w") as f:
-            json.dump({"prompt_len": args.prompt_len, "steps": n, "server_args": kw, "batches": results}, f, indent=1)
+            json.dump({"prompt_len": args.prompt_len, "steps": n, "server_args": kw, "batches": results}, f,
+                      indent=1)
 
 
 def _profile_batch(engine, bs: int, prompt_len: int, n: int, top: int) -> dict:
@@ -76,7 +77,7 @@ def _profile_batch(engine, bs: int, prompt_len: int, n: int, top: int) -> dict:
     # kernels are profiled the same way, so prefill's kernels (the same in both runs) cancel out
     short, long_ = run(2), run(2 + n)
     step_ms = 1e3 * (long_ - short) / n
-    per_kernel: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0])
+    per_kernel: dict[str, list[float]] = defaultdict(lambda: [0.0, 0])
     for sign, new_tokens in ((-1, 2), (1, 2 + n)):
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
             run(new_tokens)
@@ -92,12 +93,14 @@ def _profile_batch(engine, bs: int, prompt_len: int, n: int, top: int) -> dict:
     rows = sorted(((t / 1e3 / n, c / n, k) for k, (t, c) in per_kernel.items() if c > 0), reverse=True)
     busy = sum(r[0] for r in rows)
     print(f"batch {bs}, prompt {prompt_len}: decode step {step_ms:.3f} ms wall "
-          f"({bs / step_ms * 1e3:.1f} tok/s); kernels {busy:.3f} ms per decode step ({100 * busy / step_ms:.0f}% busy)")
+          f"({bs / step_ms * 1e3:.1f} tok/s); kernels {busy:.3f} ms per decode step "
+          f"({100 * busy / step_ms:.0f}% busy)")
     print(f"{'ms/step':>8} {'share':>6} {'calls/step':>10}  kernel")
     for t, c, k in rows[:top]:
         print(f"{t:8.4f} {100 * t / busy:5.1f}% {c:10.1f}  {k}")
     return {"batch_size": bs, "step_ms": step_ms, "kernel_ms_per_step": busy,
             "kernels": [{"name": k, "ms_per_step": t, "calls_per_step": c} for t, c, k in rows]}
+
 
 if __name__ == "__main__":
     main()

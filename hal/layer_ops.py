@@ -47,9 +47,8 @@ class LayerOps(ABC):
         silu_mul_input, x is the MLP's [..., 2K] = [gate | up] and the product is of
         silu_and_mul(x). The residual is added before the one rounding where the matmul can
         (addmm), which the reference's separate add rounds twice. The caller gives the residual
-        up: the sum may be written over it (an in-place addmm, where torch's out-of-place one
-        first copies the residual into a new tensor: two copies a layer, ~1.4% of a decode step
-        at batch 128 on the H100)."""
+        up: the sum may be written over it (in-place addmm; the out-of-place one copies the
+        residual first, benchmarks/RESULTS.md session 11)."""
         h = self.silu_and_mul(x) if silu_mul_input else x
         if residual is None:
             return F.linear(h, weight, bias)
