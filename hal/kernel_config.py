@@ -52,6 +52,17 @@ class KernelConfig:
     gemv_tile_k: int = 256
     gemv_tile_num_warps: int = 4
     gemv_tile_num_stages: int = 4
+    # linears of more than gemv_max_rows and at most skinny_max_rows rows (mid-sized decode
+    # batches) as the one-pass GEMM of backends/triton/skinny_gemm.py; 0: never. Each program
+    # streams skinny_block_n rows of the weight in skinny_block_k chunks along at most
+    # skinny_k_per_split of K (split-K with a second, summing kernel past that). At most
+    # skinny_gemm.MAX_ROWS (128) take it, whatever this says.
+    skinny_max_rows: int = 0
+    skinny_block_n: int = 64
+    skinny_block_k: int = 128
+    skinny_k_per_split: int = 8192
+    skinny_num_warps: int = 4
+    skinny_num_stages: int = 4
     # 1: the one-row GEMV also does the RMSNorm of its input where the model asks (rms_norm_linear:
     # a decoder layer's two norms), in the same pass over x (H200 batch 1: 237.4 -> 238.3 tok/s)
     gemv_fuse_norm: int = 1
@@ -72,12 +83,14 @@ class KernelConfig:
             v = getattr(self, name)
             if v < 1 or v & (v - 1):
                 raise ValueError(f"{name} must be a power of two, got {v}")
-        for name in ("gemv_tile_n", "gemv_tile_k"):
+        for name in ("gemv_tile_n", "gemv_tile_k", "skinny_block_n", "skinny_block_k"):
             v = getattr(self, name)
             if v < 16 or v & (v - 1):
                 raise ValueError(f"{name} must be a power of two >= 16, got {v}")
         if self.gemv_max_rows < 0:
             raise ValueError(f"gemv_max_rows must be >= 0, got {self.gemv_max_rows}")
+        if self.skinny_max_rows < 0:
+            raise ValueError(f"skinny_max_rows must be >= 0, got {self.skinny_max_rows}")
 
     def extend_tiles(self, head_dim: int, elem_bytes: int) -> tuple[int, int, int]:
         """(block_m, block_n, num_stages) for extend attention at ``head_dim``, shrunk until the Q

@@ -472,6 +472,71 @@ def test_triton_linear_takes_the_gemv_only_for_few_rows(monkeypatch):
                             smem_bytes=KernelConfig().shared_memory_bytes, pdl=False)
 
 
+
+@pytest.mark.parametrize("dtype", OPS_DTYPES)
+@pytest.mark.parametrize("rows,n,k,residual,bias,block_n,block_k,k_per_split", [
+    (17, 64, 256, False, False, 32, 64, 8192),   # one split, even tiles
+    (40, 50, 200, True, True, 16, 64, 8192),     # ragged N and K, residual, bias
+    (128, 96, 512, True, False, 32, 128, 128),   # the most rows, four splits
+    (33, 40, 300, True, True, 16, 32, 100),      # three even splits of whole chunks, ragged K
+    (5, 7, 33, False, True, 16, 256, 16),        # block_k wider than K: one split after all
+])
+def test_triton_skinny_gemm_matches_torch(dtype, rows, n, k, residual, bias, block_n, block_k, k_per_split):
+    """The one-pass GEMM (W on the MMA's M side, x's rows on its N side; split-K summed in a second
+    kernel) against an fp32 reference, bias and residual in its epilogue or in the split sum."""
+    from backends.triton.skinny_gemm import skinny_gemm
+
+    g = torch.Generator().manual_seed(rows + k)
+    x = (3 * torch.randn(rows, k, generator=g)).to(dtype)
+    w = (torch.randn(n, k, generator=g) / k ** 0.5).to(dtype)
+    b = torch.randn(n, generator=g).to(dtype) if bias else None
+    r = torch.randn(rows, n, generator=g).to(dtype) if residual else None
+    ours = skinny_gemm(x, w, b, residual=r, block_n=block_n, block_k=block_k, k_per_split=k_per_split,
+                       num_stages=2)
+    ref = torch.nn.functional.linear(x.float(), w.float(), None if b is None else b.float())
+    ref = ref if r is None else ref + r.float()
+    assert ours.dtype == x.dtype and ours.shape == (rows, n)
+    ulps = 1e-5 if dtype == torch.float32 else 2 * torch.finfo(dtype).eps
+    torch.testing.assert_close(ours.float(), ref, atol=ulps * ref.abs().max().item(), rtol=ulps)
+
+
+def test_triton_skinny_gemm_refuses_too_many_rows_and_the_wrong_width():
+    from backends.triton.skinny_gemm import MAX_ROWS, skinny_gemm
+
+    w = torch.randn(16, 32)
+    with pytest.raises(ValueError, match=f"at most {MAX_ROWS} rows"):
+        skinny_gemm(torch.randn(MAX_ROWS + 1, 32), w)
+    with pytest.raises(ValueError, match="needs 32"):
+        skinny_gemm(torch.randn(4, 31), w)
+    assert skinny_gemm(torch.randn(0, 32), w).shape == (0, 16)
+
+
+def test_triton_linear_takes_the_skinny_gemm_between_the_gemv_and_the_blas(monkeypatch):
+    """Rows past gemv_max_rows and up to skinny_max_rows go through skinny_gemm (SiLU-and-mul applied
+    first), more through the vendor BLAS; the results match the torch layer ops throughout."""
+    import backends.triton.layer_ops as layer_ops
+
+    calls = []
+    real = layer_ops.skinny.skinny_gemm
+    monkeypatch.setattr(layer_ops.skinny, "skinny_gemm", lambda *a, **kw: calls.append(kw) or real(*a, **kw))
+    ops = TritonLayerOps(kernel_config=KernelConfig(gemv_max_rows=2, gemv_tile_n=16, gemv_tile_k=32,
+                                                    skinny_max_rows=5, skinny_block_n=16, skinny_block_k=32,
+                                                    skinny_k_per_split=32, skinny_num_stages=2))
+    g = torch.Generator().manual_seed(10)
+    w, b = torch.randn(24, 80, generator=g), torch.randn(24, generator=g)
+    for rows, used in ((2, False), (3, True), (5, True), (6, False)):
+        calls.clear()
+        x, r = torch.randn(rows, 160, generator=g), torch.randn(rows, 24, generator=g)
+        torch.testing.assert_close(ops.linear(x, w, b, silu_mul_input=True, residual=r.clone()),
+                                   TorchLayerOps().linear(x, w, b, silu_mul_input=True, residual=r.clone()),
+                                   atol=1e-5, rtol=1e-5)
+        assert bool(calls) == used
+    assert calls == [] and TritonLayerOps(kernel_config=KernelConfig()).skinny_max_rows == 0   # off by default
+    big = TritonLayerOps(kernel_config=KernelConfig(skinny_max_rows=4096))
+    assert big.skinny_max_rows == layer_ops.skinny.MAX_ROWS
+    with pytest.raises(ValueError, match="skinny_max_rows must be >= 0"):
+        KernelConfig(skinny_max_rows=-1)
+
 # ---- a whole model ---------------------------------------------------------------------------------
 @pytest.mark.parametrize("arch", ["qwen2", "qwen3"])
 def test_triton_tiny_qwen_greedy_tokens_equal_torch_backend(arch, request):

@@ -26,7 +26,9 @@ CUDA_KERNEL_CONFIG = KernelConfig(
     extend_block_m=128, extend_block_n=64, extend_num_warps=8, extend_num_stages=2,
     elementwise_num_warps=4,
     gemv_max_rows=16, gemv_block_n=8, gemv_block_k=512, gemv_num_warps=4, gemv_num_stages=3,
-    gemv_tile_n=32, gemv_tile_k=256, gemv_tile_num_warps=4, gemv_tile_num_stages=5)
+    gemv_tile_n=32, gemv_tile_k=256, gemv_tile_num_warps=4, gemv_tile_num_stages=5,
+    skinny_max_rows=128, skinny_block_n=64, skinny_block_k=128, skinny_k_per_split=8192, skinny_num_warps=4,
+    skinny_num_stages=4)
 
 
 class CudaLikePlatform(Platform):

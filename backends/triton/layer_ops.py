@@ -8,6 +8,7 @@ import torch
 import triton
 import triton.language as tl
 
+from backends.triton import skinny_gemm as skinny
 from backends.triton.gemv import ROW_KERNEL_MAX_ROWS, gemv
 from backends.triton.tl_helpers import next_pow2, pdl_launch, pdl_launch_dependents, pdl_wait
 from hal.kernel_config import KernelConfig
@@ -110,15 +111,23 @@ class TritonLayerOps(LayerOps):
                                 tile_num_warps=cfg.gemv_tile_num_warps,
                                 tile_num_stages=cfg.gemv_tile_num_stages,
                                 smem_bytes=cfg.shared_memory_bytes, pdl=self.pdl)
+        self.skinny_max_rows = min(cfg.skinny_max_rows, skinny.MAX_ROWS)
+        self.skinny_launch = dict(block_n=cfg.skinny_block_n, block_k=cfg.skinny_block_k,
+                                  k_per_split=cfg.skinny_k_per_split, num_warps=cfg.skinny_num_warps,
+                                  num_stages=cfg.skinny_num_stages)
 
     def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None, *,
                silu_mul_input: bool = False, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """The GEMV (backends/triton/gemv.py) for at most ``gemv_max_rows`` rows, the vendor BLAS
-        otherwise."""
+        """The GEMV (backends/triton/gemv.py) for at most ``gemv_max_rows`` rows, the one-pass GEMM
+        (skinny_gemm.py) for at most ``skinny_max_rows``, the vendor BLAS otherwise."""
         if self._gemv_rows(x, weight):
             if silu_mul_input and self._rows(x) > ROW_KERNEL_MAX_ROWS:
                 x, silu_mul_input = self.silu_and_mul(x), False    # the tile kernel takes no SiLU input
             return gemv(x, weight, bias, silu_mul_input=silu_mul_input, residual=residual, **self.gemv_launch)
+        if 0 < self._rows(x) <= self.skinny_max_rows and weight.dtype == x.dtype and weight.dim() == 2:
+            if silu_mul_input:
+                x = self.silu_and_mul(x)
+            return skinny.skinny_gemm(x, weight, bias, residual=residual, **self.skinny_launch)
         return super().linear(x, weight, bias, silu_mul_input=silu_mul_input, residual=residual)
 
     def rms_norm_linear(self, x: torch.Tensor, norm_weight: torch.Tensor, eps: float, weight: torch.Tensor,
