@@ -231,6 +231,16 @@ def test_layer_ops_llama8b_sizes(dtype):
         torch.testing.assert_close(a, b, **tol)
 
 
+def check_graph_replay(fn, x, fresh):
+    """fn() captured in a CUDA graph, x refilled with ``fresh``, replayed: equal to fn() run eagerly."""
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = fn()
+    x.copy_(fresh)
+    graph.replay()
+    torch.testing.assert_close(captured, fn(), atol=0, rtol=0)
+
+
 def gemv_launch() -> dict:
     """The GEMV launch parameters of the platform's kernel config, as the layer ops pass them."""
     from backends.triton.layer_ops import TritonLayerOps
@@ -259,12 +269,8 @@ def test_gemv_llama8b_projections(dtype, rows):
             x, silu = xin, False
         out = gemv(x, w, b, silu_mul_input=silu, **launch)
         torch.testing.assert_close(out.float(), ref, atol=2e-2, rtol=2e-2)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            captured = gemv(x, w, b, silu_mul_input=silu, **launch)
-        x.copy_(torch.randn(x.shape, device=DEVICE, generator=g).to(dtype))
-        graph.replay()
-        torch.testing.assert_close(captured, gemv(x, w, b, silu_mul_input=silu, **launch), atol=0, rtol=0)
+        check_graph_replay(lambda: gemv(x, w, b, silu_mul_input=silu, **launch), x,
+                           torch.randn(x.shape, device=DEVICE, generator=g).to(dtype))
 
 
 @pytest.mark.parametrize("rows", [17, 40, 64, 128])
@@ -285,12 +291,8 @@ def test_skinny_gemm_llama8b_projections(rows):
         r = torch.randn(rows, n, device=DEVICE, generator=g).to(dt)
         ref = torch.nn.functional.linear(x.float(), w.float(), b.float()) + r.float()
         torch.testing.assert_close(skinny_gemm(x, w, b, residual=r, **launch).float(), ref, atol=3e-2, rtol=2e-2)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            captured = skinny_gemm(x, w, b, residual=r, **launch)
-        x.copy_(torch.randn(x.shape, device=DEVICE, generator=g).to(dt))
-        graph.replay()
-        torch.testing.assert_close(captured, skinny_gemm(x, w, b, residual=r, **launch), atol=0, rtol=0)
+        check_graph_replay(lambda: skinny_gemm(x, w, b, residual=r, **launch), x,
+                           torch.randn(x.shape, device=DEVICE, generator=g).to(dt))
 
 
 @pytest.mark.parametrize("rows", [1, 8])
@@ -318,9 +320,5 @@ def test_gemv_norm_and_residual_llama8b_projections(rows):
             kw = dict(residual=r)
             ref = torch.nn.functional.linear(x.float(), w.float()) + r.float()
         torch.testing.assert_close(gemv(x, w, **kw, **launch).float(), ref, atol=3e-2, rtol=2e-2)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            captured = gemv(x, w, **kw, **launch)
-        x.copy_((4 * torch.randn(x.shape, device=DEVICE, generator=g)).to(dt))
-        graph.replay()
-        torch.testing.assert_close(captured, gemv(x, w, **kw, **launch), atol=0, rtol=0)
+        check_graph_replay(lambda: gemv(x, w, **kw, **launch), x,
+                           (4 * torch.randn(x.shape, device=DEVICE, generator=g)).to(dt))
