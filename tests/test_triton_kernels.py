@@ -509,6 +509,8 @@ def test_triton_skinny_gemm_refuses_too_many_rows_and_the_wrong_width():
     with pytest.raises(ValueError, match="needs 32"):
         skinny_gemm(torch.randn(4, 31), w)
     assert skinny_gemm(torch.randn(0, 32), w).shape == (0, 16)
+    x = torch.randn(20, 32)     # stages and block_k cut to fit a small shared memory: the same result
+    torch.testing.assert_close(skinny_gemm(x, w, block_k=256, smem_bytes=1024), x @ w.T, atol=1e-5, rtol=1e-5)
 
 
 def test_triton_linear_takes_the_skinny_gemm_between_the_gemv_and_the_blas(monkeypatch):

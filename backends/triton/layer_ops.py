@@ -114,7 +114,7 @@ class TritonLayerOps(LayerOps):
         self.skinny_max_rows = min(cfg.skinny_max_rows, skinny.MAX_ROWS)
         self.skinny_launch = dict(block_n=cfg.skinny_block_n, block_k=cfg.skinny_block_k,
                                   k_per_split=cfg.skinny_k_per_split, num_warps=cfg.skinny_num_warps,
-                                  num_stages=cfg.skinny_num_stages)
+                                  num_stages=cfg.skinny_num_stages, smem_bytes=cfg.shared_memory_bytes)
 
     def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None, *,
                silu_mul_input: bool = False, residual: Optional[torch.Tensor] = None) -> torch.Tensor:

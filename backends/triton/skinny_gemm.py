@@ -85,10 +85,12 @@ def _split_sum_kernel(P, B, Out, R, N, stride_ps, stride_pm, stride_om, stride_r
 
 def skinny_gemm(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None, *,
                 residual: Optional[torch.Tensor] = None, block_n: int = 64, block_k: int = 128,
-                k_per_split: int = 8192, num_warps: int = 4, num_stages: int = 4) -> torch.Tensor:
+                k_per_split: int = 8192, num_warps: int = 4, num_stages: int = 4,
+                smem_bytes: int = 227 * 1024) -> torch.Tensor:
     """x: [..., K] with at most MAX_ROWS rows; weight: [N, K] -> [..., N] in x's dtype, plus bias [N]
     and ``residual`` [..., N] if given. Each program streams ``block_n`` rows of the weight along at
-    most ``k_per_split`` of K (rounded up to whole ``block_k`` chunks)."""
+    most ``k_per_split`` of K (rounded up to whole ``block_k`` chunks); its stages, then block_k,
+    are cut until they fit in ``smem_bytes``."""
     n, k = weight.shape
     if x.shape[-1] != k:
         raise ValueError(f"skinny_gemm: x has {x.shape[-1]} features, the weight {tuple(weight.shape)} needs {k}")
@@ -108,7 +110,16 @@ def skinny_gemm(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
         r2 = residual.reshape(rows, n)
         r2 = r2 if r2.stride(-1) == 1 else r2.contiguous()
     b = bias if bias is not None else weight
+    block_m = max(16, next_pow2(rows))
     block_k = min(block_k, max(16, next_pow2(k)))
+
+    def smem() -> int:   # a stage holds the W tile and the x tile
+        return num_stages * block_k * (block_n + block_m) * x.element_size()
+
+    while smem() > smem_bytes and num_stages > 2:
+        num_stages -= 1
+    while smem() > smem_bytes and block_k > 32:
+        block_k //= 2
     splits = triton.cdiv(k, max(k_per_split, block_k))
     per_split = triton.cdiv(triton.cdiv(k, splits), block_k) * block_k     # even splits, whole chunks
     splits = triton.cdiv(k, per_split)
@@ -117,7 +128,7 @@ def skinny_gemm(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
     _skinny_kernel[(triton.cdiv(n, block_n), splits)](
         x2, weight, b, out, r2, part, rows, n, k, per_split, x2.stride(0), weight.stride(0), out.stride(0),
         r2.stride(0), part.stride(0), part.stride(1) if splits > 1 else 0, SPLIT=splits > 1,
-        EVEN=n % block_n == 0 and k % block_k == 0, FP32_DOT=fp32_dot(x.dtype), BLOCK_M=max(16, next_pow2(rows)),
+        EVEN=n % block_n == 0 and k % block_k == 0, FP32_DOT=fp32_dot(x.dtype), BLOCK_M=block_m,
         BLOCK_N=block_n, BLOCK_K=block_k, NUM_STAGES=num_stages, num_warps=num_warps, **flags)
     if splits > 1:
         block = min(1024, next_pow2(n))
