@@ -66,7 +66,7 @@ def main() -> None:
                 return time_graph(lambda i: skinny_gemm(x, ws[i], residual=r, **cfg), len(ws))
 
             ours = run(platform_cfg)
-            timed = sorted((run(cfg), cfg) for cfg in configs)
+            timed = sorted(((run(cfg), cfg) for cfg in configs), key=lambda tc: tc[0])
             best_t, best_cfg = timed[0]
             layer[m]["cublas"] += cublas
             layer[m]["platform"] += ours

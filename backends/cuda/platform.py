@@ -20,9 +20,9 @@ from hal.platform import Platform
 # and batch-1 decode went 209.4 -> 229.0 tok/s in the same run. At 2-16 rows the tile GEMV is 1.05x
 # cuBLAS per layer (o 1.15x, no split-K reduce) and decode at batch 2/4/8/16 gains 2.4-3.2%; at 32
 # rows it is slower than cuBLAS (sweep_gemv.py --kernel tile, bench_decode.py --batch-size).
-# skinny_max_rows 0 for now: the one-pass GEMM (17-128 rows) was 1.04-1.12x cuBLAS per layer on the
-# H100 as a prototype, but the engine's decode with it has not run on a GPU yet; turn it on with
-# --kernel-config '{"skinny_max_rows": 128}' (benchmarks/RESULTS.md, session 12).
+# skinny_max_rows 48: the one-pass GEMM (skinny_gemm.py) lifts decode at batch 24/32/48 by 1.2/1.7/0.6%
+# over cuBLAS (two engines against one, same call); at 64/96/128 rows it loses 1.3/5.9/6.7% (o is
+# slower than cuBLAS at every size; H100, bench_decode.py and sweep_skinny_gemm.py, RESULTS.md).
 CUDA_KERNEL_CONFIG = KernelConfig(
     warp_size=32, shared_memory_bytes=99 * 1024,
     decode_block_n=64, decode_num_warps=4, decode_num_stages=2, max_kv_splits=16, min_split_tokens=64,
@@ -30,7 +30,7 @@ CUDA_KERNEL_CONFIG = KernelConfig(
     elementwise_num_warps=4,
     gemv_max_rows=16, gemv_block_n=8, gemv_block_k=512, gemv_num_warps=4, gemv_num_stages=3,
     gemv_tile_n=32, gemv_tile_k=256, gemv_tile_num_warps=4, gemv_tile_num_stages=5,
-    skinny_max_rows=0, skinny_block_n=64, skinny_block_k=128, skinny_k_per_split=8192, skinny_num_warps=4,
+    skinny_max_rows=48, skinny_block_n=64, skinny_block_k=128, skinny_k_per_split=8192, skinny_num_warps=4,
     skinny_num_stages=4)
 
 

@@ -1,13 +1,14 @@
 """A GEMM for the mid-sized decode batches (tens to a hundred-odd rows): one pass over the weights.
 
-At 32-128 rows a decoder layer's linears still mostly stream their weights, yet cuBLAS reads them
-at 67-89% of the copy bandwidth there (H100, Llama-3.1-8B's projections). This kernel swaps the
+At 17-128 rows a decoder layer's linears still mostly stream their weights, yet cuBLAS reads them
+at 74-91% of the copy bandwidth there (H100, Llama-3.1-8B's projections). This kernel swaps the
 operands of the usual GEMM: each program takes BLOCK_N rows of W as the tensor-core MMA's M side
 and all the rows of x (padded to a power of two) as its N side, so every row of the batch rides on
 one read of the weights and the grid is the output features alone (BLOCK_N each). Where that grid
 is small next to K, the K range is split (at most ``k_per_split`` per program): each split writes
 fp32 partial sums and a second kernel adds them up with the bias and residual, in a fixed order
-(deterministic, no atomics).
+(deterministic, no atomics). On the H100 it is 1.02x cuBLAS per layer at 24 rows, level with it at 32-48
+and slower from 64 (o at every size), so CUDA takes it up to 48 rows (benchmarks/RESULTS.md).
 
 out[m, n] = sum_k x[m, k] * W[n, k] (+ bias[n]) (+ residual[m, n]), fp32 accumulation, rounded
 once at the end.
@@ -23,7 +24,7 @@ import triton.language as tl
 from backends.triton.tl_helpers import fp32_dot, mma, next_pow2
 
 # rows past this pad the MMA's N side too far: the fp32 accumulator of 64 x 256 no longer fits
-# the registers, and cuBLAS is faster there anyway (H100 sweep in benchmarks/RESULTS.md)
+# the registers, and cuBLAS is faster there anyway
 MAX_ROWS = 128
 
 
