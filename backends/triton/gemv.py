@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from backends.triton.tl_helpers import fp32_dot, mma, next_pow2, pdl_launch, pdl_launch_dependents, pdl_wait
+from backends.triton.tl_helpers import fit_stages, fp32_dot, mma, next_pow2, pdl_launch, pdl_launch_dependents, pdl_wait
 
 
 @triton.jit
@@ -204,15 +204,9 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = N
                              f"(got {rows}); apply silu_and_mul or rms_norm first")
         block_m = 16 if rows <= 16 else 32   # 64 rows spill registers (and serialize wgmma) on sm_90
         tile_k = min(tile_k, max(16, next_pow2(k)))
-        stages = tile_num_stages
-
-        def smem() -> int:   # a stage holds the x tile and the W tile
-            return stages * tile_k * (block_m + tile_n) * x.element_size()
-
-        while smem() > smem_bytes and stages > 2:
-            stages -= 1
-        while smem() > smem_bytes and tile_k > 32:
-            tile_k //= 2
+        # a stage holds the x tile and the W tile
+        stages, tile_k = fit_stages(lambda bk: bk * (block_m + tile_n) * x.element_size(), tile_num_stages, tile_k,
+                                    smem_bytes)
         _gemv_tile_kernel[(triton.cdiv(n, tile_n), triton.cdiv(rows, block_m))](
             x2, weight, b, out, r2, x2.stride(0), weight.stride(0), out.stride(0), r2.stride(0), rows, n, k,
             EVEN_W=n % tile_n == 0 and k % tile_k == 0, FP32_DOT=fp32_dot(x.dtype), BLOCK_M=block_m,

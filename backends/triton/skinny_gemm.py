@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from backends.triton.tl_helpers import fp32_dot, mma, next_pow2
+from backends.triton.tl_helpers import fit_stages, fp32_dot, mma, next_pow2
 
 # rows past this pad the MMA's N side too far: the fp32 accumulator of 64 x 256 no longer fits
 # the registers, and cuBLAS is faster there anyway
@@ -113,14 +113,9 @@ def skinny_gemm(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
     b = bias if bias is not None else weight
     block_m = max(16, next_pow2(rows))
     block_k = min(block_k, max(16, next_pow2(k)))
-
-    def smem() -> int:   # a stage holds the W tile and the x tile
-        return num_stages * block_k * (block_n + block_m) * x.element_size()
-
-    while smem() > smem_bytes and num_stages > 2:
-        num_stages -= 1
-    while smem() > smem_bytes and block_k > 32:
-        block_k //= 2
+    # a stage holds the W tile and the x tile
+    num_stages, block_k = fit_stages(lambda bk: bk * (block_n + block_m) * x.element_size(), num_stages, block_k,
+                                     smem_bytes)
     splits = triton.cdiv(k, max(k_per_split, block_k))
     per_split = triton.cdiv(triton.cdiv(k, splits), block_k) * block_k     # even splits, whole chunks
     splits = triton.cdiv(k, per_split)

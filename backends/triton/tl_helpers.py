@@ -22,6 +22,17 @@ def fp32_dot(dtype: torch.dtype) -> bool:
     return dtype == torch.float32 or interpreting()
 
 
+def fit_stages(stage_bytes, stages: int, block_k: int, smem_bytes: int) -> tuple[int, int]:
+    """(stages, block_k) of a K-streaming kernel whose pipeline stage takes ``stage_bytes(block_k)``
+    of shared memory: stages cut (down to 2), then block_k halved (down to 32), until they fit in
+    ``smem_bytes``."""
+    while stages * stage_bytes(block_k) > smem_bytes and stages > 2:
+        stages -= 1
+    while stages * stage_bytes(block_k) > smem_bytes and block_k > 32:
+        block_k //= 2
+    return stages, block_k
+
+
 def next_pow2(x: int) -> int:
     return triton.next_power_of_2(max(1, int(x)))
 
