@@ -472,7 +472,6 @@ def test_triton_linear_takes_the_gemv_only_for_few_rows(monkeypatch):
                             smem_bytes=KernelConfig().shared_memory_bytes, pdl=False)
 
 
-
 @pytest.mark.parametrize("dtype", OPS_DTYPES)
 @pytest.mark.parametrize("rows,n,k,residual,bias,block_n,block_k,k_per_split", [
     (17, 64, 256, False, False, 32, 64, 8192),   # one split, even tiles

@@ -124,7 +124,7 @@ class TritonLayerOps(LayerOps):
             if silu_mul_input and self._rows(x) > ROW_KERNEL_MAX_ROWS:
                 x, silu_mul_input = self.silu_and_mul(x), False    # the tile kernel takes no SiLU input
             return gemv(x, weight, bias, silu_mul_input=silu_mul_input, residual=residual, **self.gemv_launch)
-        if 0 < self._rows(x) <= self.skinny_max_rows and weight.dtype == x.dtype and weight.dim() == 2:
+        if self._own_kernel_rows(x, weight, self.skinny_max_rows):
             if silu_mul_input:
                 x = self.silu_and_mul(x)
             return skinny.skinny_gemm(x, weight, bias, residual=residual, **self.skinny_launch)
@@ -143,7 +143,11 @@ class TritonLayerOps(LayerOps):
         return x.numel() // max(1, x.shape[-1])
 
     def _gemv_rows(self, x: torch.Tensor, weight: torch.Tensor) -> bool:
-        return 0 < self._rows(x) <= self.gemv_max_rows and weight.dtype == x.dtype and weight.dim() == 2
+        return self._own_kernel_rows(x, weight, self.gemv_max_rows)
+
+    def _own_kernel_rows(self, x: torch.Tensor, weight: torch.Tensor, max_rows: int) -> bool:
+        """Whether one of our GEMV/GEMM kernels of at most ``max_rows`` rows takes this product."""
+        return 0 < self._rows(x) <= max_rows and weight.dtype == x.dtype and weight.dim() == 2
 
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float,
                  residual: Optional[torch.Tensor] = None
