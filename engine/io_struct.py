@@ -90,6 +90,7 @@ class StepTotals:
     decode_steps: int = 0
     prefill_tokens: int = 0
     decode_tokens: int = 0
+    mixed_decode_tokens: int = 0    # tokens decoded inside prefill steps (--enable-mixed-chunk)
 
     def add(self, kind: str, seconds: float, tokens: int) -> None:
         setattr(self, f"{kind}_seconds", getattr(self, f"{kind}_seconds") + seconds)
@@ -107,7 +108,9 @@ class StepTotals:
         parts = []
         if self.prefill_steps:
             parts.append(f"prefill {self.prefill_seconds:.2f} s in {self.prefill_steps} steps "
-                         f"({self.prefill_tokens / max(self.prefill_seconds, 1e-9):,.0f} prompt tok/s)")
+                         f"({self.prefill_tokens / max(self.prefill_seconds, 1e-9):,.0f} prompt tok/s"
+                         + (f", {self.mixed_decode_tokens:,} tokens decoded in them" if self.mixed_decode_tokens
+                            else "") + ")")
         if self.decode_steps:
             parts.append(f"decode {self.decode_seconds:.2f} s in {self.decode_steps} steps "
                          f"({1e3 * self.decode_seconds / self.decode_steps:.2f} ms/step, mean batch "

@@ -16,7 +16,7 @@ def _flag(default: Any, help: str, choices: Optional[list] = None, group: str = 
     return field(default=default, metadata={"help": help, "choices": choices, "group": group})
 
 
-SCHEDULE_POLICIES = ["lpm", "fcfs", "dfs-weight", "random"]
+SCHEDULE_POLICIES = ["lpm", "fcfs", "dfs-weight", "lof", "random"]
 DTYPES = ["auto", "float32", "bfloat16", "float16"]
 KV_CACHE_DTYPES = ["auto", "fp8", "fp8_e4m3", "fp8_e5m2"]
 LOAD_BALANCE_METHODS = ["round_robin", "shortest_queue", "cache_aware"]
@@ -144,8 +144,15 @@ class ServerArgs:
         8192, "Longest prompt chunk computed in one step; longer prompts are split. -1 disables "
         "chunking.", group="memory")
     schedule_policy: str = _flag(
-        "lpm", "Order of waiting requests: lpm (longest cached prefix first), fcfs, dfs-weight, random.",
+        "lpm", "Order of waiting requests: lpm (longest cached prefix first), fcfs, dfs-weight (requests "
+        "sharing a cached prefix together), lof (longest output first: largest max_new_tokens, so the "
+        "longest requests start first and do not run alone at the end of a batch job), random.",
         SCHEDULE_POLICIES, group="memory")
+    enable_mixed_chunk: bool = _flag(
+        False, "Run the running requests' decode tokens in the same forward pass as a prefill batch, so "
+        "decoding does not pause while new prompts are prefilled (one read of the weights for both). "
+        "The prefill chunk shrinks by one token per running request. Not with speculative decoding.",
+        group="memory")
     disable_radix_cache: bool = _flag(False, "Do not share KV between requests (no prefix caching).",
                                       group="memory")
 
@@ -250,6 +257,9 @@ class ServerArgs:
         if self.speculative_algorithm is not None and self.speculative_algorithm not in SPECULATIVE_ALGORITHMS:
             bad("speculative_algorithm", f"must be one of {SPECULATIVE_ALGORITHMS}, got "
                 f"{self.speculative_algorithm!r}")
+        if self.enable_mixed_chunk and self.speculative_algorithm is not None:
+            bad("enable_mixed_chunk", "cannot be combined with --speculative-algorithm (verify steps "
+                "run their own batches)")
         if self.speculative_num_draft_tokens < 1:
             bad("speculative_num_draft_tokens", f"must be >= 1, got {self.speculative_num_draft_tokens}")
         lo, hi = self.speculative_ngram_min_match_window_size, self.speculative_ngram_max_match_window_size

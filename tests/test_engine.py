@@ -96,7 +96,7 @@ def test_page_sizes_and_chunking_give_same_tokens(llama_tiny, page_size):
         eng.scheduler.check_memory_whole()
 
 
-@pytest.mark.parametrize("policy", ["lpm", "fcfs", "dfs-weight", "random"])
+@pytest.mark.parametrize("policy", ["lpm", "fcfs", "dfs-weight", "lof", "random"])
 def test_schedule_policies_finish_with_same_tokens(llama_tiny, policy):
     path = str(llama_tiny)
     prompts = random_prompts(1000, 12, 5, 40, seed=5)

@@ -1,7 +1,7 @@
 """Turn the scheduler's chosen requests into a ForwardBatch and a SamplingBatchInfo."""
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 
@@ -32,7 +32,8 @@ def take_prompt_logprob_spans(reqs: list[Req]) -> Optional[list[tuple[int, int]]
 def _extend(reqs: list[Req], new_tokens: list[list[int]], out_cache_loc: torch.Tensor, device: torch.device,
             all_logits: bool, extra: Optional[dict[str, torch.Tensor]] = None, top_k: int = 0) -> ForwardBatch:
     """An extend step: each req feeds ``new_tokens[i]`` at positions kv_len onwards, over its cached
-    KV (causal among the new tokens); logits at each req's last position, or at every position."""
+    KV (causal among the new tokens); logits at each req's last position, or at every position.
+    A negative token id names a future-token slot (a token sampled by the step in flight)."""
     input_ids = [t for toks in new_tokens for t in toks]
     extend_lens = [len(toks) for toks in new_tokens]
     prefix_lens = [r.kv_len for r in reqs]
@@ -49,13 +50,16 @@ def _extend(reqs: list[Req], new_tokens: list[list[int]], out_cache_loc: torch.T
     return ForwardBatch(
         mode=ForwardMode.EXTEND, batch_size=len(reqs), seq_lens_cpu=seq_lens,
         extend_prefix_lens_cpu=prefix_lens, extend_seq_lens_cpu=extend_lens, host_tensors=host,
-        prompt_top_logprobs_num=top_k, **dev)
+        prompt_top_logprobs_num=top_k, has_future_inputs=bool(input_ids) and min(input_ids) < 0, **dev)
 
 
 def build_extend_batch(reqs: list[Req], out_cache_loc: torch.Tensor, device: torch.device,
-                       prompt_spans: Optional[list[tuple[int, int]]] = None) -> ForwardBatch:
+                       prompt_spans: Optional[list[tuple[int, int]]] = None,
+                       decoding: Sequence[Req] = ()) -> ForwardBatch:
     """Each req computes fill_ids[kv_len : kv_len + extend_len]. ``out_cache_loc`` on the host.
-    ``prompt_spans``: from take_prompt_logprob_spans."""
+    ``prompt_spans``: from take_prompt_logprob_spans. ``decoding``: running requests that decode
+    one token in the same pass (--enable-mixed-chunk), after ``reqs``: each feeds its newest token
+    (maybe still on the device) as a one-token extend over its cache."""
     lp_rows: list[int] = []
     lp_targets: list[int] = []
     top_k, row0 = 0, 0
@@ -70,8 +74,10 @@ def build_extend_batch(reqs: list[Req], out_cache_loc: torch.Tensor, device: tor
     if lp_rows:
         extra = {"prompt_logprob_rows": torch.tensor(lp_rows, dtype=torch.int64),
                  "prompt_logprob_targets": torch.tensor(lp_targets, dtype=torch.int64)}
-    return _extend(reqs, [r.fill_ids[r.kv_len: r.kv_len + r.extend_len] for r in reqs], out_cache_loc, device,
-                   all_logits=False, extra=extra, top_k=top_k)
+    new_tokens = [r.fill_ids[r.kv_len: r.kv_len + r.extend_len] for r in reqs]
+    new_tokens += [[r.next_input_id] for r in decoding]
+    return _extend([*reqs, *decoding], new_tokens, out_cache_loc, device, all_logits=False, extra=extra,
+                   top_k=top_k)
 
 
 def build_decode_batch(reqs: list[Req], out_cache_loc: torch.Tensor, device: torch.device) -> ForwardBatch:

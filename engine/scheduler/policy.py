@@ -1,4 +1,4 @@
-"""Order of the waiting queue: lpm, fcfs, dfs-weight, random."""
+"""Order of the waiting queue: lpm, fcfs, dfs-weight, lof, random."""
 from __future__ import annotations
 
 import random
@@ -25,6 +25,8 @@ class SchedulePolicy:
             policy = "fcfs"
         if policy == "fcfs":
             out = sorted(waiting, key=lambda r: r.arrival_time)
+        elif policy == "lof":
+            out = sorted(waiting, key=lambda r: (-self._output_budget(r), r.arrival_time))
         elif policy == "random":
             out = list(waiting)
             self.rng.shuffle(out)
@@ -36,6 +38,12 @@ class SchedulePolicy:
         else:
             raise ValueError(f"unknown schedule policy {policy!r}")
         return sorted(out, key=lambda r: r.num_retractions == 0)  # stable: retracted first
+
+    @staticmethod
+    def _output_budget(req: Req) -> float:
+        """Tokens the request may still generate (no max_new_tokens: unbounded, first)."""
+        p = req.params.max_new_tokens
+        return float("inf") if p is None else p - len(req.output_ids)
 
     def _prefix_len(self, req: Req) -> int:
         ids = req.fill_ids

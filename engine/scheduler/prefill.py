@@ -33,6 +33,10 @@ class PrefillAdder:
         args = sched.args
         self.token_budget = args.max_prefill_tokens
         self.chunk_left = args.chunked_prefill_size if args.chunked_prefill_size > 0 else None
+        if self.chunk_left is not None and sched.mix_chunk:
+            # the running requests' decode tokens ride in the same pass: the chunk makes room (at
+            # least one prompt token still goes in, so a chunked prompt always advances)
+            self.chunk_left = max(self.chunk_left - len(sched.running), 1)
         self.reqs: list[Req] = []
         self.locs: list[torch.Tensor] = []
         self.chunked: Optional[Req] = None

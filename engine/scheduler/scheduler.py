@@ -63,6 +63,7 @@ class _InFlight:
     kind: str           # PREFILL or DECODE, for the step clock
     tokens: int         # new prompt tokens, or decoded sequences
     prompt: Optional[_PromptPart] = None
+    mixed_decodes: int = 0   # a prefill step's running requests that decoded in it (mixed chunk)
 
 _INIT_NEW_TOKEN_RATIO = 0.7
 _MIN_NEW_TOKEN_RATIO = 0.1
@@ -110,6 +111,8 @@ class Scheduler:
         self.overlap = not server_args.disable_overlap_schedule and self.spec is None and (
             r.platform.async_execution or os.environ.get("ANYSERVE_OVERLAP") == "1")
         self.in_flight: Optional[_InFlight] = None
+        # --enable-mixed-chunk: the running requests decode inside each prefill batch
+        self.mix_chunk = server_args.enable_mixed_chunk and self.spec is None
 
         # statistics
         self.num_retractions = 0
@@ -280,7 +283,10 @@ class Scheduler:
     def _launch(self) -> tuple[bool, Optional["_InFlight"]]:
         batch, locs = self._schedule_extend()
         if batch:
-            return True, self._launch_extend(batch, locs)
+            decoding, decode_locs = self._alloc_decode() if self.mix_chunk and self.running else ([], None)
+            if decoding:
+                locs = torch.cat([locs, decode_locs])
+            return True, self._launch_extend(batch, locs, decoding)
         if self.running:
             return self.spec.launch() if self.spec is not None else self._launch_decode()
         return False, None
@@ -316,12 +322,16 @@ class Scheduler:
         self.chunked_req = adder.chunked
         return adder.reqs, adder.out_cache_loc
 
-    def _launch_extend(self, reqs: list[Req], locs: torch.Tensor) -> Optional["_InFlight"]:
+    def _launch_extend(self, reqs: list[Req], locs: torch.Tensor, decoding: list[Req]) -> Optional["_InFlight"]:
+        """Prefill ``reqs``; ``decoding``: running requests that decode one token each in the same
+        pass (mixed chunk), their slots after the prompts' in ``locs``."""
         spans = take_prompt_logprob_spans(reqs)
-        fb = build_extend_batch(reqs, locs, self.device, spans)
+        fb = build_extend_batch(reqs, locs, self.device, spans, decoding)
         new_tokens = sum(r.extend_len for r in reqs)
         log_prefill(len(reqs), new_tokens, sum(len(r.prefix_indices) for r in reqs), self._token_usage(),
                     len(self.running), len(self.waiting))
+        for r in decoding:
+            r.kv_len += 1
         for r in reqs:
             r.kv_len += r.extend_len
             if not r.counted_cache:
@@ -329,8 +339,10 @@ class Scheduler:
                 r.cached_tokens = len(r.prefix_indices)
                 self.prompt_tokens_total += len(r.origin_input_ids)
                 self.cached_tokens_total += r.cached_tokens
-        # whole prompt in KV: sample the first token (max_new_tokens=0: none)
+        # whole prompt in KV: sample the first token (max_new_tokens=0: none); the decoding rows last
         done = [i for i, r in enumerate(reqs) if r.kv_len == r.seq_len and not r.prompt_only]
+        done += range(len(reqs), len(reqs) + len(decoding))
+        batch_reqs = reqs + decoding
         if done:
             fb.future_slots = (self.runner.reserve_future(len(done)), len(done))
         logits = self.runner.forward(fb)
@@ -341,9 +353,16 @@ class Scheduler:
                                  fb.prompt_logprobs)
         flight = None
         if done:
-            rows = logits if len(done) == len(reqs) else logits[to_device(done, logits.device)]
-            flight = self._launch_sample([reqs[i] for i in done], rows, fb.future_slots[0], PREFILL,
-                                         new_tokens, prompt=prompt)
+            rows_idx = None if len(done) == len(batch_reqs) else to_device(done, logits.device)
+            rows = logits if rows_idx is None else logits[rows_idx]
+            input_ids = None
+            if decoding:   # the decoding rows' inputs (their in-flight tokens resolved), for penalties
+                last = fb.logits_indices if rows_idx is None else fb.logits_indices[rows_idx]
+                input_ids = fb.input_ids[last]
+                self._drain_for_grammar(decoding)
+            flight = self._launch_sample([batch_reqs[i] for i in done], rows, fb.future_slots[0], PREFILL,
+                                         new_tokens, input_ids, prompt=prompt)
+            flight.mixed_decodes = len(decoding)
         elif prompt is not None:
             copy = self.runner.platform.copy_to_host_async([None] * 4 + prompt.tensors)
             flight = _InFlight([], copy, PREFILL, new_tokens, prompt)
@@ -360,27 +379,38 @@ class Scheduler:
         return r.pending > 0 and ((p.max_new_tokens is not None and r.num_out >= p.max_new_tokens)
                                   or r.seq_len >= self.runner.context_len)
 
-    def _launch_decode(self) -> tuple[bool, Optional["_InFlight"]]:
+    def _alloc_decode(self) -> tuple[list[Req], Optional[torch.Tensor]]:
+        """Make room for the next decode step; give each running request that decodes in it a
+        slot for its newest token. Returns those requests and their slots (on the host)."""
         self._make_room_for_decode()
         reqs = [r for r in self.running if not self._finishes_by_length(r)]
         if not reqs:
-            return False, None
+            return [], None
         host_locs = self.allocator.alloc([r.kv_len for r in reqs], [r.kv_len + 1 for r in reqs],
                                          [r.last_loc for r in reqs])
         assert host_locs is not None, "decode allocation failed after making room"
         for r, loc in zip(reqs, host_locs.tolist()):
             r.last_loc = loc
         self.req_to_token_pool.write_cells([r.req_pool_idx for r in reqs], [r.kv_len for r in reqs], host_locs)
+        return reqs, host_locs
+
+    def _drain_for_grammar(self, decoding: list[Req]) -> None:
+        """A grammar's mask needs the token in flight: read it back while this step's forward runs,
+        then sample. (Penalties count it on the device: PenaltyBatch.)"""
+        if self.in_flight is not None and any(r.grammar is not None for r in decoding):
+            self._drain()
+            self.num_overlapped_steps += 1
+
+    def _launch_decode(self) -> tuple[bool, Optional["_InFlight"]]:
+        reqs, host_locs = self._alloc_decode()
+        if not reqs:
+            return False, None
         fb = build_decode_batch(reqs, host_locs, self.device)
         fb.future_slots = (self.runner.reserve_future(len(reqs)), len(reqs))
         logits = self.runner.forward(fb)
         for r in reqs:
             r.kv_len += 1
-        if self.in_flight is not None and any(r.grammar is not None for r in reqs):
-            # A grammar's mask needs the token in flight: read it back while this step's forward
-            # runs, then sample. (Penalties count it on the device: PenaltyBatch.)
-            self._drain()
-            self.num_overlapped_steps += 1
+        self._drain_for_grammar(reqs)
         flight = self._launch_sample(reqs, logits, fb.future_slots[0], DECODE, len(reqs), fb.input_ids)
         self.forward_ct += 1
         self.log_decode_due()
@@ -449,7 +479,7 @@ class Scheduler:
         """Append a step's tokens, finish the requests they end, queue what to send."""
         host = [t.tolist() if t is not None else None for t in flight.copy.wait()]
         next_ids, logprobs, top_vals, top_ids = host[:4]
-        self.clock.done(flight.kind, flight.tokens)
+        self.clock.done(flight.kind, flight.tokens, flight.mixed_decodes)
         if flight.prompt is not None:   # before the first token: the stream sends them together
             self._process_prompt(flight.prompt, *host[4:])
         finished = []

@@ -40,14 +40,15 @@ class StepClock:
     def step_ran(self, ran: bool) -> None:
         self._busy = ran
 
-    def done(self, kind: str, tokens: int) -> None:
-        """A step's tokens are on the host."""
+    def done(self, kind: str, tokens: int, mixed_decodes: int = 0) -> None:
+        """A step's tokens are on the host. ``mixed_decodes``: a prefill step's running requests
+        that decoded a token in it (--enable-mixed-chunk)."""
         now = time.perf_counter()
         seconds, self._last_done = now - self._last_done, now
         self.totals.add(kind, seconds, tokens)
+        self.totals.mixed_decode_tokens += mixed_decodes
         self._window_seconds += seconds
-        if kind == DECODE:
-            self._window_tokens += tokens
+        self._window_tokens += tokens if kind == DECODE else mixed_decodes
 
     def decode_launched(self) -> bool:
         """Count a decode step; returns whether a log line is due (``log_decode``)."""
