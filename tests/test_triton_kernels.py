@@ -109,17 +109,18 @@ def assert_stored(stored, values):
 
 
 def run_step(mode, prefix_lens, ext_lens, page_size, num_q_heads, head_dim, dtype, config=SMALL, layer_id=1,
-             rotary=False, kv_dtype=None):
+             rotary=False, kv_dtype=None, mixed_decodes=0):
     """One step against the fp64 reference over what the pool holds. rotary (decode): q and k go
     in unrotated with the requests' cos/sin and the backend rotates them (and stores k, v) inside
-    its attention kernel. kv_dtype: the pool's (fp8), when not the model's."""
+    its attention kernel. kv_dtype: the pool's (fp8), when not the model's. mixed_decodes (extend):
+    the last requests decode one token each in the step (--enable-mixed-chunk)."""
     max_context = max(64, max(p + n for p, n in zip(prefix_lens, ext_lens)))
     backend, pool, req_to_token, rows, g = make_setup(page_size, num_q_heads, head_dim, dtype,
                                                       len(prefix_lens), max_context, config, kv_dtype=kv_dtype)
     seq_lens = [p + n for p, n in zip(prefix_lens, ext_lens)]
     batch, (q, k, v) = step_inputs(mode, req_to_token, rows, prefix_lens, ext_lens, num_q_heads, NUM_KV_HEADS,
                                    head_dim, dtype, g)
-    batch.attn_backend, loc = backend, batch.out_cache_loc
+    batch.attn_backend, loc, batch.mixed_decodes = backend, batch.out_cache_loc, mixed_decodes
     backend.init_forward_metadata(batch)
     if rotary:
         assert backend.fuses_rotary(batch)
@@ -194,6 +195,16 @@ def test_triton_decode_tiles_read_the_same_bytes_over_an_fp8_pool():
     assert small.decode_tiles(128, 1) == (128, 1)     # 2 stages of 2 x 128 x 128 bytes would not fit
     backend = make_setup(16, 8, 64, torch.bfloat16, 1, kv_dtype=torch.float8_e4m3fn, config=SMALL)[0]
     assert backend.decode_block_n == 2 * SMALL.decode_block_n
+
+
+@pytest.mark.parametrize("config", [SMALL, KernelConfig(max_kv_splits=1)], ids=["split", "no-split"])
+@pytest.mark.parametrize("dtype, kv_dtype", [(torch.float32, None), (torch.bfloat16, torch.float8_e4m3fn)],
+                         ids=["fp32", "bf16-fp8-pool"])
+def test_triton_mixed_step_decodes_its_last_requests(config, dtype, kv_dtype):
+    """A mixed-chunk step: two prompts (one over a cached prefix) take the extend kernel, the last
+    three requests a token each over contexts of 1 to 300 tokens take the decode kernel."""
+    run_step(ForwardMode.EXTEND, [5, 0, 300, 0, 47], [9, 40, 1, 1, 1], 16, 8, 64, dtype, config,
+             kv_dtype=kv_dtype, mixed_decodes=3)
 
 
 def test_triton_extend_long_prompt_with_prefix_crosses_blocks():

@@ -69,13 +69,16 @@ class TritonAttentionBackend(AttentionBackend):
         return batch.mode.is_decode and bool(self.config.decode_fused_rotary)
 
     def init_forward_metadata(self, batch: ForwardBatch) -> None:
+        decodes = batch.batch_size if batch.mode.is_decode else batch.mixed_decodes
+        if decodes:
+            self._num_splits = self.splits_for(decodes)
+            self._grow(decodes * self._num_splits)
         if batch.mode.is_decode:
-            self._num_splits = self.splits_for(batch.batch_size)
-            self._grow(batch.batch_size * self._num_splits)
             return
         ext = batch.extend_seq_lens
         self._extend_starts = torch.cumsum(ext, 0) - ext            # [B] offset of each request in q
-        self._max_extend_len = max(batch.extend_seq_lens_cpu) if batch.extend_seq_lens_cpu else 0
+        lens = batch.extend_seq_lens_cpu[: batch.batch_size - decodes]
+        self._max_extend_len = max(lens) if lens else 0
 
     # -- per layer -----------------------------------------------------------------------------
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer_id: int, scaling: float,
@@ -98,19 +101,32 @@ class TritonAttentionBackend(AttentionBackend):
                      pdl=bool(cfg.pdl))
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)    # [T, Hq, D]
         if batch.mode.is_decode:
-            b, s = q.shape[0], self._num_splits
-            partial_o = self._partial_o[: b * self.num_q_heads * s * self.head_dim].view(
-                b, self.num_q_heads, s, self.head_dim)
-            partial_lse = self._partial_lse[: b * self.num_q_heads * s].view(b, self.num_q_heads, s)
-            decode_attention(q, k_buf, v_buf, out, self.req_to_token, batch.req_pool_indices,
-                             batch.seq_lens, partial_o, partial_lse, scaling, num_splits=s,
-                             min_split_tokens=cfg.min_split_tokens, block_n=self.decode_block_n,
-                             num_warps=cfg.decode_num_warps, num_stages=self.decode_stages,
-                             fp32_dot=self.fp32_dot, pdl=bool(cfg.pdl), rotary=rotary)
-        else:
-            extend_attention(q, k_buf, v_buf, out, self.req_to_token, batch.req_pool_indices,
-                             batch.extend_prefix_lens, batch.extend_seq_lens, self._extend_starts,
-                             self._max_extend_len, scaling, block_m=self.extend_block_m,
-                             block_n=self.extend_block_n, num_warps=cfg.extend_num_warps,
-                             num_stages=self.extend_stages, fp32_dot=self.fp32_dot)
+            self._decode(q, k_buf, v_buf, out, batch.req_pool_indices, batch.seq_lens, scaling, rotary)
+            return out
+        # A mixed step's decoding requests (the last ones, a token each) take the decode kernel:
+        # the extend kernel would read their whole context once per q head, and its grid spans
+        # the longest prompt's blocks for every request.
+        d, n = batch.mixed_decodes, batch.batch_size - batch.mixed_decodes
+        extend_attention(q, k_buf, v_buf, out, self.req_to_token, batch.req_pool_indices[:n],
+                         batch.extend_prefix_lens[:n], batch.extend_seq_lens[:n], self._extend_starts[:n],
+                         self._max_extend_len, scaling, block_m=self.extend_block_m,
+                         block_n=self.extend_block_n, num_warps=cfg.extend_num_warps,
+                         num_stages=self.extend_stages, fp32_dot=self.fp32_dot)
+        if d:
+            t = q.shape[0] - d
+            self._decode(q[t:], k_buf, v_buf, out[t:], batch.req_pool_indices[n:], batch.seq_lens[n:], scaling)
         return out
+
+    def _decode(self, q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, out: torch.Tensor,
+                req_pool_indices: torch.Tensor, seq_lens: torch.Tensor, scaling: float,
+                rotary: Optional[tuple] = None) -> None:
+        cfg = self.config
+        b, s = q.shape[0], self._num_splits
+        partial_o = self._partial_o[: b * self.num_q_heads * s * self.head_dim].view(
+            b, self.num_q_heads, s, self.head_dim)
+        partial_lse = self._partial_lse[: b * self.num_q_heads * s].view(b, self.num_q_heads, s)
+        decode_attention(q, k_buf, v_buf, out, self.req_to_token, req_pool_indices, seq_lens, partial_o,
+                         partial_lse, scaling, num_splits=s, min_split_tokens=cfg.min_split_tokens,
+                         block_n=self.decode_block_n, num_warps=cfg.decode_num_warps,
+                         num_stages=self.decode_stages, fp32_dot=self.fp32_dot, pdl=bool(cfg.pdl),
+                         rotary=rotary)

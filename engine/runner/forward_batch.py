@@ -58,6 +58,9 @@ class ForwardBatch:
     prompt_logprob_targets: Optional[torch.Tensor] = None   # [num_prompt_logprobs] int64
     prompt_top_logprobs_num: int = 0                        # top-k alternatives per row (the batch's max)
     prompt_logprobs: Optional["PromptLogprobs"] = None
+    # Extend only (--enable-mixed-chunk): the last ``mixed_decodes`` requests are running ones
+    # that decode one token each in this prefill step; a backend may run decode attention on them.
+    mixed_decodes: int = 0
     # Overlap scheduling: input ids < 0 are tokens sampled by an earlier step and still on the
     # device: -(i + 1) is the runner's future-token slot i.
     has_future_inputs: bool = False

@@ -76,8 +76,9 @@ def build_extend_batch(reqs: list[Req], out_cache_loc: torch.Tensor, device: tor
                  "prompt_logprob_targets": torch.tensor(lp_targets, dtype=torch.int64)}
     new_tokens = [r.fill_ids[r.kv_len: r.kv_len + r.extend_len] for r in reqs]
     new_tokens += [[r.next_input_id] for r in decoding]
-    return _extend([*reqs, *decoding], new_tokens, out_cache_loc, device, all_logits=False, extra=extra,
-                   top_k=top_k)
+    fb = _extend([*reqs, *decoding], new_tokens, out_cache_loc, device, all_logits=False, extra=extra, top_k=top_k)
+    fb.mixed_decodes = len(decoding)
+    return fb
 
 
 def build_decode_batch(reqs: list[Req], out_cache_loc: torch.Tensor, device: torch.device) -> ForwardBatch:

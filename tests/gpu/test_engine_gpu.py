@@ -188,3 +188,22 @@ def test_skinny_gemm_keeps_the_tokens(llama_tiny, disable_graph):
                                     [{"skinny_max_rows": rows} for rows in (0, 128)], prompts(40, seed=7),
                                     sizes=(20, 40))
     assert runs[0] == runs[1]
+
+
+@pytest.mark.parametrize("disable_graph", [False, True])
+def test_mixed_chunk_greedy_tokens_identical_to_transformers(llama_tiny, disable_graph):
+    """--enable-mixed-chunk with few running requests and short chunks (requests join while others
+    decode, their decode rows on the decode kernel inside prefill steps), overlap scheduler on:
+    the same greedy tokens as transformers in fp32, and decode tokens really rode in prefill steps."""
+    from engine import Engine
+
+    batch = prompts(12, 5, 90, seed=8)
+    with Engine(model_path=str(llama_tiny), dtype="float32", disable_cuda_graph=disable_graph,
+                enable_mixed_chunk=True, schedule_policy="lof", max_running_requests=4,
+                chunked_prefill_size=48, **ENGINE_KW) as eng:
+        outs = eng.generate(input_ids=batch, sampling_params=[{**GREEDY, "max_new_tokens": 8 + 2 * i}
+                                                              for i in range(len(batch))])
+        assert eng.scheduler.overlap and eng.scheduler.clock.totals.mixed_decode_tokens > 0
+        eng.scheduler.check_memory_whole()
+    hf = hf_model(llama_tiny, torch.float32)
+    assert [o["output_ids"] for o in outs] == [hf_greedy(hf, p, 8 + 2 * i) for i, p in enumerate(batch)]
