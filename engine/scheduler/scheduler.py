@@ -1,7 +1,8 @@
 """The Scheduler: receive -> pick the next batch -> run it -> process the results.
 
 Prefill (extend) has priority: new requests are admitted by policy within a token budget,
-long prompts are chunked; otherwise every running request decodes one token. When the KV
+long prompts are chunked; otherwise every running request decodes one token. With mixed chunks
+(--enable-mixed-chunk) the running requests decode inside each prefill batch as well. When the KV
 pool cannot hold the next decode step, unlocked cache is evicted, then the newest running
 requests are retracted to the waiting queue (their computed KV goes to the radix cache).
 """
@@ -363,6 +364,8 @@ class Scheduler:
             flight = self._launch_sample([batch_reqs[i] for i in done], rows, fb.future_slots[0], PREFILL,
                                          new_tokens, input_ids, prompt=prompt)
             flight.mixed_decodes = len(decoding)
+            if decoding:
+                self.decay_new_token_ratio()
         elif prompt is not None:
             copy = self.runner.platform.copy_to_host_async([None] * 4 + prompt.tensors)
             flight = _InFlight([], copy, PREFILL, new_tokens, prompt)
