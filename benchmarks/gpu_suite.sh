@@ -16,6 +16,9 @@
 #                        tokens, half the attention reads). ~4 min
 #   serving              one server, max concurrency 1/16/64 with 8/64/256 requests of 1024/512. ~3 min
 #   serving-overlap      serving for a server with and one without the overlap scheduler. ~6 min
+#   mixed-chunk          offline-sharegpt with the defaults, then with --schedule-policy lof
+#                        --enable-mixed-chunk and $MIXED_ARGS (default: 192 running, 1024-token
+#                        chunks), in one call. ~2 min
 #   ab-kernel-config     offline-sharegpt with the platform's kernel config, then with $KERNEL_CONFIG
 #                        (default '{"balance_splits": 4}'), in one call. ~2.5 min
 #   decode-ab            batch-1 decode (bench_decode.py, 512/256) with the platform's kernel config,
@@ -35,6 +38,8 @@
 #   MODEL_DIR=DIR            model folder (default: $OUT/llama-3.1-8b, config + tokenizer, made here)
 #   OFFLINE_EXTRA="..."      extra flags for every `anyserve bench offline`, e.g.
 #                            "--server-arg attention_backend=triton --server-arg mem_fraction_static=0.85"
+#   MIXED_ARGS="..."         the mixed-chunk stage's flags besides lof and mixing (default
+#                            "--max-running-requests 192 --chunked-prefill-size 1024")
 #   SERVING_EXTRA="..."      extra flags for bench_serving_gpu.py, e.g. "--server-arg cuda_graph_max_bs=256"
 #   ANYSERVE_SUITE_SMOKE=1   CPU wiring check: --device cpu, the tiny llama (make-model), 8 requests of
 #                            32/16 tokens, concurrency 1/4; seconds per stage, figures meaningless.
@@ -128,6 +133,12 @@ run_stage() {
       serving serving ;;
     serving-overlap)
       serving serving-overlap --compare disable_overlap_schedule ;;
+    mixed-chunk)
+      local mixed_args
+      read -r -a mixed_args <<< "${MIXED_ARGS:---max-running-requests 192 --chunked-prefill-size 1024}"
+      offline mixed-chunk-default --dataset sharegpt-synthetic --num-prompts "$N_BIG" ${SHAREGPT[@]+"${SHAREGPT[@]}"} --skip-hf
+      offline mixed-chunk-lof-mixed --dataset sharegpt-synthetic --num-prompts "$N_BIG" ${SHAREGPT[@]+"${SHAREGPT[@]}"} \
+        --skip-hf --server-arg schedule_policy=lof --server-arg enable_mixed_chunk=true "${mixed_args[@]}" ;;
     ab-kernel-config)
       offline ab-default --dataset sharegpt-synthetic --num-prompts "$N_BIG" ${SHAREGPT[@]+"${SHAREGPT[@]}"} --skip-hf
       offline ab-kernel-config --dataset sharegpt-synthetic --num-prompts "$N_BIG" ${SHAREGPT[@]+"${SHAREGPT[@]}"} \
@@ -150,7 +161,7 @@ run_stage() {
       $PY benchmarks/suite_summary.py "$OUT" ;;
     *)
       echo "unknown stage '$1'; stages: offline-random offline-sharegpt offline-hf-baseline ratio-overlap" \
-           "ratio-graphs ratios kv-fp8 serving serving-overlap ab-kernel-config decode-ab grammar summary" >&2
+           "ratio-graphs ratios kv-fp8 serving serving-overlap mixed-chunk ab-kernel-config decode-ab grammar summary" >&2
       return 2 ;;
   esac
 }
