@@ -125,6 +125,15 @@ def test_mixed_chunk_engine_matches_transformers(llama_tiny):
     assert [o["output_ids"] for o in outs] == [hf_greedy(path, p, 10) for p in prompts]
 
 
+def test_startup_line_names_policy_and_mixing(llama_tiny, caplog):
+    with caplog.at_level("INFO"):
+        _scheduler(llama_tiny, overlap=False, enable_mixed_chunk=True, schedule_policy="lof")
+        _scheduler(llama_tiny, overlap=False)
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("scheduler ready")]
+    assert "schedule_policy=lof mixed_chunk=on" in lines[0]
+    assert "schedule_policy=lpm mixed_chunk=off" in lines[1]
+
+
 def test_mixed_chunk_refuses_speculative_decoding():
     with pytest.raises(ValueError, match="--enable-mixed-chunk cannot be combined"):
         ServerArgs(model_path="x", enable_mixed_chunk=True, speculative_algorithm="NGRAM").validate()

@@ -123,7 +123,8 @@ class Scheduler:
         self.forward_ct = 0
         self.last_step_time = time.monotonic()
         self.clock = StepClock(server_args.decode_log_interval)
-        logger.info("scheduler ready: %s overlap_schedule=%s speculative=%s", r.describe(),
+        logger.info("scheduler ready: %s schedule_policy=%s mixed_chunk=%s overlap_schedule=%s speculative=%s",
+                    r.describe(), server_args.schedule_policy, "on" if self.mix_chunk else "off",
                     "on" if self.overlap else (
                         "off (--disable-overlap-schedule)" if server_args.disable_overlap_schedule
                         else "off (speculative decoding)" if self.spec is not None
