@@ -93,6 +93,28 @@ def test_mixed_chunk_with_penalties_and_grammars(llama_tiny):
         assert s.clock.totals.mixed_decode_tokens > 0
 
 
+def test_mixed_chunk_with_prompt_logprobs(llama_tiny):
+    """Prompts that want their own logprobs (chunked, some arriving while others decode): the
+    prompt rows come before the decoding rows, and every value is the plain loop's."""
+    import dataclasses
+
+    def reqs():
+        out = []
+        for i in range(6):
+            r = _req(f"p{i}", [(13 * i + j) % 1500 + 10 for j in range(30 + 7 * i)], logprobs=2,
+                     max_new_tokens=6 + i, temperature=0, ignore_eos=True)
+            out.append(dataclasses.replace(r, logprob_start_len=3 * i) if i % 2 == 0 else r)
+        return out
+
+    kw = dict(max_running_requests=2, chunked_prefill_size=20)
+    want = _run(_scheduler(llama_tiny, overlap=False, **kw), reqs())
+    assert all(len(want[f"p{i}"]["input"]) == 30 + 7 * i - 3 * i for i in (0, 2, 4))
+    for overlap in (False, True):
+        s = _scheduler(llama_tiny, overlap=overlap, enable_mixed_chunk=True, **kw)
+        _compare(want, _run(s, reqs()))
+        assert s.clock.totals.mixed_decode_tokens > 0
+
+
 def test_mixed_chunk_retraction_and_aborts_free_everything(llama_tiny):
     def reqs():
         return [_req(f"r{i}", [(11 * i + j) % 1500 + 10 for j in range(20 + i)], max_new_tokens=40,
