@@ -93,6 +93,15 @@ def test_tp2_with_the_overlap_scheduler(llama_tiny, monkeypatch):
     assert 2 <= len(overlapped["4"]) <= 4 < len(overlapped["1"]) < 24
 
 
+def test_tp2_with_mixed_chunks_and_overlap(llama_tiny, monkeypatch):
+    """Mixed steps (running requests decode inside prefill batches, their inputs still on the
+    device under overlap) run on every rank; the tokens equal the plain loop at tp 1."""
+    monkeypatch.setenv("ANYSERVE_OVERLAP", "1")     # inherited by the spawned ranks
+    mixed = _generate(llama_tiny, 2, enable_mixed_chunk=True, max_running_requests=3, chunked_prefill_size=16)
+    monkeypatch.delenv("ANYSERVE_OVERLAP")
+    assert mixed == _generate(llama_tiny, 1)
+
+
 def test_tp2_with_speculative_decoding(llama_tiny):
     """Verify steps (an extend over each request's drafts, logits at every position) run on every
     rank like any batch; the tokens equal plain decoding at tp 1."""
