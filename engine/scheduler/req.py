@@ -8,6 +8,7 @@ from typing import Any, Optional
 import torch
 
 from engine.constrained.base import GrammarMatcher
+from engine.io_struct import BatchTokenOutput
 from engine.sampling.sampling_params import SamplingParams
 
 
@@ -132,3 +133,26 @@ class Req:
     def __repr__(self) -> str:
         return (f"Req(rid={self.rid}, prompt={len(self.origin_input_ids)}, "
                 f"out={len(self.output_ids)}, kv={self.kv_len})")
+
+
+def take_new_outputs(reqs: list[Req]) -> BatchTokenOutput:
+    """What each request has to send since its last output (tokens, logprobs, finish reason, usage),
+    as one BatchTokenOutput; marks it sent."""
+    out = BatchTokenOutput(rids=[], new_token_ids=[], finished_reasons=[], prompt_tokens=[],
+                           completion_tokens=[], cached_tokens=[], input_token_logprobs=[],
+                           input_top_logprobs=[])
+    for r in reqs:
+        out.rids.append(r.rid)
+        out.new_token_ids.append(r.output_ids[r.sent_len:])
+        out.finished_reasons.append(r.finished_reason)
+        out.prompt_tokens.append(len(r.origin_input_ids))
+        out.completion_tokens.append(len(r.output_ids))
+        out.cached_tokens.append(r.cached_tokens)
+        out.output_token_logprobs.append(r.output_logprobs[r.sent_logprob_len:])
+        out.output_top_logprobs.append(r.output_top_logprobs[r.sent_logprob_len:])
+        out.input_token_logprobs.append(r.input_logprobs[r.sent_input_logprob_len:])
+        out.input_top_logprobs.append(r.input_top_logprobs[r.sent_input_logprob_len:])
+        r.sent_len = len(r.output_ids)
+        r.sent_logprob_len = len(r.output_logprobs)
+        r.sent_input_logprob_len = len(r.input_logprobs)
+    return out

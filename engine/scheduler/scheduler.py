@@ -13,7 +13,6 @@ import logging
 import os
 import random
 import time
-from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
@@ -26,45 +25,19 @@ from engine.mem_cache.radix_cache import ChunkCache, RadixCache
 from engine.runner.host_to_device import to_device
 from engine.runner.model_runner import ModelRunner
 from engine.sampling.stop import find_stop_in_tail, stop_tail_tokens
-from engine.runner.forward_batch import PromptLogprobs
 from engine.scheduler.batch import (build_decode_batch, build_extend_batch, build_sampling_info,
                                     take_prompt_logprob_spans)
+from engine.scheduler.flight import InFlight, PromptPart
 from engine.scheduler.policy import SchedulePolicy
 from engine.scheduler.prefill import PrefillAdder
-from engine.scheduler.req import Req
+from engine.scheduler.req import Req, take_new_outputs
 from engine.scheduler.step_log import DECODE, PREFILL, StepClock, log_prefill
 from engine.server_args import ServerArgs
 from engine.speculative.decoder import NgramDecoder
 from engine.tokenizer import load_tokenizer
-from hal.platform import HostCopy
 
 logger = logging.getLogger(__name__)
 
-
-@dataclass
-class _PromptPart:
-    """An extend step's prompt logprobs: how many rows each request got, in batch order, and
-    the max_new_tokens=0 requests whose prompt this step completed (they finish when read)."""
-    counts: list[tuple[Req, int]]
-    finishing: list[Req]
-    logprobs: Optional[PromptLogprobs]
-
-    @property
-    def tensors(self) -> list[Optional[torch.Tensor]]:
-        lp = self.logprobs
-        return [None, None, None] if lp is None else [lp.values, lp.top_values, lp.top_ids]
-
-
-@dataclass
-class _InFlight:
-    """A launched step's sampled requests and the host copy of its outputs (the sampled tokens,
-    their logprobs, then the prompt part's logprobs)."""
-    reqs: list[Req]
-    copy: HostCopy
-    kind: str           # PREFILL or DECODE, for the step clock
-    tokens: int         # new prompt tokens, or decoded sequences
-    prompt: Optional[_PromptPart] = None
-    mixed_decodes: int = 0   # a prefill step's running requests that decoded in it (mixed chunk)
 
 _INIT_NEW_TOKEN_RATIO = 0.7
 _MIN_NEW_TOKEN_RATIO = 0.1
@@ -111,7 +84,7 @@ class Scheduler:
         self.spec = NgramDecoder(self) if server_args.speculative_algorithm == "NGRAM" else None
         self.overlap = not server_args.disable_overlap_schedule and self.spec is None and (
             r.platform.async_execution or os.environ.get("ANYSERVE_OVERLAP") == "1")
-        self.in_flight: Optional[_InFlight] = None
+        self.in_flight: Optional[InFlight] = None
         # --enable-mixed-chunk: the running requests decode inside each prefill batch
         self.mix_chunk = server_args.enable_mixed_chunk and self.spec is None
 
@@ -282,7 +255,7 @@ class Scheduler:
             flight, self.in_flight = self.in_flight, None
             self._process(flight)
 
-    def _launch(self) -> tuple[bool, Optional["_InFlight"]]:
+    def _launch(self) -> tuple[bool, Optional["InFlight"]]:
         batch, locs = self._schedule_extend()
         if batch:
             decoding, decode_locs = self._alloc_decode() if self.mix_chunk and self.running else ([], None)
@@ -324,7 +297,7 @@ class Scheduler:
         self.chunked_req = adder.chunked
         return adder.reqs, adder.out_cache_loc
 
-    def _launch_extend(self, reqs: list[Req], locs: torch.Tensor, decoding: list[Req]) -> Optional["_InFlight"]:
+    def _launch_extend(self, reqs: list[Req], locs: torch.Tensor, decoding: list[Req]) -> Optional["InFlight"]:
         """Prefill ``reqs``; ``decoding``: running requests that decode one token each in the same
         pass (mixed chunk), their slots after the prompts' in ``locs``."""
         spans = take_prompt_logprob_spans(reqs)
@@ -350,7 +323,7 @@ class Scheduler:
         logits = self.runner.forward(fb)
         prompt = None
         if spans is not None:
-            prompt = _PromptPart([(r, hi - lo) for r, (lo, hi) in zip(reqs, spans) if hi > lo],
+            prompt = PromptPart([(r, hi - lo) for r, (lo, hi) in zip(reqs, spans) if hi > lo],
                                  [r for r in reqs if r.prompt_only and r.kv_len == r.seq_len],
                                  fb.prompt_logprobs)
         flight = None
@@ -369,7 +342,7 @@ class Scheduler:
                 self.decay_new_token_ratio()
         elif prompt is not None:
             copy = self.runner.platform.copy_to_host_async([None] * 4 + prompt.tensors)
-            flight = _InFlight([], copy, PREFILL, new_tokens, prompt)
+            flight = InFlight([], copy, PREFILL, new_tokens, prompt)
         for r in reqs:
             self._share_prefix(r)
             if r.kv_len == r.seq_len - 1 and r.num_out:  # prefill complete, next: decode
@@ -405,7 +378,7 @@ class Scheduler:
             self._drain()
             self.num_overlapped_steps += 1
 
-    def _launch_decode(self) -> tuple[bool, Optional["_InFlight"]]:
+    def _launch_decode(self) -> tuple[bool, Optional["InFlight"]]:
         reqs, host_locs = self._alloc_decode()
         if not reqs:
             return False, None
@@ -463,7 +436,7 @@ class Scheduler:
     # -- results -----------------------------------------------------------------------------
     def _launch_sample(self, reqs: list[Req], logits: torch.Tensor, future_base: int, kind: str,
                        tokens: int, input_ids: Optional[torch.Tensor] = None,
-                       prompt: Optional[_PromptPart] = None) -> "_InFlight":
+                       prompt: Optional[PromptPart] = None) -> "InFlight":
         """Queue the sampling of ``reqs``'s next tokens and their copy to the host. ``input_ids``:
         a decode step's inputs on the device (its in-flight tokens resolved)."""
         info = build_sampling_info(reqs, self.runner.vocab_size, self.device)
@@ -477,9 +450,9 @@ class Scheduler:
         copy = self.runner.platform.copy_to_host_async(
             [out.next_token_ids, out.logprobs, out.top_logprobs, out.top_logprob_ids]
             + (prompt.tensors if prompt is not None else []))
-        return _InFlight(reqs, copy, kind, tokens, prompt)
+        return InFlight(reqs, copy, kind, tokens, prompt)
 
-    def _process(self, flight: "_InFlight") -> None:
+    def _process(self, flight: "InFlight") -> None:
         """Append a step's tokens, finish the requests they end, queue what to send."""
         host = [t.tolist() if t is not None else None for t in flight.copy.wait()]
         next_ids, logprobs, top_vals, top_ids = host[:4]
@@ -524,7 +497,7 @@ class Scheduler:
             self._release(r)
             self.reqs_by_rid.pop(r.rid, None)
 
-    def _process_prompt(self, part: _PromptPart, values: Optional[list], top_vals: Optional[list],
+    def _process_prompt(self, part: PromptPart, values: Optional[list], top_vals: Optional[list],
                         top_ids: Optional[list]) -> None:
         """Append each request's prompt logprobs; finish the max_new_tokens=0 requests."""
         row = 0
@@ -569,24 +542,7 @@ class Scheduler:
                 seen.add(id(r))
                 reqs.append(r)
         self.outputs = []
-        out = BatchTokenOutput(rids=[], new_token_ids=[], finished_reasons=[], prompt_tokens=[],
-                               completion_tokens=[], cached_tokens=[], input_token_logprobs=[],
-                               input_top_logprobs=[])
-        for r in reqs:
-            out.rids.append(r.rid)
-            out.new_token_ids.append(r.output_ids[r.sent_len:])
-            out.finished_reasons.append(r.finished_reason)
-            out.prompt_tokens.append(len(r.origin_input_ids))
-            out.completion_tokens.append(len(r.output_ids))
-            out.cached_tokens.append(r.cached_tokens)
-            out.output_token_logprobs.append(r.output_logprobs[r.sent_logprob_len:])
-            out.output_top_logprobs.append(r.output_top_logprobs[r.sent_logprob_len:])
-            out.input_token_logprobs.append(r.input_logprobs[r.sent_input_logprob_len:])
-            out.input_top_logprobs.append(r.input_top_logprobs[r.sent_input_logprob_len:])
-            r.sent_len = len(r.output_ids)
-            r.sent_logprob_len = len(r.output_logprobs)
-            r.sent_input_logprob_len = len(r.input_logprobs)
-        return out
+        return take_new_outputs(reqs)
 
     # -- maintenance -------------------------------------------------------------------------
     def is_idle(self) -> bool:
