@@ -15,7 +15,7 @@ from engine.scheduler.policy import SchedulePolicy
 from engine.scheduler.req import Req
 from engine.sampling.sampling_params import SamplingParams
 from engine.server_args import ServerArgs
-from test_overlap import _req, _run, _scheduler, _workload
+from test_overlap import _req, _run, _scheduler, _stop_id, _workload
 
 # few running requests and short chunks: requests keep arriving in the batch while others decode
 _SMALL = dict(max_running_requests=3, chunked_prefill_size=24)
@@ -28,12 +28,6 @@ def _compare(want: dict, got: dict) -> None:
         # batches differ, so float sums may differ in the last bits
         assert got[rid]["logprobs"] == pytest.approx(want[rid]["logprobs"], abs=1e-4), rid
         assert got[rid]["input"] == pytest.approx(want[rid]["input"], abs=1e-4), rid
-
-
-def _stop_id(model_path) -> int:
-    probe = _run(_scheduler(model_path, overlap=False), [_req("probe", [(7 * j) % 1500 + 10 for j in range(5)] + [3],
-                                                             max_new_tokens=30, temperature=0, ignore_eos=True)])
-    return probe["probe"]["ids"][4]
 
 
 @pytest.mark.parametrize("overlap", [False, True])

@@ -55,12 +55,16 @@ def _workload(stop_id: int) -> list[TokenizedGenerateReq]:
     ]
 
 
+def _stop_id(model_path, **kw) -> int:
+    """A token the workload's "stop-id" request reaches greedily at its 5th token (or earlier)."""
+    probe = _run(_scheduler(model_path, overlap=False, **kw), [_req("probe", [(7 * j) % 1500 + 10 for j in range(5)] + [3],
+                                                             max_new_tokens=30, temperature=0, ignore_eos=True)])
+    return probe["probe"]["ids"][4]
+
+
 def test_overlap_equals_plain_loop(llama_tiny):
-    plain = _scheduler(llama_tiny, overlap=False)
-    probe = _run(plain, [_req("probe", [(7 * j) % 1500 + 10 for j in range(5)] + [3], max_new_tokens=30,
-                              temperature=0, ignore_eos=True)])["probe"]["ids"]
-    stop_id = probe[4]          # greedy hits it at its 5th token (or earlier)
-    want = _run(plain, _workload(stop_id))
+    stop_id = _stop_id(llama_tiny)
+    want = _run(_scheduler(llama_tiny, overlap=False), _workload(stop_id))
     s = _scheduler(llama_tiny, overlap=True)
     got = _run(s, _workload(stop_id))
     for rid in want:

@@ -41,8 +41,11 @@ class TritonAttentionBackend(AttentionBackend):
         self._partial_o = torch.empty(0, dtype=torch.float32, device=self.device)
         self._partial_lse = torch.empty(0, dtype=torch.float32, device=self.device)
         self._num_splits = 1
-        self._extend_starts: Optional[torch.Tensor] = None
         self._max_extend_len = 0
+        # per extend step: the extend kernel's per-request tensors (the prompts only, in a mixed
+        # step), and the decoding requests' (req_pool_indices, seq_lens) of a mixed step
+        self._extend_args: tuple[torch.Tensor, ...] = ()
+        self._mixed_args: Optional[tuple[torch.Tensor, torch.Tensor]] = None
         logger.debug("triton attention: extend tiles %dx%d (%d stages), decode block %d, up to %d splits",
                      self.extend_block_m, self.extend_block_n, self.extend_stages, self.decode_block_n,
                      cfg.max_kv_splits)
@@ -76,9 +79,13 @@ class TritonAttentionBackend(AttentionBackend):
         if batch.mode.is_decode:
             return
         ext = batch.extend_seq_lens
-        self._extend_starts = torch.cumsum(ext, 0) - ext            # [B] offset of each request in q
-        lens = batch.extend_seq_lens_cpu[: batch.batch_size - decodes]
+        starts = torch.cumsum(ext, 0) - ext                           # [B] offset of each request in q
+        n = batch.batch_size - decodes
+        lens = batch.extend_seq_lens_cpu[:n]
         self._max_extend_len = max(lens) if lens else 0
+        args = (batch.req_pool_indices, batch.extend_prefix_lens, ext, starts)
+        self._extend_args = tuple(a[:n] for a in args) if decodes else args
+        self._mixed_args = (batch.req_pool_indices[n:], batch.seq_lens[n:]) if decodes else None
 
     # -- per layer -----------------------------------------------------------------------------
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer_id: int, scaling: float,
@@ -106,15 +113,12 @@ class TritonAttentionBackend(AttentionBackend):
         # A mixed step's decoding requests (the last ones, a token each) take the decode kernel:
         # the extend kernel would read their whole context once per q head, and its grid spans
         # the longest prompt's blocks for every request.
-        d, n = batch.mixed_decodes, batch.batch_size - batch.mixed_decodes
-        extend_attention(q, k_buf, v_buf, out, self.req_to_token, batch.req_pool_indices[:n],
-                         batch.extend_prefix_lens[:n], batch.extend_seq_lens[:n], self._extend_starts[:n],
-                         self._max_extend_len, scaling, block_m=self.extend_block_m,
-                         block_n=self.extend_block_n, num_warps=cfg.extend_num_warps,
-                         num_stages=self.extend_stages, fp32_dot=self.fp32_dot)
-        if d:
-            t = q.shape[0] - d
-            self._decode(q[t:], k_buf, v_buf, out[t:], batch.req_pool_indices[n:], batch.seq_lens[n:], scaling)
+        extend_attention(q, k_buf, v_buf, out, self.req_to_token, *self._extend_args, self._max_extend_len,
+                         scaling, block_m=self.extend_block_m, block_n=self.extend_block_n,
+                         num_warps=cfg.extend_num_warps, num_stages=self.extend_stages, fp32_dot=self.fp32_dot)
+        if self._mixed_args is not None:
+            t = q.shape[0] - batch.mixed_decodes
+            self._decode(q[t:], k_buf, v_buf, out[t:], *self._mixed_args, scaling)
         return out
 
     def _decode(self, q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, out: torch.Tensor,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_overlap import _req, _run, _scheduler, _workload
+from test_overlap import _run, _scheduler, _stop_id, _workload
 from test_tp import _generate
 
 pytestmark = [
@@ -17,11 +17,10 @@ CUDA_KW = dict(device="cuda", max_total_tokens=1 << 14, page_size=16)
 def test_overlap_equals_plain_loop_on_gpu(llama_tiny):
     plain = _scheduler(llama_tiny, overlap=False, **CUDA_KW)
     assert _scheduler(llama_tiny, overlap=True, **CUDA_KW).overlap is not None
-    probe = _run(plain, [_req("probe", [(7 * j) % 1500 + 10 for j in range(5)] + [3], max_new_tokens=30,
-                              temperature=0, ignore_eos=True)])["probe"]["ids"]
-    want = _run(plain, _workload(probe[4]))
+    stop_id = _stop_id(llama_tiny, **CUDA_KW)
+    want = _run(plain, _workload(stop_id))
     s = _scheduler(llama_tiny, overlap=True, **CUDA_KW)
-    got = _run(s, _workload(probe[4]))
+    got = _run(s, _workload(stop_id))
     assert {k: (v["ids"], v["finish"]) for k, v in got.items()} == {k: (v["ids"], v["finish"]) for k, v in want.items()}
     assert s.num_overlapped_steps >= 3
 
