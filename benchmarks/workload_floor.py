@@ -10,6 +10,13 @@ output tokens. Attention FLOPs, the LM head's share of prefill and every kernel'
 out, so real engines sit above this bound. Bandwidth: the device copy bandwidth measured by
 bench_decode.py; compute: what dense bf16 GEMMs reach (about 650-700 TFLOPS on an H100/H200).
 ``--kv-cache-dtype fp8`` counts one byte per KV element (--kv-cache-dtype fp8_e4m3 / fp8_e5m2).
+
+The second bound is for an engine that runs prompts inside decode steps (--enable-mixed-chunk), so
+prefill FLOPs can hide under a step's weight reads: the run still takes at least as many steps as
+the longest output (one prefill step, then one token per step), each reading all weights, plus every
+KV read (the same total whatever the schedule), and at least the FLOPs of every prompt token and
+every fed-back output token. A step takes at least the larger of its bytes and its FLOPs, so the run
+takes at least the larger of the sums.
 """
 from __future__ import annotations
 
@@ -59,6 +66,21 @@ def floor(input_lens: np.ndarray, output_lens: np.ndarray, cfg: dict, bandwidth:
             "output_tokens": out_tokens, "max_output_tok_s": out_tokens / total}
 
 
+def mixed_floor(input_lens: np.ndarray, output_lens: np.ndarray, cfg: dict, bandwidth: float, flops: float,
+                kv_bytes: int = 2) -> dict:
+    """The bound for prompts mixed into decode steps (the module docstring's second bound)."""
+    weights, matmul, kv_per_token = shape_sizes(cfg, kv_bytes)
+    steps = int(output_lens.max())
+    # request j reads contexts in_j + 1 .. in_j + out_j - 1, one per decode step
+    kv = float(sum(((out - 1) * inp + out * (out - 1) // 2) for inp, out in
+                   zip(input_lens.tolist(), output_lens.tolist()))) * kv_per_token
+    rows = float(input_lens.sum() + (output_lens - 1).sum())
+    memory_s, compute_s = (steps * weights + kv) / bandwidth, rows * 2 * matmul / flops
+    total = max(memory_s, compute_s)
+    return {"mixed_steps": steps, "mixed_memory_s": memory_s, "mixed_compute_s": compute_s,
+            "mixed_total_s": total, "mixed_max_output_tok_s": float(output_lens.sum()) / total}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shape", default="llama-3.1-8b", choices=sorted(SHAPES))
@@ -86,6 +108,12 @@ def main() -> None:
     print(f"  prefill >= {r['prefill_s']:.2f} s, decode >= {r['decode_s']:.2f} s in {r['decode_steps']} steps "
           f"({r['memory_bound_steps']} memory-bound, {r['kv_read_tb']:.1f} TB of KV read)")
     print(f"  total >= {r['total_s']:.2f} s: at most {r['max_output_tok_s']:,.0f} output tok/s")
+    m = mixed_floor(ins, outs, SHAPES[args.shape], args.bandwidth_gb_s * 1e9, args.tflops * 1e12,
+                    kv_bytes=1 if args.kv_cache_dtype == "fp8" else 2)
+    r.update(m)
+    print(f"  prompts mixed into decode steps: >= {m['mixed_steps']} steps; weights + KV >= "
+          f"{m['mixed_memory_s']:.2f} s, FLOPs >= {m['mixed_compute_s']:.2f} s: at most "
+          f"{m['mixed_max_output_tok_s']:,.0f} output tok/s")
     if args.output_file:
         with open(args.output_file, "w") as f:
             json.dump({**vars(args), **r}, f, indent=1)
