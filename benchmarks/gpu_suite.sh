@@ -19,6 +19,9 @@
 #   mixed-chunk          offline-sharegpt with the defaults, then with --schedule-policy lof
 #                        --enable-mixed-chunk and $MIXED_ARGS (default: 192 running, 1024-token
 #                        chunks), in one call. ~2 min
+#   piecewise            offline-sharegpt with --schedule-policy lof --enable-mixed-chunk and
+#                        $MIXED_ARGS, then the same with --enable-piecewise-cuda-graph (extend and
+#                        mixed steps replayed as graph pieces around the attention). ~2.5 min
 #   ab-kernel-config     offline-sharegpt with the platform's kernel config, then with $KERNEL_CONFIG
 #                        (default '{"balance_splits": 4}'), in one call. ~2.5 min
 #   decode-ab            batch-1 decode (bench_decode.py, 512/256) with the platform's kernel config,
@@ -139,6 +142,14 @@ run_stage() {
       offline mixed-chunk-default --dataset sharegpt-synthetic --num-prompts "$N_BIG" ${SHAREGPT[@]+"${SHAREGPT[@]}"} --skip-hf
       offline mixed-chunk-lof-mixed --dataset sharegpt-synthetic --num-prompts "$N_BIG" ${SHAREGPT[@]+"${SHAREGPT[@]}"} \
         --skip-hf --server-arg schedule_policy=lof --server-arg enable_mixed_chunk=true "${mixed_args[@]}" ;;
+    piecewise)
+      local mixed_args
+      read -r -a mixed_args <<< "${MIXED_ARGS:---max-running-requests 192 --chunked-prefill-size 1024}"
+      offline piecewise-off --dataset sharegpt-synthetic --num-prompts "$N_BIG" ${SHAREGPT[@]+"${SHAREGPT[@]}"} \
+        --skip-hf --server-arg schedule_policy=lof --server-arg enable_mixed_chunk=true "${mixed_args[@]}"
+      offline piecewise-on --dataset sharegpt-synthetic --num-prompts "$N_BIG" ${SHAREGPT[@]+"${SHAREGPT[@]}"} \
+        --skip-hf --server-arg schedule_policy=lof --server-arg enable_mixed_chunk=true "${mixed_args[@]}" \
+        --server-arg enable_piecewise_cuda_graph=true ;;
     ab-kernel-config)
       offline ab-default --dataset sharegpt-synthetic --num-prompts "$N_BIG" ${SHAREGPT[@]+"${SHAREGPT[@]}"} --skip-hf
       offline ab-kernel-config --dataset sharegpt-synthetic --num-prompts "$N_BIG" ${SHAREGPT[@]+"${SHAREGPT[@]}"} \
@@ -161,7 +172,7 @@ run_stage() {
       $PY benchmarks/suite_summary.py "$OUT" ;;
     *)
       echo "unknown stage '$1'; stages: offline-random offline-sharegpt offline-hf-baseline ratio-overlap" \
-           "ratio-graphs ratios kv-fp8 serving serving-overlap mixed-chunk ab-kernel-config decode-ab grammar summary" >&2
+           "ratio-graphs ratios kv-fp8 serving serving-overlap mixed-chunk piecewise ab-kernel-config decode-ab grammar summary" >&2
       return 2 ;;
   esac
 }

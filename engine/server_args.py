@@ -81,6 +81,14 @@ class ServerArgs:
                                      "(CUDA/HIP graphs).", group="device")
     cuda_graph_max_bs: int = _flag(512, "Largest decode batch captured as a device graph (larger batches run "
                                    "eagerly).", group="device")
+    enable_piecewise_cuda_graph: bool = _flag(
+        False, "Also capture extend steps (prompt chunks, and mixed steps with --enable-mixed-chunk) "
+        "as device graphs, in pieces between the attention calls, which run eagerly; one set per "
+        "padded token count up to --piecewise-cuda-graph-max-tokens. Cuts the host's launch time of "
+        "small and medium extend steps.", group="device")
+    piecewise_cuda_graph_max_tokens: int = _flag(
+        2048, "Largest extend step (in tokens) run as piecewise graphs; larger ones run eagerly.",
+        group="device")
     kernel_config: Optional[str] = _flag(
         None, "Launch-parameter overrides for the Triton kernels, as a JSON object of "
         "hal/kernel_config.py's KernelConfig fields, e.g. '{\"min_split_tokens\": 128, "
@@ -225,6 +233,8 @@ class ServerArgs:
                 kernel_config_overrides(self.kernel_config)
             except ValueError as e:
                 bad("kernel_config", str(e))
+        if self.piecewise_cuda_graph_max_tokens < 1:
+            bad("piecewise_cuda_graph_max_tokens", f"must be >= 1, got {self.piecewise_cuda_graph_max_tokens}")
         if self.stream_interval < 1:
             bad("stream_interval", f"must be >= 1, got {self.stream_interval}")
         if self.decode_log_interval < 0:

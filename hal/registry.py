@@ -10,7 +10,7 @@ from typing import Callable, Iterable, Optional
 
 from hal.platform import Platform
 
-ROLES = ("attention", "sampling", "collectives", "graph_runner", "layer_ops")
+ROLES = ("attention", "sampling", "collectives", "graph_runner", "piecewise_graph_runner", "layer_ops")
 
 
 class BackendSelectionError(RuntimeError):

@@ -22,11 +22,23 @@ class Attention(nn.Module):
         """q: [T, num_heads * head_dim] (or already [T, num_heads, head_dim]), k/v likewise with
         num_kv_heads -> [T, num_heads * head_dim]. rotary = (rotate, cos, sin): q and k are not
         rotated yet; the backend rotates them in its kernels where it can (fuses_rotary), else
-        ``rotate(q, k, cos, sin)`` does first."""
+        ``rotate(q, k, cos, sin)`` does first. Under a piecewise graph runner
+        (``forward_batch.piecewise``, hal/piecewise_graph.py) the runner takes q/k/v and calls
+        ``attend`` itself between the captured pieces."""
         t = q.shape[0]
         q = q.view(t, self.num_heads, self.head_dim)
         k = k.view(t, self.num_kv_heads, self.head_dim)
         v = v.view(t, self.num_kv_heads, self.head_dim)
+        if getattr(forward_batch, "piecewise", None) is not None:   # captured in pieces: attention runs between them
+            out = forward_batch.piecewise.attention(self, q, k, v, rotary, forward_batch)
+        else:
+            out = self.attend(q, k, v, forward_batch, rotary)
+        return out.reshape(t, self.num_heads * self.head_dim)
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, forward_batch,
+               rotary: Optional[tuple[Callable, torch.Tensor, torch.Tensor]] = None) -> torch.Tensor:
+        """q: [T, num_heads, head_dim], k/v: [T, num_kv_heads, head_dim] -> [T, num_heads, head_dim]
+        from the backend (which stores k and v in the pool first)."""
         backend, kw = forward_batch.attn_backend, {}
         if rotary is not None:
             rotate, cos, sin = rotary
@@ -34,5 +46,4 @@ class Attention(nn.Module):
                 kw["cos_sin"] = (cos, sin)
             else:
                 q, k = rotate(q, k, cos, sin)
-        out = backend.forward(q, k, v, self.layer_id, self.scaling, forward_batch, **kw)
-        return out.reshape(t, self.num_heads * self.head_dim)
+        return backend.forward(q, k, v, self.layer_id, self.scaling, forward_batch, **kw)

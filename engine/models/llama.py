@@ -129,7 +129,11 @@ class LlamaForCausalLM(nn.Module):
     @torch.no_grad()
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, forward_batch) -> torch.Tensor:
         """input_ids, positions: [T] -> fp32 logits [num_logits, vocab_size]."""
-        hidden = self.model(input_ids, positions, forward_batch)
+        return self.compute_logits(self.model(input_ids, positions, forward_batch), forward_batch)
+
+    def compute_logits(self, hidden: torch.Tensor, forward_batch) -> torch.Tensor:
+        """The decoder stack's output [T, hidden] -> fp32 logits (and prompt logprobs) for the
+        batch's rows; a piecewise graph runner calls it on the stack's captured output."""
         return self.logits_processor(hidden, self.lm_head, forward_batch)
 
     def weight_needed(self, name: str) -> bool:

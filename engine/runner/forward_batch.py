@@ -9,6 +9,7 @@ import torch
 
 if TYPE_CHECKING:
     from hal.attention import AttentionBackend
+    from hal.piecewise_graph import PiecewiseGraphRunner
 
 
 class ForwardMode(enum.Enum):
@@ -72,6 +73,9 @@ class ForwardBatch:
     # steps of every batch size share one such buffer (hal/graph_runner.py).
     logits_out: Optional[torch.Tensor] = None
     attn_backend: Optional["AttentionBackend"] = None
+    # Set while a piecewise graph runner warms up or captures the model stack: the attention
+    # layers hand q/k/v to it (hal/piecewise_graph.py)
+    piecewise: Optional["PiecewiseGraphRunner"] = None
 
     @property
     def num_tokens(self) -> int:

@@ -23,6 +23,7 @@ from engine.runner.tp_worker import (TPStep, batch_from_host, batch_to_host, ini
 from engine.sampling.sampling_batch_info import SamplingBatchInfo
 from engine.server_args import ServerArgs, kernel_config_overrides
 from hal.graph_runner import GraphRunner, attention_can_be_captured
+from hal.piecewise_graph import PiecewiseGraphRunner
 from hal.kernel_config import set_overrides as set_kernel_config_overrides
 from hal.sampling import SampleOutput
 
@@ -80,6 +81,7 @@ class ModelRunner:
         self._init_memory(free_before)
         self._init_backends()
         self._init_graph_runner()
+        self._init_piecewise_runner()
 
     # -- memory ------------------------------------------------------------------------------
     def _kv_budget_tokens(self, free_before: int) -> int:
@@ -189,6 +191,39 @@ class ModelRunner:
             logger.info("captured decode graphs for batch sizes %s in %.1f s (%.2f GiB)",
                         runner.batch_sizes, runner.capture_seconds, graph_bytes / GiB)
 
+    def _init_piecewise_runner(self) -> None:
+        """With --enable-piecewise-cuda-graph: capture extend steps in pieces around the attention."""
+        args = self.server_args
+        self.piecewise_runner: Optional[PiecewiseGraphRunner] = None
+        if not args.enable_piecewise_cuda_graph:
+            self.piecewise_reason = "off"
+            return
+        if not self.platform.supports_graphs:
+            self.piecewise_reason = f"off ({self.platform.name} has no device graphs)"
+            return
+        if args.disable_cuda_graph:
+            self.piecewise_reason = "off (--disable-cuda-graph)"
+            return
+        entry, why = hal.select("piecewise_graph_runner", self.platform)
+        cfg = self.model_config
+        runner = entry.factory(model=self.model, attn_backend=self.attn_backend,
+                               max_tokens=args.piecewise_cuda_graph_max_tokens, num_q_heads=self.num_q_heads,
+                               num_kv_heads=self.num_kv_heads, head_dim=cfg.head_dim, hidden_size=cfg.hidden_size,
+                               dtype=self.dtype, device=self.device)
+        free_before, _ = self.platform.memory_info()
+        try:
+            runner.capture()
+        except torch.OutOfMemoryError:
+            raise RuntimeError(
+                f"capturing extend steps in pieces up to {args.piecewise_cuda_graph_max_tokens} tokens ran out "
+                "of device memory: lower --piecewise-cuda-graph-max-tokens or --mem-fraction-static, or "
+                "leave out --enable-piecewise-cuda-graph") from None
+        graph_bytes = free_before - self.platform.memory_info()[0]
+        self.piecewise_runner = runner
+        self.piecewise_reason = f"{runner.describe()} ({why})"
+        logger.info("captured extend steps in pieces for token counts %s in %.1f s (%.2f GiB)",
+                    runner.token_counts, runner.capture_seconds, graph_bytes / GiB)
+
     # -- one step ----------------------------------------------------------------------------
     @torch.inference_mode()
     def forward(self, batch: ForwardBatch) -> torch.Tensor:
@@ -204,6 +239,8 @@ class ModelRunner:
             batch.input_ids = torch.where(ids < 0, self.future_tokens[(-ids - 1).clamp(min=0)], ids)
         if self.graph_runner is not None and self.graph_runner.can_run(batch):
             return self.graph_runner.replay(batch)
+        if self.piecewise_runner is not None and self.piecewise_runner.can_run(batch):
+            return self.model.compute_logits(self.piecewise_runner.replay(batch), batch)
         return self._forward_eager(batch)
 
     def reserve_future(self, n: int) -> int:
@@ -261,7 +298,7 @@ class ModelRunner:
                 f"attention={self.attention_backend_name} ({self.attention_reason}) "
                 f"sampling={self.sampling_backend_name} ({self.sampling_reason}) "
                 f"layer_ops={self.layer_ops_name} ({self.layer_ops_reason}) "
-                f"graphs={self.graphs_reason} "
+                f"graphs={self.graphs_reason} piecewise_graphs={self.piecewise_reason} "
                 f"kv_capacity={self.max_total_tokens} tokens "
                 f"({self.max_total_tokens * self.kv_bytes_per_token / GiB:.2f} GiB, "
                 f"{str(self.kv_cache_dtype).replace('torch.', '')}, page_size="

@@ -29,7 +29,7 @@ logger = logging.getLogger(__name__)
 
 # ForwardBatch fields that travel; attn_backend is each rank's own, prompt_logprobs an output.
 _BATCH_FIELDS = tuple(f.name for f in fields(ForwardBatch)
-                      if f.name not in ("attn_backend", "host_tensors", "prompt_logprobs"))
+                      if f.name not in ("attn_backend", "host_tensors", "prompt_logprobs", "piecewise"))
 
 
 @dataclass
