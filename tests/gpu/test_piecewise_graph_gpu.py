@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_engine_gpu import ENGINE_KW, GREEDY, hf_model, prompts
+from test_engine_gpu import BF16_LOGIT_TOL, ENGINE_KW, GREEDY, hf_model, prompts
 from hf_reference import hf_greedy
 
 pytestmark = [
@@ -23,8 +23,9 @@ def test_piecewise_greedy_tokens_identical_to_transformers(llama_tiny, mixed):
 
     batch = prompts(12, 5, 150, seed=9)
     kw = dict(enable_mixed_chunk=True, schedule_policy="lof") if mixed else {}
+    # every extend step fits (128-token chunks, 4 decoding rows), but for the padding
     with Engine(model_path=str(llama_tiny), dtype="float32", max_running_requests=4, chunked_prefill_size=128,
-                **PIECEWISE, **kw, **ENGINE_KW) as eng:
+                enable_piecewise_cuda_graph=True, piecewise_cuda_graph_max_tokens=160, **kw, **ENGINE_KW) as eng:
         runner = eng.scheduler.runner
         assert runner.piecewise_runner is not None and "piecewise_graphs=cuda_piecewise" in runner.describe()
         outs = eng.generate(input_ids=batch, sampling_params=[{**GREEDY, "max_new_tokens": 8 + i}
@@ -73,5 +74,6 @@ def test_piecewise_logits_equal_eager_at_several_sizes(llama_tiny, dtype):
             assert pw.replays == before and before > 0
             a = [lp for lp, *_ in piece["meta_info"]["input_token_logprobs"][1:]]
             b = [lp for lp, *_ in eager["meta_info"]["input_token_logprobs"][1:]]
-            tol = 1e-4 if dtype == torch.float32 else 5e-2
+            # bf16: another padding picks other GEMM tiles, so other roundings (as against transformers)
+            tol = (1e-5 if dtype == torch.float32 else BF16_LOGIT_TOL) * max(map(abs, b))
             assert a == pytest.approx(b, abs=tol), n
