@@ -29,7 +29,6 @@ object, the pool and the capture stream.
 from __future__ import annotations
 
 import bisect
-import logging
 import sys
 import time
 from abc import ABC, abstractmethod
@@ -40,8 +39,6 @@ import torch
 from tqdm import tqdm
 
 from engine.runner.forward_batch import ForwardBatch, ForwardMode
-
-logger = logging.getLogger(__name__)
 
 # warm-up runs per token count before its capture: Triton compiles for the shape, cuBLAS sets up
 # its workspace on the capture stream

@@ -16,7 +16,7 @@ from hal.piecewise_graph import PiecewiseGraphRunner, capture_token_counts
 from hal.registry import Entry, _REGISTRY
 from test_graph_runner import GraphCpuPlatform, make_runner
 from test_mixed_chunk import _compare
-from test_overlap import _run, _scheduler, _stop_id, _workload
+from test_overlap import _req, _run, _scheduler, _stop_id, _workload
 
 
 class EagerPieces(PiecewiseGraphRunner):
@@ -122,3 +122,32 @@ def test_scheduler_tokens_equal_eager(arch_fixture, request, fake_pieces, monkey
     _compare(want, got)
     assert pw.replays > 5, "no extend step went through the pieces"
     assert s.clock.totals.mixed_decode_tokens > 0
+
+
+def test_prompt_logprobs_and_verify_steps_through_the_pieces(llama_tiny, fake_pieces, monkeypatch):
+    """The logits are computed outside the pieces from the captured hidden states, so prompt
+    logprobs (rows of every chunk) and speculative verify steps (logits at every position) equal
+    the eager run's."""
+    import dataclasses
+
+    from test_speculative import SPEC, _mixed_batch
+
+    def prompt_lp_reqs():
+        out = []
+        for i in range(4):
+            r = _req(f"p{i}", [(13 * i + j) % 1500 + 10 for j in range(12 + 5 * i)], logprobs=2,
+                     max_new_tokens=5 + i, temperature=0, ignore_eos=True)
+            out.append(dataclasses.replace(r, logprob_start_len=2 * i))
+        return out
+
+    for make, kw in ((prompt_lp_reqs, dict(max_running_requests=2, chunked_prefill_size=16)),
+                     (_mixed_batch, SPEC)):
+        want = _run(_scheduler(llama_tiny, overlap=False, **kw), make())
+        with monkeypatch.context() as m:
+            m.setattr(CpuPlatform, "supports_graphs", True)
+            s = _scheduler(llama_tiny, overlap=False, enable_piecewise_cuda_graph=True,
+                           piecewise_cuda_graph_max_tokens=64, **kw)
+        got = _run(s, make())
+        _compare(want, got)
+        assert s.runner.piecewise_runner.replays > 3
+    assert s.spec.totals.verify_steps > 0 and s.spec.totals.accepted_tokens > 10
