@@ -137,6 +137,8 @@ class PiecewiseGraphRunner(ABC):
                 counts.set_postfix_str(f"{n} tokens")
                 try:
                     self._capture_count(n)
+                except torch.OutOfMemoryError:
+                    raise               # the model runner says which flags to lower
                 except Exception as e:
                     self._capturing = self._recording = None
                     raise RuntimeError(f"capturing the extend step at {n} tokens in pieces failed ({e}); lower "

@@ -105,6 +105,26 @@ def test_captures_one_set_of_pieces_per_token_count(llama_tiny, fake_pieces):
     assert "piecewise_graphs=eager_pieces (6 token counts 8,16,32,64,96,100" in r.describe()
 
 
+def test_capture_failures_say_what_to_change(llama_tiny, fake_pieces, monkeypatch):
+    def oom(self, n):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(EagerPieces, "_capture_count", oom)
+    with pytest.raises(RuntimeError, match=r"up to 100 tokens ran out of device memory: lower "
+                                           r"--piecewise-cuda-graph-max-tokens or --mem-fraction-static"):
+        make_runner(llama_tiny, GraphCpuPlatform(), enable_piecewise_cuda_graph=True,
+                    piecewise_cuda_graph_max_tokens=100)
+
+    def broken(self, n):
+        raise ValueError("no kernel for this shape")
+
+    monkeypatch.setattr(EagerPieces, "_capture_count", broken)
+    with pytest.raises(RuntimeError, match=r"at 100 tokens in pieces failed \(no kernel for this shape\); lower "
+                                           r"--piecewise-cuda-graph-max-tokens"):
+        make_runner(llama_tiny, GraphCpuPlatform(), enable_piecewise_cuda_graph=True,
+                    piecewise_cuda_graph_max_tokens=100)
+
+
 @pytest.mark.parametrize("arch_fixture", ["llama_tiny", "qwen3_tiny"])
 def test_scheduler_tokens_equal_eager(arch_fixture, request, fake_pieces, monkeypatch):
     """Every extend step (prompt chunks, mixed steps with the decoding rows) goes through the
