@@ -86,6 +86,9 @@ def test_capture_token_counts():
 
 def test_off_unless_asked_and_where_graphs_are(llama_tiny, fake_pieces):
     assert "piecewise_graphs=off " in make_runner(llama_tiny, GraphCpuPlatform()).describe()
+    hint = "piecewise_graphs=off (mixed steps run eagerly; --enable-piecewise-cuda-graph captures them)"
+    assert hint in make_runner(llama_tiny, GraphCpuPlatform(), enable_mixed_chunk=True).describe()
+    assert hint not in make_runner(llama_tiny, enable_mixed_chunk=True).describe()     # no graphs on this platform
     r = make_runner(llama_tiny, enable_piecewise_cuda_graph=True)
     assert r.piecewise_runner is None and "piecewise_graphs=off (cpu has no device graphs)" in r.describe()
     r = make_runner(llama_tiny, GraphCpuPlatform(), enable_piecewise_cuda_graph=True, disable_cuda_graph=True)

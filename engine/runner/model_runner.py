@@ -196,7 +196,10 @@ class ModelRunner:
         args = self.server_args
         self.piecewise_runner: Optional[PiecewiseGraphRunner] = None
         if not args.enable_piecewise_cuda_graph:
-            self.piecewise_reason = "off"
+            hint = (" (mixed steps run eagerly; --enable-piecewise-cuda-graph captures them)"
+                    if args.enable_mixed_chunk and self.platform.supports_graphs and not args.disable_cuda_graph
+                    else "")
+            self.piecewise_reason = "off" + hint
             return
         if not self.platform.supports_graphs:
             self.piecewise_reason = f"off ({self.platform.name} has no device graphs)"
