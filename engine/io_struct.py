@@ -91,6 +91,7 @@ class StepTotals:
     prefill_tokens: int = 0
     decode_tokens: int = 0
     mixed_decode_tokens: int = 0    # tokens decoded inside prefill steps (--enable-mixed-chunk)
+    piecewise_prefill_steps: int = 0   # prefill steps replayed as graph pieces (--enable-piecewise-cuda-graph)
 
     def add(self, kind: str, seconds: float, tokens: int) -> None:
         setattr(self, f"{kind}_seconds", getattr(self, f"{kind}_seconds") + seconds)
@@ -110,6 +111,8 @@ class StepTotals:
             parts.append(f"prefill {self.prefill_seconds:.2f} s in {self.prefill_steps} steps "
                          f"({self.prefill_tokens / max(self.prefill_seconds, 1e-9):,.0f} prompt tok/s"
                          + (f", {self.mixed_decode_tokens:,} tokens decoded in them" if self.mixed_decode_tokens
+                            else "")
+                         + (f", {self.piecewise_prefill_steps} as graph pieces" if self.piecewise_prefill_steps
                             else "") + ")")
         if self.decode_steps:
             parts.append(f"decode {self.decode_seconds:.2f} s in {self.decode_steps} steps "

@@ -144,7 +144,9 @@ def test_scheduler_tokens_equal_eager(arch_fixture, request, fake_pieces, monkey
     got = _run(s, _workload(stop_id))
     _compare(want, got)
     assert pw.replays > 5, "no extend step went through the pieces"
-    assert s.clock.totals.mixed_decode_tokens > 0
+    t = s.clock.totals
+    assert t.mixed_decode_tokens > 0
+    assert 0 < t.piecewise_prefill_steps < t.prefill_steps and "as graph pieces" in t.describe()
 
 
 def test_prompt_logprobs_and_verify_steps_through_the_pieces(llama_tiny, fake_pieces, monkeypatch):

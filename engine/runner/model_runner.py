@@ -246,6 +246,11 @@ class ModelRunner:
             return self.model.compute_logits(self.piecewise_runner.replay(batch), batch)
         return self._forward_eager(batch)
 
+    @property
+    def piecewise_replays(self) -> int:
+        """Steps run as piecewise graphs so far."""
+        return self.piecewise_runner.replays if self.piecewise_runner is not None else 0
+
     def reserve_future(self, n: int) -> int:
         """The first of n consecutive future-token slots for the tokens one step samples."""
         size = self.future_tokens.numel()

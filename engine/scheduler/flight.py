@@ -36,3 +36,4 @@ class InFlight:
     tokens: int         # new prompt tokens, or decoded sequences
     prompt: Optional[PromptPart] = None
     mixed_decodes: int = 0   # a prefill step's running requests that decoded in it (mixed chunk)
+    in_pieces: bool = False  # the step ran as piecewise graphs

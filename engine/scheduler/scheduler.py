@@ -320,7 +320,9 @@ class Scheduler:
         batch_reqs = reqs + decoding
         if done:
             fb.future_slots = (self.runner.reserve_future(len(done)), len(done))
+        pieces_before = self.runner.piecewise_replays
         logits = self.runner.forward(fb)
+        in_pieces = self.runner.piecewise_replays > pieces_before
         prompt = None
         if spans is not None:
             prompt = PromptPart([(r, hi - lo) for r, (lo, hi) in zip(reqs, spans) if hi > lo],
@@ -343,6 +345,8 @@ class Scheduler:
         elif prompt is not None:
             copy = self.runner.platform.copy_to_host_async([None] * 4 + prompt.tensors)
             flight = InFlight([], copy, PREFILL, new_tokens, prompt)
+        if flight is not None:
+            flight.in_pieces = in_pieces
         for r in reqs:
             self._share_prefix(r)
             if r.kv_len == r.seq_len - 1 and r.num_out:  # prefill complete, next: decode
@@ -456,7 +460,7 @@ class Scheduler:
         """Append a step's tokens, finish the requests they end, queue what to send."""
         host = [t.tolist() if t is not None else None for t in flight.copy.wait()]
         next_ids, logprobs, top_vals, top_ids = host[:4]
-        self.clock.done(flight.kind, flight.tokens, flight.mixed_decodes)
+        self.clock.done(flight.kind, flight.tokens, flight.mixed_decodes, flight.in_pieces)
         if flight.prompt is not None:   # before the first token: the stream sends them together
             self._process_prompt(flight.prompt, *host[4:])
         finished = []

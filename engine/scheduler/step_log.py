@@ -40,13 +40,14 @@ class StepClock:
     def step_ran(self, ran: bool) -> None:
         self._busy = ran
 
-    def done(self, kind: str, tokens: int, mixed_decodes: int = 0) -> None:
+    def done(self, kind: str, tokens: int, mixed_decodes: int = 0, in_pieces: bool = False) -> None:
         """A step's tokens are on the host. ``mixed_decodes``: a prefill step's running requests
-        that decoded a token in it (--enable-mixed-chunk)."""
+        that decoded a token in it (--enable-mixed-chunk); ``in_pieces``: it ran as graph pieces."""
         now = time.perf_counter()
         seconds, self._last_done = now - self._last_done, now
         self.totals.add(kind, seconds, tokens)
         self.totals.mixed_decode_tokens += mixed_decodes
+        self.totals.piecewise_prefill_steps += in_pieces
         self._window_seconds += seconds
         self._window_tokens += tokens if kind == DECODE else mixed_decodes
 
