@@ -113,8 +113,10 @@ def test_capture_failures_say_what_to_change(llama_tiny, fake_pieces, monkeypatc
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
     monkeypatch.setattr(EagerPieces, "_capture_count", oom)
-    with pytest.raises(RuntimeError, match=r"up to 100 tokens ran out of device memory: lower "
-                                           r"--piecewise-cuda-graph-max-tokens or --mem-fraction-static"):
+    with pytest.raises(RuntimeError, match=r"in pieces up to 100 tokens ran out of device memory after the KV "
+                                           r"cache took .* GiB: lower --max-total-tokens \(now 512\) or "
+                                           r"--piecewise-cuda-graph-max-tokens \(now 100\), or leave out "
+                                           r"--enable-piecewise-cuda-graph"):
         make_runner(llama_tiny, GraphCpuPlatform(), enable_piecewise_cuda_graph=True,
                     piecewise_cuda_graph_max_tokens=100)
 

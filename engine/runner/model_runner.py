@@ -1,6 +1,7 @@
 """ModelRunner: loads the model, sizes the KV cache, builds the HAL's attention, sampler and graph
 runner, and runs one step (forward + sample). Decode batches the graph runner captured replay a
-device graph; everything else runs eagerly. With tensor parallelism there is one per rank: rank 0
+device graph; with --enable-piecewise-cuda-graph, extend batches up to its token limit replay
+graph pieces with the attention run between them; everything else runs eagerly. With tensor parallelism there is one per rank: rank 0
 sends each batch to the others before running it (engine/runner/tp_worker.py)."""
 from __future__ import annotations
 
@@ -174,22 +175,12 @@ class ModelRunner:
             runner = entry.factory(forward=self._forward_eager, attn_backend=self.attn_backend,
                                    max_batch_size=max_bs, max_running_requests=self.max_running_requests,
                                    pad_slot=self.pad_slot, pad_req_row=0, device=self.device)
-            free_before, _ = self.platform.memory_info()
-            try:
-                runner.capture()
-            except torch.OutOfMemoryError:
-                kv = (f"--max-total-tokens (now {args.max_total_tokens})" if args.max_total_tokens is not None
-                      else f"--mem-fraction-static (now {args.mem_fraction_static or _DEFAULT_MEM_FRACTION})")
-                raise RuntimeError(
-                    f"capturing decode graphs up to batch size {max_bs} ran out of device memory after the "
-                    f"KV cache took {self.max_total_tokens * self.kv_bytes_per_token / GiB:.2f} GiB: lower "
-                    f"{kv} or --cuda-graph-max-bs (now {args.cuda_graph_max_bs}), or pass --disable-cuda-graph"
-                ) from None
-            graph_bytes = free_before - self.platform.memory_info()[0]
+            gib = self._capture(runner, f"decode graphs up to batch size {max_bs}",
+                                f"--cuda-graph-max-bs (now {args.cuda_graph_max_bs}), or pass --disable-cuda-graph")
             self.graph_runner = runner
             self.graphs_reason = f"{runner.describe()} ({why})"
             logger.info("captured decode graphs for batch sizes %s in %.1f s (%.2f GiB)",
-                        runner.batch_sizes, runner.capture_seconds, graph_bytes / GiB)
+                        runner.batch_sizes, runner.capture_seconds, gib)
 
     def _init_piecewise_runner(self) -> None:
         """With --enable-piecewise-cuda-graph: capture extend steps in pieces around the attention."""
@@ -208,30 +199,40 @@ class ModelRunner:
             self.piecewise_reason = "off (--disable-cuda-graph)"
             return
         entry, why = hal.select("piecewise_graph_runner", self.platform)
-        cfg = self.model_config
+        cfg, limit = self.model_config, args.piecewise_cuda_graph_max_tokens
         runner = entry.factory(model=self.model, attn_backend=self.attn_backend,
-                               max_tokens=args.piecewise_cuda_graph_max_tokens, num_q_heads=self.num_q_heads,
+                               max_tokens=limit, num_q_heads=self.num_q_heads,
                                num_kv_heads=self.num_kv_heads, head_dim=cfg.head_dim, hidden_size=cfg.hidden_size,
                                dtype=self.dtype, device=self.device)
+        gib = self._capture(runner, f"extend steps in pieces up to {limit} tokens",
+                            f"--piecewise-cuda-graph-max-tokens (now {limit}), or leave out "
+                            "--enable-piecewise-cuda-graph")
+        self.piecewise_runner = runner
+        self.piecewise_reason = f"{runner.describe()} ({why})"
+        logger.info("captured extend steps in pieces for token counts %s in %.1f s (%.2f GiB)",
+                    runner.token_counts, runner.capture_seconds, gib)
+
+    def _capture(self, runner, what: str, or_else: str) -> float:
+        """``runner.capture()``; returns the device memory it took, in GiB. Out of memory: an error
+        naming the KV cache's size and the flags that would leave room."""
+        args = self.server_args
         free_before, _ = self.platform.memory_info()
         try:
             runner.capture()
         except torch.OutOfMemoryError:
+            kv = (f"--max-total-tokens (now {args.max_total_tokens})" if args.max_total_tokens is not None
+                  else f"--mem-fraction-static (now {args.mem_fraction_static or _DEFAULT_MEM_FRACTION})")
             raise RuntimeError(
-                f"capturing extend steps in pieces up to {args.piecewise_cuda_graph_max_tokens} tokens ran out "
-                "of device memory: lower --piecewise-cuda-graph-max-tokens or --mem-fraction-static, or "
-                "leave out --enable-piecewise-cuda-graph") from None
-        graph_bytes = free_before - self.platform.memory_info()[0]
-        self.piecewise_runner = runner
-        self.piecewise_reason = f"{runner.describe()} ({why})"
-        logger.info("captured extend steps in pieces for token counts %s in %.1f s (%.2f GiB)",
-                    runner.token_counts, runner.capture_seconds, graph_bytes / GiB)
+                f"capturing {what} ran out of device memory after the KV cache took "
+                f"{self.max_total_tokens * self.kv_bytes_per_token / GiB:.2f} GiB: lower {kv} or {or_else}") from None
+        return (free_before - self.platform.memory_info()[0]) / GiB
 
     # -- one step ----------------------------------------------------------------------------
     @torch.inference_mode()
     def forward(self, batch: ForwardBatch) -> torch.Tensor:
         """Logits [num_logits, vocab] fp32. A decode batch the graph runner can run replays its
-        graph (the logits are then valid until the next step)."""
+        graph (the logits are then valid until the next step); an extend batch the piecewise
+        runner can run replays its pieces."""
         if self.tp_size > 1 and self.tp_rank == 0:
             self.tp_group.broadcast_object(TPStep(self.req_to_token_pool.take_journal(), batch_to_host(batch)))
         return self._run(batch)
