@@ -1,8 +1,9 @@
 """ModelRunner: loads the model, sizes the KV cache, builds the HAL's attention, sampler and graph
 runner, and runs one step (forward + sample). Decode batches the graph runner captured replay a
 device graph; with --enable-piecewise-cuda-graph, extend batches up to its token limit replay
-graph pieces with the attention run between them; everything else runs eagerly. With tensor parallelism there is one per rank: rank 0
-sends each batch to the others before running it (engine/runner/tp_worker.py)."""
+graph pieces with the attention run between them; everything else runs eagerly. With tensor
+parallelism there is one per rank: rank 0 sends each batch to the others before running it
+(engine/runner/tp_worker.py)."""
 from __future__ import annotations
 
 import json
