@@ -42,6 +42,11 @@ def capture_batch_sizes(max_batch_size: int) -> list[int]:
     return sizes
 
 
+def shown_sizes(sizes: list[int]) -> str:
+    """Captured sizes for a log line: all of up to 8, else the first two and the last."""
+    return ",".join(map(str, sizes)) if len(sizes) <= 8 else f"{sizes[0]},{sizes[1]},...,{sizes[-1]}"
+
+
 def attention_can_be_captured(attn_backend: Any) -> bool:
     """A backend whose decode reads only device tensors offers ``reserve(max_batch_size)``: it
     allocates its scratch for every batch size up front, so captured pointers stay valid."""
@@ -160,6 +165,5 @@ class GraphRunner(ABC):
         return self._logits[:bs]
 
     def describe(self) -> str:
-        sizes = self.batch_sizes
-        shown = ",".join(map(str, sizes)) if len(sizes) <= 8 else f"{sizes[0]},{sizes[1]},...,{sizes[-1]}"
-        return f"{self.name} ({len(sizes)} batch sizes {shown}, captured in {self.capture_seconds:.1f} s)"
+        return (f"{self.name} ({len(self.batch_sizes)} batch sizes {shown_sizes(self.batch_sizes)}, "
+                f"captured in {self.capture_seconds:.1f} s)")

@@ -39,6 +39,7 @@ import torch
 from tqdm import tqdm
 
 from engine.runner.forward_batch import ForwardBatch, ForwardMode
+from hal.graph_runner import shown_sizes
 
 # warm-up runs per token count before its capture: Triton compiles for the shape, cuBLAS sets up
 # its workspace on the capture stream
@@ -201,10 +202,15 @@ class PiecewiseGraphRunner(ABC):
         batch.attn_backend = self.attn_backend
         self.attn_backend.init_forward_metadata(batch)
 
-    def _attend(self, layer: Any, batch: ForwardBatch) -> None:
+    def _rows(self, n: int) -> tuple[torch.Tensor, ...]:
+        """Views of the first n rows of the staged q, k, v and of the attention output (once a step)."""
+        return self._q[:n], self._k[:n], self._v[:n], self._out[:n]
+
+    @staticmethod
+    def _attend(layer: Any, batch: ForwardBatch, rows: tuple[torch.Tensor, ...]) -> None:
         """``layer``'s attention over the real rows' staged q/k/v, into the next piece's input."""
-        n = batch.num_tokens
-        self._out[:n].copy_(layer.attend(self._q[:n], self._k[:n], self._v[:n], batch).view(n, -1))
+        q, k, v, out = rows
+        out.copy_(layer.attend(q, k, v, batch).view(out.shape))
 
     def replay(self, batch: ForwardBatch) -> torch.Tensor:
         """The final hidden states [num_tokens, hidden] of an extend batch; valid until the next
@@ -212,14 +218,14 @@ class PiecewiseGraphRunner(ABC):
         n = batch.num_tokens
         pieces = self._pieces[self.padded_count(n)]
         self._load(batch)
+        rows = self._rows(n)
         for piece, layer in zip(pieces, self._layers):
             self._replay(piece)
-            self._attend(layer, batch)
+            self._attend(layer, batch, rows)
         self._replay(pieces[-1])
         self.replays += 1
         return self._hidden[:n]
 
     def describe(self) -> str:
-        c = self.token_counts
-        shown = ",".join(map(str, c)) if len(c) <= 8 else f"{c[0]},{c[1]},...,{c[-1]}"
-        return f"{self.name} ({len(c)} token counts {shown}, captured in {self.capture_seconds:.1f} s)"
+        return (f"{self.name} ({len(self.token_counts)} token counts {shown_sizes(self.token_counts)}, "
+                f"captured in {self.capture_seconds:.1f} s)")

@@ -46,7 +46,7 @@ class EagerPieces(PiecewiseGraphRunner):
     def attention(self, layer, q, k, v, rotary, batch):
         out = super().attention(layer, q, k, v, rotary, batch)
         if self.live is not None:
-            self._attend(layer, self.live)
+            self._attend(layer, self.live, self._rows(self.live.num_tokens))
         return out
 
     def replay(self, batch: ForwardBatch) -> torch.Tensor:
