@@ -19,6 +19,10 @@ from server_fixture import ServerProcess, running_server, wait_idle
 MODEL = "tiny-qwen2-e2e"
 pb2, pb2_grpc = load_stubs()
 GREEDY = {"max_new_tokens": 6, "temperature": 0.0, "ignore_eos": True}
+# A streaming consumer that falls behind gets the newest cumulative output only (FanOut), so
+# a 6-token stream can arrive as one event on a busy machine: tests that count events stream
+# STREAMED tokens, which take tens of milliseconds.
+STREAMED = {**GREEDY, "max_new_tokens": 48}
 # The tiny model decodes ~1000 tokens/s, so a request meant to outlive the test must be longer
 # than its 2048 positions allow: the server admits CONTEXT tokens (a warning, no harm here) and a
 # long request asks for LONG, which takes well over a minute unless it is aborted.
@@ -97,8 +101,8 @@ def test_generate_input_ids_single_and_batch(http):
 
 
 def test_generate_stream_is_cumulative_and_ends_done(http):
-    whole = _generate(http, text="Once upon a time", sampling_params=GREEDY)
-    r = http.post("/generate", json={"text": "Once upon a time", "sampling_params": GREEDY, "stream": True})
+    whole = _generate(http, text="Once upon a time", sampling_params=STREAMED)
+    r = http.post("/generate", json={"text": "Once upon a time", "sampling_params": STREAMED, "stream": True})
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
     events = sse_events(r.text)
     assert events[-1] == "[DONE]" and "[DONE]" not in events[:-1]
@@ -171,7 +175,7 @@ def test_abort_all(server, http):
 
 # ---- gRPC -----------------------------------------------------------------------------------
 def _sp(**kw: Any) -> Any:
-    return pb2.SamplingParams(**{"max_new_tokens": 6, "temperature": 0.0, "ignore_eos": True, **kw})
+    return pb2.SamplingParams(**{**STREAMED, **kw})
 
 
 def _collect(msgs: list) -> tuple[str, list[int]]:
@@ -181,12 +185,12 @@ def _collect(msgs: list) -> tuple[str, list[int]]:
 def test_grpc_generate_text_stream_matches_http(http, stub):
     msgs = list(stub.Generate(pb2.GenerateRequest(text="Once upon a time", sampling_params=_sp()), timeout=30))
     text, ids = _collect(msgs)
-    whole = _generate(http, text="Once upon a time", sampling_params=GREEDY)
+    whole = _generate(http, text="Once upon a time", sampling_params=STREAMED)
     assert ids == whole["output_ids"] and text == whole["text"]
     assert len(msgs) >= 2 and all(m.index == 0 and m.rid == msgs[0].rid for m in msgs)
     last = msgs[-1]
     assert last.finish_reason.type == pb2.FINISH_TYPE_LENGTH
-    assert last.usage.completion_tokens == 6 and last.usage.prompt_tokens == whole["meta_info"]["prompt_tokens"]
+    assert last.usage.completion_tokens == STREAMED["max_new_tokens"] and last.usage.prompt_tokens == whole["meta_info"]["prompt_tokens"]
     assert all(not m.HasField("finish_reason") for m in msgs[:-1])
 
 
@@ -195,7 +199,7 @@ def test_grpc_generate_token_ids_with_logprobs(http, stub):
     msgs = list(stub.Generate(pb2.GenerateRequest(input_ids=pb2.TokenIds(ids=ids), sampling_params=_sp(),
                                                   return_logprob=True, top_logprobs_num=2), timeout=30))
     _, out_ids = _collect(msgs)
-    assert out_ids == _generate(http, input_ids=ids, sampling_params=GREEDY)["output_ids"]
+    assert out_ids == _generate(http, input_ids=ids, sampling_params=STREAMED)["output_ids"]
     lps = [lp for m in msgs for lp in m.logprobs]
     assert [lp.token_id for lp in lps] == out_ids
     assert all(lp.logprob <= 0 and len(lp.top_logprobs) == 2 for lp in lps)
@@ -227,7 +231,7 @@ def test_grpc_prompt_logprobs_match_http(http, stub, start):
     msgs = list(stub.Generate(pb2.GenerateRequest(input_ids=pb2.TokenIds(ids=ids), sampling_params=_sp(),
                                                   return_logprob=True, top_logprobs_num=2,
                                                   logprob_start_len=start), timeout=30))
-    meta = _generate(http, input_ids=ids, sampling_params=GREEDY, return_logprob=True, top_logprobs_num=2,
+    meta = _generate(http, input_ids=ids, sampling_params=STREAMED, return_logprob=True, top_logprobs_num=2,
                      logprob_start_len=start)["meta_info"]
     got = _grpc_entries(msgs[0].input_logprobs)
     assert [e[0] for e in got] == ids[start:] and len(msgs) > 1
