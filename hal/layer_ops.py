@@ -5,7 +5,8 @@ step. The torch one (backends/cpu) runs everywhere and is the reference; the Tri
 (backends/triton) fuses each step into one kernel on GPUs. ``linear`` is here too, so that a
 backend can replace the vendor BLAS where it is weak (a few rows) and fold the MLP's activation
 into the down projection; by default it is F.linear. ``rms_norm_linear`` lets it fold a norm
-into the linear that reads it.
+into the linear that reads it. ``fused_moe`` runs a mixture-of-experts MLP over routed tokens;
+the version here is the reference (eager, one matmul pair per expert that has tokens).
 """
 from __future__ import annotations
 
@@ -64,3 +65,36 @@ class LayerOps(ABC):
         this linear (a decoder layer's input and post-attention norms); a backend may fold the
         norm into the matmul."""
         return self.linear(self.rms_norm(x, norm_weight, eps), weight, bias)
+
+    def fused_moe(self, x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
+                  topk_ids: torch.Tensor) -> torch.Tensor:
+        """A mixture-of-experts MLP: x [T, H]; w13 [E, 2I, H] = each expert's [gate | up]; w2
+        [E, H, I] its down projection; topk_weights [T, k] (float32) and topk_ids [T, k] (any
+        integer type), each token's experts and their weights. Returns [T, H] in x's dtype:
+        out[t] = sum_j topk_weights[t, j] * down_e(silu_and_mul(w13_e x[t])) with e = topk_ids[t, j],
+        each expert's product rounded to x's dtype (as a plain matmul would be) and the weighted
+        sum accumulated in float32. With tensor parallelism I is this rank's slice and the
+        result is a partial sum (the caller all-reduces).
+
+        This reference reads the experts' token counts back to the host (one synchronization)
+        and so cannot be captured in a device graph; a backend that serves MoE models under
+        graphs overrides it with kernels of a fixed launch shape."""
+        num_tokens, top_k = topk_ids.shape
+        out = torch.zeros(num_tokens, w2.shape[1], dtype=torch.float32, device=x.device)
+        if num_tokens == 0:
+            return out.to(x.dtype)
+        flat_ids = topk_ids.reshape(-1).long()
+        order = torch.argsort(flat_ids, stable=True)            # (token, slot) pairs grouped by expert
+        counts = torch.bincount(flat_ids, minlength=w13.shape[0]).tolist()
+        weights = topk_weights.reshape(-1).float()
+        start = 0
+        for expert, n in enumerate(counts):
+            if n == 0:
+                continue
+            pairs = order[start:start + n]
+            start += n
+            rows = pairs // top_k
+            h = self.silu_and_mul(F.linear(x[rows], w13[expert]))
+            y = F.linear(h, w2[expert])
+            out.index_add_(0, rows, y.float() * weights[pairs, None])
+        return out.to(x.dtype)
