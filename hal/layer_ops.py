@@ -19,6 +19,10 @@ import torch.nn.functional as F
 
 class LayerOps(ABC):
     name: str = "base"
+    # True where ``fused_moe`` reads no device value back to the host and launches a fixed set of
+    # kernels for a given token count, so a step that calls it can be captured in a device graph;
+    # the model runner keeps a mixture-of-experts model's steps eager otherwise.
+    fused_moe_graph_safe: bool = False
 
     def __init__(self, device: Optional[torch.device] = None) -> None:
         self.device = device

@@ -58,6 +58,24 @@ class LinearBase(nn.Module):
         return self.layer_ops.linear(x, self.weight, self.bias)
 
 
+class ReplicatedLinear(LinearBase):
+    """Y = X W^T with the whole W on every rank: for small matrices whose output every rank needs
+    whole (a mixture-of-experts router, a shared expert's gate)."""
+
+    def __init__(self, input_size: int, output_size: int, bias: bool = False, *,
+                 tp_rank: Optional[int] = None, tp_size: Optional[int] = None) -> None:
+        super().__init__(input_size, output_size, bias, tp_rank, tp_size)
+        self.input_size = input_size
+        self.output_size = output_size
+
+    def weight_loader(self, param, loaded, shard_id=None) -> None:
+        _check_shape(param, param.shape, loaded, "replicated linear")
+        param.data.copy_(loaded)
+
+    def checkpoint_shapes(self, param):
+        return {None: tuple(param.shape)}
+
+
 class ColumnParallelLinear(LinearBase):
     """Y = X W^T with W split along its output rows; each rank returns its slice of Y."""
 

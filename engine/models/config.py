@@ -17,9 +17,12 @@ logger = logging.getLogger(__name__)
 
 # config.json "architectures" names served; the registry maps them to classes.
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM",
-                           "Qwen3ForCausalLM")
+                           "Qwen3ForCausalLM", "MixtralForCausalLM", "Qwen2MoeForCausalLM",
+                           "Qwen3MoeForCausalLM")
 _BY_MODEL_TYPE = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
-                  "qwen3": "Qwen3ForCausalLM"}
+                  "qwen3": "Qwen3ForCausalLM", "mixtral": "MixtralForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM",
+                  "qwen3_moe": "Qwen3MoeForCausalLM"}
+_MOE_ARCHITECTURES = ("MixtralForCausalLM", "Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM")
 ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn")
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _ALL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -53,9 +56,27 @@ class ModelConfig:
     mlp_bias: bool = False
     qk_norm: bool = False                    # Qwen3: RMSNorm over head_dim of q and k
     sliding_window: Optional[int] = None
+    # mixture of experts (0 experts: a dense model); see _moe_fields
+    num_experts: int = 0                     # routed experts of a sparse layer (Mixtral: num_local_experts)
+    num_experts_per_tok: int = 0             # top-k
+    moe_intermediate_size: int = 0           # each routed expert's intermediate size
+    norm_topk_prob: bool = False             # renormalize the top-k router probabilities to sum to 1
+    shared_expert_intermediate_size: int = 0  # Qwen2-MoE: a dense expert every token goes through (0: none)
+    decoder_sparse_step: int = 1             # layer i is sparse when (i + 1) % step == 0 ...
+    mlp_only_layers: list[int] = field(default_factory=list)  # ... and i is not listed here
     eos_token_ids: list[int] = field(default_factory=list)
     bos_token_id: Optional[int] = None
     hf_config: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    @property
+    def is_moe(self) -> bool:
+        return self.num_experts > 0
+
+    def is_sparse_layer(self, layer_id: int) -> bool:
+        """Whether decoder layer ``layer_id`` has a routed-experts MLP (else a dense one of
+        ``intermediate_size``)."""
+        return (self.is_moe and layer_id not in self.mlp_only_layers
+                and (layer_id + 1) % self.decoder_sparse_step == 0)
 
     @property
     def rope_type(self) -> str:
@@ -93,6 +114,7 @@ class ModelConfig:
         rope_theta, rope_scaling = _rope(hf, max_pos)
         sliding = _sliding_window(hf, arch)
         qwen2 = arch == "Qwen2ForCausalLM"
+        qwen2_moe = arch == "Qwen2MoeForCausalLM"   # q/k/v bias unless config.json says qkv_bias: false
         attention_bias = bool(hf.get("attention_bias", False))
         cfg = cls(
             path=path, architecture=arch, model_type=hf.get("model_type", ""),
@@ -104,10 +126,11 @@ class ModelConfig:
             context_len=_context_len(context_length, max_pos, sliding, path),
             dtype=_resolve_dtype(dtype, hf, platform_dtypes, platform_default),
             tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
-            qkv_bias=True if qwen2 else attention_bias,
-            o_proj_bias=False if qwen2 else attention_bias,
+            qkv_bias=True if qwen2 else bool(hf.get("qkv_bias", True)) if qwen2_moe else attention_bias,
+            o_proj_bias=False if qwen2 or qwen2_moe else attention_bias,
             mlp_bias=bool(hf.get("mlp_bias", False)),
-            qk_norm=arch == "Qwen3ForCausalLM", sliding_window=sliding,
+            qk_norm=arch in ("Qwen3ForCausalLM", "Qwen3MoeForCausalLM"), sliding_window=sliding,
+            **_moe_fields(hf, arch, path),
             eos_token_ids=_eos_ids(path, hf), bos_token_id=hf.get("bos_token_id"), hf_config=hf)
         return cfg
 
@@ -135,6 +158,33 @@ def _architecture(hf: dict, path: str) -> str:
         f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
 
 
+def _moe_fields(hf: dict, arch: str, path: str) -> dict[str, Any]:
+    """ModelConfig's mixture-of-experts fields from config.json ({} for a dense architecture).
+    Mixtral: every layer sparse, ``intermediate_size`` per expert, top-k always renormalized.
+    Qwen2/3-MoE: ``moe_intermediate_size`` per expert, renormalized when ``norm_topk_prob``,
+    ``decoder_sparse_step`` and ``mlp_only_layers`` choose the sparse layers. transformers 5
+    writes Qwen3-MoE's ``num_experts`` as ``num_local_experts``; either is read."""
+    if arch not in _MOE_ARCHITECTURES:
+        return {}
+    experts = int(hf.get("num_experts") or hf.get("num_local_experts") or 0)
+    top_k = int(hf.get("num_experts_per_tok") or 0)
+    if arch == "MixtralForCausalLM":
+        fields = dict(moe_intermediate_size=int(hf["intermediate_size"]), norm_topk_prob=True)
+    else:
+        fields = dict(moe_intermediate_size=int(hf["moe_intermediate_size"]),
+                      norm_topk_prob=bool(hf.get("norm_topk_prob", False)),
+                      decoder_sparse_step=int(hf.get("decoder_sparse_step") or 1),
+                      mlp_only_layers=[int(i) for i in hf.get("mlp_only_layers") or []])
+        if arch == "Qwen2MoeForCausalLM":
+            fields["shared_expert_intermediate_size"] = int(hf.get("shared_expert_intermediate_size") or 0)
+    if experts > 0 and not 1 <= top_k <= experts:
+        raise UnsupportedModelError(f"{path}: num_experts_per_tok must be in [1, {experts}] (the number of "
+                                    f"experts), got {top_k}")
+    if arch == "MixtralForCausalLM" and experts < 1:
+        raise UnsupportedModelError(f"{path}: a Mixtral config needs num_local_experts >= 1, got {experts}")
+    return dict(fields, num_experts=experts, num_experts_per_tok=top_k)
+
+
 def _rope(hf: dict, max_pos: int) -> tuple[float, Optional[dict]]:
     """(theta, scaling). transformers 5 writes ``rope_parameters`` (theta inside); 4.x wrote
     ``rope_theta`` plus ``rope_scaling`` (with ``type`` or ``rope_type``)."""
@@ -159,7 +209,7 @@ def _sliding_window(hf: dict, arch: str) -> Optional[int]:
     window = hf.get("sliding_window")
     if window is None:
         return None
-    if arch == "MistralForCausalLM" or hf.get("use_sliding_window", False):
+    if arch in ("MistralForCausalLM", "MixtralForCausalLM") or hf.get("use_sliding_window", False):
         return int(window)
     return None  # Qwen configs carry a window they only use with use_sliding_window
 

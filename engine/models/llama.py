@@ -1,9 +1,10 @@
 """Llama: the decoder the other families reuse. Options come from ModelConfig (qkv/o bias,
-per-head q/k RMSNorm, tied embeddings), so Mistral, Qwen2 and Qwen3 only subclass it."""
+per-head q/k RMSNorm, tied embeddings), so Mistral, Qwen2 and Qwen3 only subclass it; the
+mixture-of-experts families choose each layer's MLP through ``make_mlp``."""
 from __future__ import annotations
 
 import logging
-from typing import Iterable
+from typing import Callable, Iterable, Optional
 
 import torch
 from torch import nn
@@ -22,11 +23,17 @@ CosSin = tuple[torch.Tensor, torch.Tensor]
 
 
 class LlamaMLP(nn.Module):
-    def __init__(self, config: ModelConfig) -> None:
+    """The dense SiLU-gated MLP, of ``config.intermediate_size`` unless ``intermediate_size`` says
+    otherwise (a MoE model's dense layers and shared expert). reduce_results=False leaves the down
+    projection's partial sums for the caller to all-reduce."""
+
+    def __init__(self, config: ModelConfig, intermediate_size: Optional[int] = None,
+                 reduce_results: bool = True) -> None:
         super().__init__()
-        self.gate_up_proj = MergedColumnParallelLinear(
-            config.hidden_size, [config.intermediate_size] * 2, bias=config.mlp_bias)
-        self.down_proj = RowParallelLinear(config.intermediate_size, config.hidden_size, bias=config.mlp_bias)
+        size = intermediate_size or config.intermediate_size
+        self.gate_up_proj = MergedColumnParallelLinear(config.hidden_size, [size] * 2, bias=config.mlp_bias)
+        self.down_proj = RowParallelLinear(size, config.hidden_size, bias=config.mlp_bias,
+                                           reduce_results=reduce_results)
 
     def forward(self, x: torch.Tensor, norm: nn.Module) -> torch.Tensor:
         """x + mlp(norm(x)) for the residual stream x: the norm inside the gate/up projection,
@@ -68,11 +75,17 @@ class LlamaAttention(nn.Module):
         return self.o_proj(self.attn(q, k, v, forward_batch, rotary=(self.rotary, *cos_sin)), residual=x)
 
 
+MLPFactory = Callable[[ModelConfig, int], nn.Module]
+
+
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, config: ModelConfig, layer_id: int) -> None:
+    """``mlp``: any module whose ``forward(x, norm)`` returns x + mlp(norm(x)) (LlamaMLP, or a
+    sparse MoE block)."""
+
+    def __init__(self, config: ModelConfig, layer_id: int, mlp: Optional[nn.Module] = None) -> None:
         super().__init__()
         self.self_attn = LlamaAttention(config, layer_id)
-        self.mlp = LlamaMLP(config)
+        self.mlp = mlp if mlp is not None else LlamaMLP(config)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
@@ -85,10 +98,12 @@ class LlamaDecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, make_mlp: Optional[MLPFactory] = None) -> None:
         super().__init__()
         self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(LlamaDecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.layers = nn.ModuleList(
+            LlamaDecoderLayer(config, i, make_mlp(config, i) if make_mlp is not None else None)
+            for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.rotary_emb = get_rope(config.head_dim, config)
 
@@ -119,12 +134,16 @@ class LlamaForCausalLM(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.config = config
-        self.model = LlamaModel(config)
+        self.model = LlamaModel(config, self.make_mlp)
         if config.tie_word_embeddings:
             self.lm_head = self.model.embed_tokens
         else:
             self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size)
         self.logits_processor = LogitsProcessor(config.vocab_size)
+
+    def make_mlp(self, config: ModelConfig, layer_id: int) -> nn.Module:
+        """The MLP of decoder layer ``layer_id``; mixture-of-experts families override it."""
+        return LlamaMLP(config)
 
     @torch.no_grad()
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, forward_batch) -> torch.Tensor:
@@ -182,4 +201,6 @@ class LlamaForCausalLM(nn.Module):
 
     def _shards_of(self, param_name: str) -> set:
         module = self.get_submodule(param_name.rsplit(".", 1)[0])
+        if hasattr(module, "shard_ids_of"):  # shards differ by parameter (FusedMoE's experts)
+            return set(module.shard_ids_of(self.get_parameter(param_name)))
         return set(getattr(module, "shard_ids", (None,)))
