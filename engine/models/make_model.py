@@ -24,7 +24,11 @@ import torch
 logger = logging.getLogger(__name__)
 
 DATA_DIR = Path(__file__).parent / "data"
-ARCHS = ("llama", "mistral", "qwen2", "qwen3")
+DENSE_ARCHS = ("llama", "mistral", "qwen2", "qwen3")
+MOE_ARCHS = ("mixtral", "qwen2_moe", "qwen3_moe")
+ARCHS = DENSE_ARCHS + MOE_ARCHS
+# a mixture-of-experts arch speaks the chat format of its dense family
+CHAT_OF_ARCH = {"mixtral": "mistral", "qwen2_moe": "qwen2", "qwen3_moe": "qwen3"}
 SIZES = ("tiny", "small")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # Written into every checkpoint made here; bump when the output changes so cached demo models are rebuilt.
@@ -99,6 +103,16 @@ _SHAPES = {
     "small": dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
                   num_key_value_heads=2, max_position_embeddings=32768, vocab_size=151936),
 }
+# Mixture-of-experts archs. tiny: the dense tiny shape with 8 experts, top-2, of intermediate size 32 (Qwen) or
+# 128 (Mixtral's experts take intermediate_size). small: 16 layers of hidden 512 with Qwen's vocabulary; Qwen:
+# 16 experts of 352, top-4 (~330M params); Mixtral: 8 experts of 1408, top-2 (~430M).
+_MOE_SHAPES = {
+    "tiny": dict(_SHAPES["tiny"], num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32,
+                 shared_expert_intermediate_size=96),
+    "small": dict(hidden_size=512, intermediate_size=1408, num_hidden_layers=16, num_attention_heads=8,
+                  num_key_value_heads=2, max_position_embeddings=32768, vocab_size=151936, num_experts=16,
+                  num_experts_per_tok=4, moe_intermediate_size=352, shared_expert_intermediate_size=1408),
+}
 _TOKENIZER_VOCAB = {"tiny": 2048, "small": 8192}
 
 
@@ -108,10 +122,11 @@ def make_model(arch: str, size: str, out_dir: str | Path, *, dtype: str = "float
     AutoTokenizer; `chat` picks another tokenizer and template of the arch (FAMILIES, e.g. mistral_v11).
     The same arguments always give the same files. Returns the folder."""
     _check_args(arch, size, dtype, num_shards)
-    chat = chat or arch
-    if chat not in FAMILIES or not chat.startswith(arch):
+    default_chat = CHAT_OF_ARCH.get(arch, arch)
+    chat = chat or default_chat
+    if chat not in FAMILIES or not chat.startswith(default_chat):
         raise ValueError(f"unknown chat format {chat!r} for {arch}: choose one of "
-                         f"{', '.join(f for f in FAMILIES if f.startswith(arch))}")
+                         f"{', '.join(f for f in FAMILIES if f.startswith(default_chat))}")
     started = time.perf_counter()
     out = _prepare_out_dir(Path(out_dir))
     family = FAMILIES[chat]
@@ -126,7 +141,7 @@ def make_model(arch: str, size: str, out_dir: str | Path, *, dtype: str = "float
     _write_tokenizer(out, tokenizer, family, config.max_position_embeddings)
     (out / MARKER_FILE).write_text(json.dumps({
         "version": MAKE_MODEL_VERSION, "arch": arch, "size": size, "dtype": dtype, "seed": seed,
-        "num_shards": num_shards, **({"chat": chat} if chat != arch else {}),
+        "num_shards": num_shards, **({"chat": chat} if chat != default_chat else {}),
         "note": "random weights made by anyserve make-model; output is meaningless"},
         indent=2) + "\n")
     num_params = sum(p.numel() for p in model.parameters())
@@ -182,7 +197,8 @@ def add_make_model_args(parser: argparse.ArgumentParser) -> None:
                         "previous make-model output).")
     parser.add_argument("--arch", choices=ARCHS, default="llama", help="Model family (default: llama).")
     parser.add_argument("--size", choices=SIZES, default="tiny",
-                        help="tiny: 2 layers, hidden 64. small: Qwen2.5-0.5B's shape (494M params).")
+                        help="tiny: 2 layers, hidden 64. small: Qwen2.5-0.5B's shape (494M params); for the MoE "
+                        "archs 16 layers of hidden 512 with 8 or 16 experts (330-430M params).")
     parser.add_argument("--dtype", choices=list(DTYPES), default="float32", help="Weight dtype on disk.")
     parser.add_argument("--seed", type=int, default=0, help="Seed of the random weights.")
     parser.add_argument("--num-shards", type=int, default=1, help="Number of *.safetensors files.")
@@ -306,9 +322,12 @@ def _token_ids(family: ChatFamily, ids: dict[str, int]) -> dict:
 
 def _model_config(arch: str, size: str, tokenizer_vocab: int, token_ids: dict):
     """The transformers config object. Each arch keeps its distinguishing feature: llama3 rope scaling and tied
-    embeddings (llama), no sliding window (mistral), qkv bias (qwen2), explicit head_dim and q/k norm (qwen3)."""
+    embeddings (llama), no sliding window (mistral), qkv bias (qwen2), explicit head_dim and q/k norm (qwen3);
+    the MoE archs are built on their dense family's choices."""
     from transformers import LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
 
+    if arch in MOE_ARCHS:
+        return _moe_model_config(arch, size, tokenizer_vocab, token_ids)
     shape = dict(_SHAPES[size], **token_ids)
     shape.setdefault("vocab_size", -(-tokenizer_vocab // 64) * 64)
     max_pos = shape["max_position_embeddings"]
@@ -324,6 +343,30 @@ def _model_config(arch: str, size: str, tokenizer_vocab: int, token_ids: dict):
                            use_sliding_window=False)
     return Qwen3Config(**shape, rms_norm_eps=1e-6, rope_theta=1e6, tie_word_embeddings=True,
                        head_dim=32 if size == "tiny" else 64, use_sliding_window=False)
+
+
+def _moe_model_config(arch: str, size: str, tokenizer_vocab: int, token_ids: dict):
+    """Mixtral: Mistral's choices, every layer sparse, experts of the dense intermediate size, top-k always
+    renormalized. Qwen2-MoE: Qwen2's, a shared expert beside the routed ones, top-k not renormalized
+    (Qwen1.5-MoE's setting). Qwen3-MoE: Qwen3's, renormalized top-k (Qwen3-30B-A3B's setting). Untied heads,
+    as the released MoE checkpoints have."""
+    from transformers import MixtralConfig, Qwen2MoeConfig, Qwen3MoeConfig
+
+    shape = dict(_MOE_SHAPES[size], **token_ids)
+    shape.setdefault("vocab_size", -(-tokenizer_vocab // 64) * 64)
+    experts, top_k, moe_size, shared_size = (shape.pop(k) for k in (
+        "num_experts", "num_experts_per_tok", "moe_intermediate_size", "shared_expert_intermediate_size"))
+    if arch == "mixtral":
+        if size == "small":
+            experts, top_k = 8, 2
+        return MixtralConfig(**shape, num_local_experts=experts, num_experts_per_tok=top_k, rms_norm_eps=1e-5,
+                             rope_theta=1e6, sliding_window=None, tie_word_embeddings=False)
+    common = dict(shape, num_experts=experts, num_experts_per_tok=top_k, moe_intermediate_size=moe_size,
+                  decoder_sparse_step=1, mlp_only_layers=[], rms_norm_eps=1e-6, rope_theta=1e6,
+                  tie_word_embeddings=False, use_sliding_window=False)
+    if arch == "qwen2_moe":
+        return Qwen2MoeConfig(**common, shared_expert_intermediate_size=shared_size, norm_topk_prob=False)
+    return Qwen3MoeConfig(**common, head_dim=32 if size == "tiny" else 64, norm_topk_prob=True)
 
 
 def _random_model(config, dtype: torch.dtype, seed: int, used_vocab: int) -> torch.nn.Module:
@@ -365,7 +408,7 @@ def _random_values(name: str, shape: tuple[int, ...], hidden_size: int, gen: tor
         return noise
     if name == "lm_head.weight":  # untied head
         return noise * (4.0 / hidden_size ** 0.5)
-    return noise / shape[1] ** 0.5
+    return noise / shape[-1] ** 0.5  # fan_in: the last dim, of a linear's weight or of stacked experts' [E, N, K]
 
 
 def _save_weights(model: torch.nn.Module, out: Path, num_shards: int) -> None:
@@ -404,13 +447,16 @@ def _max_shard_size(model: torch.nn.Module, num_shards: int) -> int:
 
 def _write_config(out: Path, dtype: str) -> None:
     """config.json as transformers saved it, plus the keys released checkpoints carry (torch_dtype, top-level
-    rope_theta and rope_scaling) so that readers of either transformers 4 or 5 layout find them."""
+    rope_theta and rope_scaling, Qwen3-MoE's num_experts) so that readers of either transformers 4 or 5 layout
+    find them."""
     path = out / "config.json"
     data = json.loads(path.read_text())
     if "rope_parameters" in data:  # transformers 5
         rope = dict(data["rope_parameters"])
         data["rope_theta"] = rope.pop("rope_theta")
         data["rope_scaling"] = rope if rope.get("rope_type", "default") != "default" else None
+    if data.get("model_type") == "qwen3_moe" and "num_local_experts" in data:  # transformers 5's name for it
+        data["num_experts"] = data.pop("num_local_experts")
     data["dtype"] = data["torch_dtype"] = dtype
     _write_json(path, dict(sorted(data.items())))
 

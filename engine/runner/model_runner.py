@@ -72,7 +72,8 @@ class ModelRunner:
         # layers take their element-wise kernels (norm, activation, rotary) when they are built
         entry, self.layer_ops_reason = hal.select("layer_ops", self.platform)
         self.layer_ops_name = entry.name
-        set_layer_ops(entry.factory(device=self.device))
+        self.layer_ops = entry.factory(device=self.device)
+        set_layer_ops(self.layer_ops)
 
         free_before, _ = self.platform.memory_info()
         t0 = time.perf_counter()
@@ -168,6 +169,8 @@ class ModelRunner:
             self.graphs_reason = f"off ({self.platform.name} has no device graphs)"
         elif args.disable_cuda_graph:
             self.graphs_reason = "off (--disable-cuda-graph)"
+        elif self._moe_blocks_graphs():
+            self.graphs_reason = self._moe_graphs_off
         elif not attention_can_be_captured(self.attn_backend):
             self.graphs_reason = f"off (attention backend {self.attention_backend_name} cannot be captured)"
         else:
@@ -199,6 +202,9 @@ class ModelRunner:
         if args.disable_cuda_graph:
             self.piecewise_reason = "off (--disable-cuda-graph)"
             return
+        if self._moe_blocks_graphs():
+            self.piecewise_reason = self._moe_graphs_off
+            return
         entry, why = hal.select("piecewise_graph_runner", self.platform)
         cfg, limit = self.model_config, args.piecewise_cuda_graph_max_tokens
         runner = entry.factory(model=self.model, attn_backend=self.attn_backend,
@@ -212,6 +218,16 @@ class ModelRunner:
         self.piecewise_reason = f"{runner.describe()} ({why})"
         logger.info("captured extend steps in pieces for token counts %s in %.1f s (%.2f GiB)",
                     runner.token_counts, runner.capture_seconds, gib)
+
+    def _moe_blocks_graphs(self) -> bool:
+        """A mixture-of-experts model whose layer ops run the experts with host reads (the
+        reference fused_moe) cannot be captured: its steps stay eager rather than break."""
+        return self.model_config.is_moe and not self.layer_ops.fused_moe_graph_safe
+
+    @property
+    def _moe_graphs_off(self) -> str:
+        return (f"off (mixture-of-experts model: layer ops {self.layer_ops_name} run the experts with host "
+                f"reads, fused_moe is not graph-safe)")
 
     def _capture(self, runner, what: str, or_else: str) -> float:
         """``runner.capture()``; returns the device memory it took, in GiB. Out of memory: an error
