@@ -338,3 +338,21 @@ def test_make_model_writes_hub_expert_names_and_decodes_far_from_ties(make_tiny,
 def test_make_model_refuses_a_chat_format_of_another_family(tmp_path):
     with pytest.raises(ValueError, match="unknown chat format 'qwen3' for mixtral: choose one of mistral"):
         make_model("mixtral", "tiny", tmp_path, chat="qwen3")
+
+
+def test_served_through_the_openai_chat_route(make_tiny):
+    """`anyserve serve` with a MoE model answers a chat request, and its startup line says why graphs are off."""
+    import httpx
+    from server_fixture import running_server
+
+    path = make_tiny("qwen3_moe")
+    body = {"messages": [{"role": "user", "content": "Why is the sky blue?"}], "max_tokens": 12,
+            "temperature": 0, "chat_template_kwargs": {"enable_thinking": False}}
+    with running_server(path, "--max-total-tokens", "2048", "--grpc-port", "0") as srv:
+        body["model"] = httpx.get(srv.base_url + "/v1/models", timeout=10).json()["data"][0]["id"]
+        r = httpx.post(srv.base_url + "/v1/chat/completions", json=body, timeout=60)
+        assert r.status_code == 200, r.text
+        answer = r.json()
+        assert answer["usage"]["completion_tokens"] == 12 or answer["choices"][0]["finish_reason"] == "stop"
+        assert answer["choices"][0]["message"]["content"]
+        assert "graphs=off (cpu has no device graphs)" in srv.log_tail()
