@@ -105,7 +105,7 @@ _SHAPES = {
 }
 # Mixture-of-experts archs. tiny: the dense tiny shape with 8 experts, top-2, of intermediate size 32 (Qwen) or
 # 128 (Mixtral's experts take intermediate_size). small: 16 layers of hidden 512 with Qwen's vocabulary; Qwen:
-# 16 experts of 352, top-4 (~330M params); Mixtral: 8 experts of 1408, top-2 (~430M).
+# 16 experts of 352, top-4 (300-340M params); Mixtral: 8 experts of 1408, top-2 (440M).
 _MOE_SHAPES = {
     "tiny": dict(_SHAPES["tiny"], num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32,
                  shared_expert_intermediate_size=96),
@@ -198,7 +198,7 @@ def add_make_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--arch", choices=ARCHS, default="llama", help="Model family (default: llama).")
     parser.add_argument("--size", choices=SIZES, default="tiny",
                         help="tiny: 2 layers, hidden 64. small: Qwen2.5-0.5B's shape (494M params); for the MoE "
-                        "archs 16 layers of hidden 512 with 8 or 16 experts (330-430M params).")
+                        "archs 16 layers of hidden 512 with 8 or 16 experts (300-440M params).")
     parser.add_argument("--dtype", choices=list(DTYPES), default="float32", help="Weight dtype on disk.")
     parser.add_argument("--seed", type=int, default=0, help="Seed of the random weights.")
     parser.add_argument("--num-shards", type=int, default=1, help="Number of *.safetensors files.")
