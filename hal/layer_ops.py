@@ -19,6 +19,8 @@ import torch.nn.functional as F
 
 class LayerOps(ABC):
     name: str = "base"
+    # whether fused_moe may run inside a captured device graph (no read back to the host)
+    fused_moe_graph_safe: bool = False
 
     def __init__(self, device: Optional[torch.device] = None) -> None:
         self.device = device
