@@ -71,13 +71,15 @@ def align_pairs(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> Align
 
 
 @triton.jit
-def _moe_gemm_kernel(A, W, Out, SortedPairs, BlockExpert, NumUsed, num_pairs, N, K, stride_am, stride_we,
-                     stride_wn, stride_om, ROWS_PER_A: tl.constexpr, SILU_MUL: tl.constexpr, EVEN_K: tl.constexpr,
+def _moe_gemm_kernel(A, W, Out, SortedPairs, BlockExpert, NumUsed, num_pairs, out_features, in_features, stride_am,
+                     stride_we, stride_wn, stride_om, ROWS_PER_A: tl.constexpr, SILU_MUL: tl.constexpr, EVEN_K: tl.constexpr,
                      FP32_DOT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                      NUM_STAGES: tl.constexpr):
     """One (block of an expert's pairs, BLOCK_N features): Out[p, n] = sum_k A[p // ROWS_PER_A, k] *
     W[e, n, k], rounded to Out's dtype. SILU_MUL: W[e] is [gate | up] of 2N rows and Out[p, n] =
     silu_and_mul of the two rounded products (rounded as layer_ops.silu_and_mul rounds)."""
+    N = out_features
+    K = in_features
     pid_m = tl.program_id(0)
     if pid_m >= tl.load(NumUsed):
         return
@@ -117,16 +119,16 @@ def _moe_gemm_kernel(A, W, Out, SortedPairs, BlockExpert, NumUsed, num_pairs, N,
 
 
 @triton.jit
-def _moe_sum_kernel(Y, TopkWeights, Out, H, stride_om, TOP_K: tl.constexpr, BLOCK: tl.constexpr):
+def _moe_sum_kernel(Y, TopkWeights, Out, hidden, stride_om, TOP_K: tl.constexpr, BLOCK: tl.constexpr):
     """One (token, BLOCK features): Out[t] = sum_j TopkWeights[t, j] * Y[t * TOP_K + j] in float32,
-    the slots in order, rounded once. Y is [T * TOP_K, H] contiguous; TopkWeights [T, TOP_K] too."""
+    the slots in order, rounded once. Y is [T * TOP_K, hidden] contiguous; TopkWeights [T, TOP_K] too."""
     t = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    mask = cols < H
+    mask = cols < hidden
     acc = tl.zeros([BLOCK], dtype=tl.float32)
     for j in tl.static_range(TOP_K):
         w = tl.load(TopkWeights + t * TOP_K + j)
-        acc += w * tl.load(Y + (t * TOP_K + j) * H + cols, mask=mask, other=0.0).to(tl.float32)
+        acc += w * tl.load(Y + (t * TOP_K + j) * hidden + cols, mask=mask, other=0.0).to(tl.float32)
     tl.store(Out + t * stride_om + cols, acc.to(Out.dtype.element_ty), mask=mask)
 
 
@@ -134,6 +136,19 @@ def choose_block_m(num_pairs: int, num_experts: int, max_block_m: int = 64) -> i
     """Rows of a block: the mean pairs per expert as a power of two, from 16 (a tensor-core
     MMA's least; decode) up to ``max_block_m`` (extend)."""
     return max(16, min(max_block_m, next_pow2(triton.cdiv(num_pairs, num_experts))))
+
+
+def gemm_tiles(block_m: int, n: int, k: int, silu_mul: bool, elem_bytes: int, block_n: int, block_k: int,
+               num_stages: int, smem_bytes: int) -> tuple[int, int, int]:
+    """(block_n, block_k, num_stages) of _moe_gemm_kernel for an [N, K] weight: the tiles no wider
+    than the weight, the stages and then block_k cut until a stage's x tile and one W tile (two
+    with silu_mul: gate and up) fit ``smem_bytes`` that many times."""
+    block_k = min(block_k, max(16, next_pow2(k)))
+    block_n = min(block_n, max(16, next_pow2(n)))
+    w_tiles = 2 if silu_mul else 1
+    stages, block_k = fit_stages(lambda bk: bk * (block_m + w_tiles * block_n) * elem_bytes, num_stages, block_k,
+                                 smem_bytes)
+    return block_n, block_k, stages
 
 
 def _grouped_gemm(a: torch.Tensor, w: torch.Tensor, aligned: AlignedPairs, num_pairs: int, rows_per_a: int,
@@ -145,12 +160,8 @@ def _grouped_gemm(a: torch.Tensor, w: torch.Tensor, aligned: AlignedPairs, num_p
     k = w.shape[2]
     out = torch.empty((num_pairs, n), dtype=a.dtype, device=a.device)
     block_m = aligned.block_m
-    block_k = min(block_k, max(16, next_pow2(k)))
-    block_n = min(block_n, max(16, next_pow2(n)))
-    w_tiles = 2 if silu_mul else 1
-    # a stage holds the x tile and one or two W tiles
-    stages, block_k = fit_stages(lambda bk: bk * (block_m + w_tiles * block_n) * a.element_size(), num_stages,
-                                 block_k, smem_bytes)
+    block_n, block_k, stages = gemm_tiles(block_m, n, k, silu_mul, a.element_size(), block_n, block_k, num_stages,
+                                          smem_bytes)
     _moe_gemm_kernel[(aligned.num_blocks, triton.cdiv(n, block_n))](
         a, w, out, aligned.sorted_pairs, aligned.block_expert, aligned.num_used, num_pairs, n, k, a.stride(0),
         w.stride(0), w.stride(1), out.stride(0), ROWS_PER_A=rows_per_a, SILU_MUL=silu_mul, EVEN_K=k % block_k == 0,
