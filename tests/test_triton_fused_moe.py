@@ -213,6 +213,8 @@ def test_triton_fused_moe_strided_rows_repeated_experts_and_no_tokens():
     assert empty.shape == (0, 24) and empty.dtype == torch.bfloat16
     with pytest.raises(ValueError, match="integer tensor"):
         fused_moe(x, w13, w2, weights, ids.float(), **SMALL)
+    with pytest.raises(ValueError, match="share a dtype"):
+        fused_moe(x, w13.half(), w2, weights, ids, **SMALL)
     with pytest.raises(ValueError, match="w2"):
         fused_moe(x, w13, w2[:, :, :8], weights, ids, **SMALL)
 

@@ -186,6 +186,9 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights
     if w13.shape[2] != hidden or w2.shape != (num_experts, hidden, two_i // 2):
         raise ValueError(f"fused_moe: for x {tuple(x.shape)} the weights must be w13 [E, 2I, {hidden}] and "
                          f"w2 [E, {hidden}, I]; got {tuple(w13.shape)} and {tuple(w2.shape)}")
+    if not x.dtype == w13.dtype == w2.dtype:
+        raise ValueError(f"fused_moe: x and the expert weights must share a dtype, got {x.dtype}, {w13.dtype} and "
+                         f"{w2.dtype}")
     if topk_ids.dtype.is_floating_point or topk_ids.dtype.is_complex or topk_ids.dtype == torch.bool:
         raise ValueError(f"fused_moe: topk_ids must be an integer tensor, got {topk_ids.dtype}")
     out = torch.empty((num_tokens, hidden), dtype=x.dtype, device=x.device)
