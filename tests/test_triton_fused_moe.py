@@ -21,7 +21,9 @@ import torch.nn.functional as F  # noqa: E402
 pytest.importorskip("triton")
 
 from backends.cpu.torch_layer_ops import TorchLayerOps  # noqa: E402
-from backends.triton.fused_moe import align_pairs, choose_block_m, fused_moe, max_blocks  # noqa: E402
+import backends.triton.fused_moe as fused_moe_module  # noqa: E402
+from backends.triton.fused_moe import (ALIGN_KERNEL_MAX_PAIRS, align_pairs, choose_block_m, fused_moe,  # noqa: E402
+                                       max_blocks)
 from backends.triton.layer_ops import TritonLayerOps  # noqa: E402
 from hal.kernel_config import KernelConfig  # noqa: E402
 from hal.layer_ops import LayerOps  # noqa: E402
@@ -91,14 +93,16 @@ def check_close(out, ref, dtype, ulps):
     (4, 8, 2, 16, 8, torch.int32),          # as many pairs as experts
     (37, 5, 3, 16, 3, torch.int32),         # many pairs per expert, two experts get none
     (50, 7, 1, 32, None, torch.int64),      # k = 1, E a prime
+    (70, 20, 2, 16, None, torch.int32),     # the kernel's chunks of 64 pairs: a group spans three
 ])
+@pytest.mark.parametrize("use_kernel", [True, False], ids=["triton", "torch"])
 def test_align_pairs_puts_every_pair_once_in_its_experts_padded_blocks(num_tokens, num_experts, top_k, block_m,
-                                                                      among, id_dtype):
+                                                                      among, id_dtype, use_kernel):
     g = torch.Generator().manual_seed(num_tokens)
     _, ids = route(num_tokens, num_experts, top_k, g, id_dtype, among)
     if num_tokens == 4:
         ids = torch.randperm(8, generator=g).view(4, 2).to(id_dtype)    # every expert exactly once
-    a = align_pairs(ids, num_experts, block_m)
+    a = align_pairs(ids, num_experts, block_m, use_kernel=use_kernel)
     pairs, experts, used = a.sorted_pairs.long(), a.block_expert.long(), int(a.num_used)
     num_pairs, flat = ids.numel(), ids.reshape(-1).long()
     counts = torch.bincount(flat, minlength=num_experts)
@@ -124,16 +128,16 @@ def test_align_pairs_puts_every_pair_once_in_its_experts_padded_blocks(num_token
 
 
 def test_align_pairs_shapes_follow_the_shapes_alone_and_nothing_is_read_back(monkeypatch):
-    """On the meta device (shapes, no values) the alignment runs and gives the shapes it gives on
-    real ids: no op's output shape depends on the ids. With every tensor-to-Python conversion
-    patched to raise, the whole fused_moe still runs. What this does not prove: that each torch op
-    used is free of an internal device synchronization (tests/gpu runs it in a CUDA graph and with
-    torch.cuda.set_sync_debug_mode("error"))."""
+    """On the meta device (shapes, no values) the torch alignment runs and gives the shapes it gives
+    on real ids: no op's output shape depends on the ids (the Triton one is one launch of a fixed
+    grid). With every tensor-to-Python conversion patched to raise, the whole fused_moe still runs,
+    through either. What this does not prove: that each torch op used is free of an internal device
+    synchronization (tests/gpu runs it in a CUDA graph and with torch.cuda.set_sync_debug_mode("error"))."""
     g = torch.Generator().manual_seed(5)
     for num_tokens, num_experts, top_k in ((1, 8, 2), (9, 4, 3)):
         _, ids = route(num_tokens, num_experts, top_k, g)
-        real = align_pairs(ids, num_experts, 16)
-        meta = align_pairs(ids.to("meta"), num_experts, 16)
+        real = align_pairs(ids, num_experts, 16, use_kernel=False)
+        meta = align_pairs(ids.to("meta"), num_experts, 16, use_kernel=False)
         for name in ("sorted_pairs", "block_expert", "num_used"):
             r, m = getattr(real, name), getattr(meta, name)
             assert m.is_meta and m.shape == r.shape and m.dtype == r.dtype, name
@@ -144,11 +148,13 @@ def test_align_pairs_shapes_follow_the_shapes_alone_and_nothing_is_read_back(mon
     x, w13, w2 = make_moe(5, 6, 32, 16, torch.float32, g)
     weights, ids = route(5, 6, 2, g)
     ref = TorchLayerOps().fused_moe(x, w13, w2, weights, ids)
-    for name in ("item", "tolist", "numpy", "nonzero", "__bool__", "__int__", "__float__", "__index__"):
-        monkeypatch.setattr(torch.Tensor, name, host_read)
-    out = fused_moe(x, w13, w2, weights, ids, **SMALL)
-    monkeypatch.undo()
-    check_close(out, ref, torch.float32, 0)
+    for max_pairs in (ALIGN_KERNEL_MAX_PAIRS, 0):
+        monkeypatch.setattr(fused_moe_module, "ALIGN_KERNEL_MAX_PAIRS", max_pairs)
+        for name in ("item", "tolist", "numpy", "nonzero", "__bool__", "__int__", "__float__", "__index__"):
+            monkeypatch.setattr(torch.Tensor, name, host_read)
+        out = fused_moe(x, w13, w2, weights, ids, **SMALL)
+        monkeypatch.undo()
+        check_close(out, ref, torch.float32, 0)
 
 
 # ---- the kernels against the reference -------------------------------------------------------------
@@ -161,7 +167,7 @@ def test_align_pairs_shapes_follow_the_shapes_alone_and_nothing_is_read_back(mon
     (6, 10, 3, 32, 16, torch.bfloat16, torch.int64, 5),      # half the experts empty
 ])
 def test_triton_fused_moe_matches_reference_and_float64(num_tokens, num_experts, top_k, hidden, inter, dtype,
-                                                        id_dtype, among):
+                                                        id_dtype, among, monkeypatch):
     g = torch.Generator().manual_seed(num_tokens * 31 + top_k)
     x, w13, w2 = make_moe(num_tokens, num_experts, hidden, inter, dtype, g)
     weights, ids = route(num_tokens, num_experts, top_k, g, id_dtype, among)
@@ -172,6 +178,9 @@ def test_triton_fused_moe_matches_reference_and_float64(num_tokens, num_experts,
     # so an intermediate may differ by one unit: a few at the output
     check_close(out, ref, dtype, 4)
     check_close(out, float64_moe(x, w13, w2, weights, ids), dtype, 8)
+    if num_tokens == 40:    # the torch alignment (extend batches) gives the same blocks: the same bits
+        monkeypatch.setattr(fused_moe_module, "ALIGN_KERNEL_MAX_PAIRS", 0)
+        torch.testing.assert_close(fused_moe(x, w13, w2, weights, ids, **SMALL), out, atol=0, rtol=0)
 
 
 def test_triton_fused_moe_rounds_where_the_reference_rounds():
@@ -184,7 +193,7 @@ def test_triton_fused_moe_rounds_where_the_reference_rounds():
     num_tokens, num_experts, hidden, inter = 24, 3, 32, 24
 
     def two_hot(n, k):
-        return F.one_hot(torch.randint(0, k, (n,), generator=g), k) + F.one_hot(torch.randint(0, k, (n,), generator=g), k)
+        return sum(F.one_hot(torch.randint(0, k, (n,), generator=g), k) for _ in range(2))
 
     x = (4 * torch.randn(num_tokens, hidden, generator=g)).half()
     w13 = torch.stack([two_hot(2 * inter, hidden) for _ in range(num_experts)]).half()   # [E, 2I, H]

@@ -17,7 +17,7 @@ from triton.compiler import ASTSource
 
 from backends.triton.decode_attention import _decode_partial_kernel, _decode_reduce_kernel
 from backends.triton.extend_attention import _extend_kernel
-from backends.triton.fused_moe import _moe_gemm_kernel, _moe_sum_kernel, gemm_tiles
+from backends.triton.fused_moe import ALIGN_BLOCK_P, _align_kernel, _moe_gemm_kernel, _moe_sum_kernel, gemm_tiles
 from backends.triton.gemv import _gemv_kernel, _gemv_tile_kernel
 from backends.triton.kv_store import _store_kv_kernel
 from backends.triton.layer_ops import _rms_norm_kernel, _rotary_kernel, _silu_and_mul_kernel
@@ -52,7 +52,7 @@ def kernel_cases(cfg: KernelConfig, dt: str, head_dim: int, num_q_heads: int = 3
     idx = {"ReqToToken": "*i32", "ReqPoolIdx": "*i64", "SeqLens": "*i64", "PrefixLens": "*i64",
            "ExtendLens": "*i64", "ExtendStarts": "*i64", "Loc": "*i64", "PartialO": "*fp32",
            "PartialLse": "*fp32", "qk_scale": "fp32", "eps": "fp32", "OutLoc": "*i64", "SortedPairs": "*i32",
-           "BlockExpert": "*i32", "NumUsed": "*i32", "TopkWeights": "*fp32"}
+           "BlockExpert": "*i32", "NumUsed": "*i32", "TopkWeights": "*fp32", "TopkIds": "*i64"}
     ptrs = {n: p for n in ("Q", "K", "V", "KBuf", "VBuf", "Out", "X", "R", "W", "B", "ResOut", "Cos", "Sin",
                            "QOut", "KOut", "KNew", "VNew", "G", "A", "Y")}
     types = {**ptrs, **idx}
@@ -99,9 +99,11 @@ def kernel_cases(cfg: KernelConfig, dt: str, head_dim: int, num_q_heads: int = 3
 
 
 def moe_cases(cfg: KernelConfig, dt: str, types: dict, top_k: int = 2, hidden: int = 4096, inter: int = 14336):
-    """The fused MoE's kernels as fused_moe launches them at Mixtral-8x7B's shapes: both passes (gate/up
-    with SiLU-and-mul; down) at decode's 16-row blocks and the config's largest, and the weighted sum."""
-    cases = []
+    """The fused MoE's kernels as fused_moe launches them at Mixtral-8x7B's shapes: the alignment (int64
+    and int32 ids, Qwen3-MoE's 128 experts), both passes (gate/up with SiLU-and-mul; down) at decode's
+    16-row blocks and the config's largest, and the weighted sum."""
+    cases = [(_align_kernel, dict(types, TopkIds=ids), dict(BLOCK_M=16, BLOCK_P=ALIGN_BLOCK_P, BLOCK_E=128), 4, 1)
+             for ids in ("*i64", "*i32")]
     for block_m in sorted({16, cfg.moe_block_m}):
         for silu, n, k, rows_per_a in ((True, inter, hidden, top_k), (False, hidden, inter, 1)):
             bn, bk, stages = gemm_tiles(block_m, n, k, silu, ELEM_BYTES[dt], cfg.moe_block_n, cfg.moe_block_k,

@@ -17,6 +17,7 @@ reference (hal/layer_ops.py ``LayerOps.fused_moe``) rounds it.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import triton
@@ -45,14 +46,65 @@ def max_blocks(num_pairs: int, num_experts: int, block_m: int) -> int:
     return triton.cdiv(num_pairs + min(num_experts, num_pairs) * (block_m - 1), block_m)
 
 
-def align_pairs(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> AlignedPairs:
+# up to this many pairs (decode batches) one Triton program aligns them (_align_kernel): one launch
+# where the torch ops take some twenty, each a few microseconds in a graph. Its loops grow with the
+# pairs, so extend batches take the torch ops (a guess: no GPU has timed either yet)
+ALIGN_KERNEL_MAX_PAIRS = 1024
+ALIGN_BLOCK_P = 64          # pairs of a chunk: its [chunk, E] and [chunk, chunk] comparisons stay small
+
+
+@triton.jit
+def _align_kernel(TopkIds, SortedPairs, BlockExpert, NumUsed, num_pairs, num_experts, num_blocks,
+                  BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_E: tl.constexpr):
+    """One program: align_pairs for a few pairs, SortedPairs filled with num_pairs beforehand. Pass
+    one counts each expert's pairs; pass two writes each pair at its group's first row plus the
+    pairs of its expert before it (earlier chunks: ``seen``; its own chunk: a [BLOCK_P, BLOCK_P]
+    comparison), so a group keeps token order, as the stable sort of the torch path does."""
+    offs_e = tl.arange(0, BLOCK_E)
+    offs_p = tl.arange(0, BLOCK_P)
+    counts = tl.zeros([BLOCK_E], dtype=tl.int32)
+    for p0 in range(0, num_pairs, BLOCK_P):
+        ids = tl.load(TopkIds + p0 + offs_p, mask=p0 + offs_p < num_pairs, other=-1)
+        counts += tl.sum((ids[:, None] == offs_e[None, :]).to(tl.int32), 0)
+    blocks = (counts + BLOCK_M - 1) // BLOCK_M
+    block_end = tl.cumsum(blocks, 0)                                            # [BLOCK_E]
+    seen = (block_end - blocks) * BLOCK_M                                       # next free row of each group
+    earlier = offs_p[None, :] < offs_p[:, None]                                 # [BLOCK_P, BLOCK_P]: q < p
+    for p0 in range(0, num_pairs, BLOCK_P):
+        pairs = p0 + offs_p
+        ids = tl.load(TopkIds + pairs, mask=pairs < num_pairs, other=-1)
+        hit = (ids[:, None] == offs_e[None, :]).to(tl.int32)                    # [BLOCK_P, BLOCK_E]
+        rank = tl.sum(((ids[:, None] == ids[None, :]) & earlier).to(tl.int32), 1)
+        row = tl.sum(hit * seen[None, :], 1) + rank
+        tl.store(SortedPairs + row, pairs.to(tl.int32), mask=(pairs < num_pairs) & (ids >= 0) & (ids < num_experts))
+        seen += tl.sum(hit, 0)
+    tl.store(NumUsed, tl.sum(blocks, 0))
+    for b0 in range(0, num_blocks, BLOCK_P):
+        b = b0 + offs_p
+        # lanes past the experts hold no blocks: their block_end is the used count, never <= b below it
+        e = tl.sum((block_end[None, :] <= b[:, None]).to(tl.int32), 1)
+        tl.store(BlockExpert + b, tl.where(e < num_experts, e, -1), mask=b < num_blocks)
+
+
+def align_pairs(topk_ids: torch.Tensor, num_experts: int, block_m: int,
+                use_kernel: Optional[bool] = None) -> AlignedPairs:
     """topk_ids [T, k] (any integer type, values in [0, E)) -> the pairs sorted by expert (stable:
     a group keeps its pairs in token order) and padded to whole blocks of ``block_m``. Device ops
     only, of fixed output shapes (no .item(), nonzero or masked indexing), so it can be captured
-    in a device graph."""
+    in a device graph: one Triton program for at most ALIGN_KERNEL_MAX_PAIRS pairs (or as
+    ``use_kernel`` says), torch ops otherwise."""
     device = topk_ids.device
     num_pairs = topk_ids.numel()
     num_blocks = max_blocks(num_pairs, num_experts, block_m)
+    if use_kernel if use_kernel is not None else num_pairs <= ALIGN_KERNEL_MAX_PAIRS:
+        ids = topk_ids if topk_ids.is_contiguous() else topk_ids.contiguous()
+        sorted_pairs = torch.full((num_blocks * block_m,), num_pairs, dtype=torch.int32, device=device)
+        block_expert = torch.empty(num_blocks, dtype=torch.int32, device=device)
+        num_used = torch.empty(1, dtype=torch.int32, device=device)
+        _align_kernel[(1,)](ids, sorted_pairs, block_expert, num_used, num_pairs, num_experts, num_blocks,
+                            BLOCK_M=block_m, BLOCK_P=ALIGN_BLOCK_P, BLOCK_E=max(16, next_pow2(num_experts)),
+                            num_warps=4)
+        return AlignedPairs(sorted_pairs, block_expert, num_used, block_m)
     flat = topk_ids.reshape(-1).long()                                         # [P]
     counts = torch.zeros(num_experts, dtype=torch.long, device=device)
     counts.scatter_add_(0, flat, torch.ones_like(flat))                        # [E] (bincount's size is the max id)
@@ -72,9 +124,9 @@ def align_pairs(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> Align
 
 @triton.jit
 def _moe_gemm_kernel(A, W, Out, SortedPairs, BlockExpert, NumUsed, num_pairs, out_features, in_features, stride_am,
-                     stride_we, stride_wn, stride_om, ROWS_PER_A: tl.constexpr, SILU_MUL: tl.constexpr, EVEN_K: tl.constexpr,
-                     FP32_DOT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                     NUM_STAGES: tl.constexpr):
+                     stride_we, stride_wn, stride_om, ROWS_PER_A: tl.constexpr, SILU_MUL: tl.constexpr,
+                     EVEN_K: tl.constexpr, FP32_DOT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                     BLOCK_K: tl.constexpr, NUM_STAGES: tl.constexpr):
     """One (block of an expert's pairs, BLOCK_N features): Out[p, n] = sum_k A[p // ROWS_PER_A, k] *
     W[e, n, k], rounded to Out's dtype. SILU_MUL: W[e] is [gate | up] of 2N rows and Out[p, n] =
     silu_and_mul of the two rounded products (rounded as layer_ops.silu_and_mul rounds)."""
