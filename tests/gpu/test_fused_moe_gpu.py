@@ -64,12 +64,14 @@ def test_fused_moe_matches_the_reference_at_real_shapes(ops, experts, num_tokens
     check(out, torch_ops.fused_moe(x, w13, w2, weights, ids))
 
 
-def test_fused_moe_issues_no_synchronizing_op(ops, experts):
+@pytest.mark.parametrize("num_tokens", [16, 256])
+def test_fused_moe_issues_no_synchronizing_op(ops, experts, num_tokens):
+    """Both alignments: the Triton program (few pairs) and the torch ops (Qwen3-MoE's 2048 pairs)."""
     triton_ops, _ = ops
     name, top_k, w13, w2 = experts
     g = torch.Generator(device=DEVICE).manual_seed(3)
-    x = torch.randn(16, w13.shape[2], device=DEVICE, generator=g).bfloat16()
-    weights, ids = route(16, w13.shape[0], top_k, g)
+    x = torch.randn(num_tokens, w13.shape[2], device=DEVICE, generator=g).bfloat16()
+    weights, ids = route(num_tokens, w13.shape[0], top_k, g)
     triton_ops.fused_moe(x, w13, w2, weights, ids)          # compile first: the launcher may sync once
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
@@ -81,8 +83,9 @@ def test_fused_moe_issues_no_synchronizing_op(ops, experts):
 
 @pytest.mark.parametrize("num_tokens", [1, 16, 256])
 def test_fused_moe_in_a_cuda_graph_replays_other_routings(ops, experts, num_tokens):
-    """Captured once, replayed with fresh x, weights and ids (all experts busy, then all tokens on
-    one expert, then on the last): equal to the eager kernel bit for bit, and to the reference."""
+    """Captured once, replayed with fresh x, weights and ids (a random routing, then every token on
+    the first k experts, then on the last k): equal to the eager kernel bit for bit, and to the
+    reference. Qwen3-MoE at 256 tokens aligns its 2048 pairs with torch ops, the rest in Triton."""
     triton_ops, torch_ops = ops
     name, top_k, w13, w2 = experts
     num_experts = w13.shape[0]
