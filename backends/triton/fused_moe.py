@@ -1,8 +1,9 @@
 """The mixture-of-experts MLP as grouped GEMMs over routed tokens, with a fixed launch shape.
 
-Each token's k (token, slot) pairs are grouped by expert on the device (``align_pairs``: plain
-torch ops whose output shapes depend on T, k and E only, no read back to the host), each expert's
-group padded to whole blocks of BLOCK_M rows. One kernel then runs a grid of the worst-case block
+Each token's k (token, slot) pairs are grouped by expert on the device (``align_pairs``: one
+Triton program for decode batches, torch ops for larger ones; output shapes that depend on T, k
+and E only, no read back to the host), each expert's group padded to whole blocks of BLOCK_M rows
+(the worst case: T * k + min(E, T * k) * (BLOCK_M - 1) rows, rounded up). One kernel then runs a grid of the worst-case block
 count for this T: a program takes one block (one expert) and BLOCK_N output features, and a block
 past the used ones returns at once. So a decode step with MoE layers can be captured in a device
 graph and replayed with any routing.
