@@ -63,6 +63,14 @@ class KernelConfig:
     skinny_k_per_split: int = 8192
     skinny_num_warps: int = 4
     skinny_num_stages: int = 4
+    # the fused mixture-of-experts MLP (backends/triton/fused_moe.py): each program multiplies a
+    # block of one expert's routed rows (16 up to moe_block_m, by the mean rows per expert) by
+    # moe_block_n rows of that expert's weight, in moe_block_k chunks along K
+    moe_block_m: int = 64
+    moe_block_n: int = 64
+    moe_block_k: int = 64
+    moe_num_warps: int = 4
+    moe_num_stages: int = 3
     # 1: the one-row GEMV also does the RMSNorm of its input where the model asks (rms_norm_linear:
     # a decoder layer's two norms), in the same pass over x (H200 batch 1: 237.4 -> 238.3 tok/s)
     gemv_fuse_norm: int = 1
@@ -83,7 +91,8 @@ class KernelConfig:
             v = getattr(self, name)
             if v < 1 or v & (v - 1):
                 raise ValueError(f"{name} must be a power of two, got {v}")
-        for name in ("gemv_tile_n", "gemv_tile_k", "skinny_block_n", "skinny_block_k"):
+        for name in ("gemv_tile_n", "gemv_tile_k", "skinny_block_n", "skinny_block_k", "moe_block_m", "moe_block_n",
+                     "moe_block_k"):
             v = getattr(self, name)
             if v < 16 or v & (v - 1):
                 raise ValueError(f"{name} must be a power of two >= 16, got {v}")

@@ -74,3 +74,18 @@ def test_bench_speculative_compares_off_and_on_per_workload(tmp_path):
         assert r["on"]["forward_steps"] <= r["off"]["forward_steps"]
         assert r["on"]["accepted_tokens"] <= r["on"]["draft_tokens"]
     assert "accept len" in proc.stdout
+
+
+def test_bench_fused_moe_parses_its_arguments_and_asks_for_a_gpu():
+    """The fused MoE benchmark is GPU-only: on the CPU its options parse, and a run says what it needs."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    script = [sys.executable, "benchmarks/bench_fused_moe.py"]
+    proc = subprocess.run([*script, "--help"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and "--output-file" in proc.stdout and "qwen3-30b-a3b" in proc.stdout, proc.stderr
+    import torch
+
+    if torch.cuda.is_available():
+        return                       # it would run (benchmarks/RESULTS.md records GPU runs)
+    proc = subprocess.run([*script, "--shapes", "mixtral-8x7b", "--num-tokens", "1", "16"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0 and "needs a CUDA or ROCm GPU" in proc.stderr, proc.stderr[-2000:]

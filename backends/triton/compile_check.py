@@ -17,6 +17,7 @@ from triton.compiler import ASTSource
 
 from backends.triton.decode_attention import _decode_partial_kernel, _decode_reduce_kernel
 from backends.triton.extend_attention import _extend_kernel
+from backends.triton.fused_moe import ALIGN_BLOCK_P, _align_kernel, _moe_gemm_kernel, _moe_sum_kernel, gemm_tiles
 from backends.triton.gemv import _gemv_kernel, _gemv_tile_kernel
 from backends.triton.kv_store import _store_kv_kernel
 from backends.triton.layer_ops import _rms_norm_kernel, _rotary_kernel, _silu_and_mul_kernel
@@ -50,9 +51,10 @@ def kernel_cases(cfg: KernelConfig, dt: str, head_dim: int, num_q_heads: int = 3
     fp32 = dt == "fp32"
     idx = {"ReqToToken": "*i32", "ReqPoolIdx": "*i64", "SeqLens": "*i64", "PrefixLens": "*i64",
            "ExtendLens": "*i64", "ExtendStarts": "*i64", "Loc": "*i64", "PartialO": "*fp32",
-           "PartialLse": "*fp32", "qk_scale": "fp32", "eps": "fp32", "OutLoc": "*i64"}
+           "PartialLse": "*fp32", "qk_scale": "fp32", "eps": "fp32", "OutLoc": "*i64", "SortedPairs": "*i32",
+           "BlockExpert": "*i32", "NumUsed": "*i32", "TopkWeights": "*fp32", "TopkIds": "*i64"}
     ptrs = {n: p for n in ("Q", "K", "V", "KBuf", "VBuf", "Out", "X", "R", "W", "B", "ResOut", "Cos", "Sin",
-                           "QOut", "KOut", "KNew", "VNew", "G")}
+                           "QOut", "KOut", "KNew", "VNew", "G", "A", "Y")}
     types = {**ptrs, **idx}
     if kv_dt:
         types.update(KBuf=f"*{kv_dt}", VBuf=f"*{kv_dt}")
@@ -92,7 +94,24 @@ def kernel_cases(cfg: KernelConfig, dt: str, head_dim: int, num_q_heads: int = 3
                                          BLOCK_N=cfg.gemv_tile_n, BLOCK_K=cfg.gemv_tile_k,
                                          NUM_STAGES=cfg.gemv_tile_num_stages, USE_PDL=pdl),
           cfg.gemv_tile_num_warps, cfg.gemv_tile_num_stages)
-         for res in (False, True)]     # q/k/v and gate/up; o and down (residual)
+         for res in (False, True)     # q/k/v and gate/up; o and down (residual)
+    ] + moe_cases(cfg, dt, types)
+
+
+def moe_cases(cfg: KernelConfig, dt: str, types: dict, top_k: int = 2, hidden: int = 4096, inter: int = 14336):
+    """The fused MoE's kernels as fused_moe launches them at Mixtral-8x7B's shapes: the alignment (int64
+    and int32 ids, Qwen3-MoE's 128 experts), both passes (gate/up with SiLU-and-mul; down) at decode's
+    16-row blocks and the config's largest, and the weighted sum."""
+    cases = [(_align_kernel, dict(types, TopkIds=ids), dict(BLOCK_M=16, BLOCK_P=ALIGN_BLOCK_P, BLOCK_E=128), 4, 1)
+             for ids in ("*i64", "*i32")]
+    for block_m in sorted({16, cfg.moe_block_m}):
+        for silu, n, k, rows_per_a in ((True, inter, hidden, top_k), (False, hidden, inter, 1)):
+            bn, bk, stages = gemm_tiles(block_m, n, k, silu, ELEM_BYTES[dt], cfg.moe_block_n, cfg.moe_block_k,
+                                        cfg.moe_num_stages, cfg.shared_memory_bytes)
+            cases.append((_moe_gemm_kernel, types, dict(ROWS_PER_A=rows_per_a, SILU_MUL=silu, EVEN_K=k % bk == 0,
+                                                        FP32_DOT=dt == "fp32", BLOCK_M=block_m, BLOCK_N=bn,
+                                                        BLOCK_K=bk, NUM_STAGES=stages), cfg.moe_num_warps, stages))
+    return cases + [(_moe_sum_kernel, types, dict(TOP_K=top_k, BLOCK=1024), 4, 1)]
 
 
 def compile_kernel(fn, types: dict, constexprs: dict, target: GPUTarget, num_warps: int, num_stages: int):

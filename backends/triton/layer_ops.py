@@ -1,5 +1,6 @@
 """The fused layer ops in Triton: RMSNorm (with the residual add), SiLU-and-mul and neox rotary,
-one kernel each, fp32 math, rounding where the torch reference rounds (engine/layers)."""
+one kernel each, fp32 math, rounding where the torch reference rounds (engine/layers); the linears'
+GEMV and skinny GEMM, and the mixture-of-experts MLP (fused_moe.py), graph-capturable."""
 from __future__ import annotations
 
 from typing import Optional, Union
@@ -9,6 +10,7 @@ import triton
 import triton.language as tl
 
 from backends.triton import skinny_gemm as skinny
+from backends.triton.fused_moe import fused_moe
 from backends.triton.gemv import ROW_KERNEL_MAX_ROWS, gemv
 from backends.triton.tl_helpers import next_pow2, pdl_launch, pdl_launch_dependents, pdl_wait
 from hal.kernel_config import KernelConfig
@@ -94,6 +96,7 @@ def _warps(block: int, base: int) -> int:
 
 class TritonLayerOps(LayerOps):
     name = "triton"
+    fused_moe_graph_safe = True     # fused_moe reads nothing back to the host (backends/triton/fused_moe.py)
 
     def __init__(self, device: Optional[torch.device] = None, kernel_config: Optional[KernelConfig] = None) -> None:
         super().__init__(device)
@@ -115,6 +118,9 @@ class TritonLayerOps(LayerOps):
         self.skinny_launch = dict(block_n=cfg.skinny_block_n, block_k=cfg.skinny_block_k,
                                   k_per_split=cfg.skinny_k_per_split, num_warps=cfg.skinny_num_warps,
                                   num_stages=cfg.skinny_num_stages, smem_bytes=cfg.shared_memory_bytes)
+        self.moe_launch = dict(block_m=cfg.moe_block_m, block_n=cfg.moe_block_n, block_k=cfg.moe_block_k,
+                               num_warps=cfg.moe_num_warps, num_stages=cfg.moe_num_stages,
+                               smem_bytes=cfg.shared_memory_bytes)
 
     def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None, *,
                silu_mul_input: bool = False, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -137,6 +143,12 @@ class TritonLayerOps(LayerOps):
                 and norm_weight.dtype == x.dtype):
             return gemv(x, weight, bias, norm=(norm_weight, eps), **self.gemv_launch)
         return super().rms_norm_linear(x, norm_weight, eps, weight, bias)
+
+    def fused_moe(self, x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
+                  topk_ids: torch.Tensor) -> torch.Tensor:
+        """Two grouped GEMMs over the pairs sorted by expert on the device (SiLU-and-mul in the first's
+        epilogue) and a weighted sum: a fixed launch shape for each T, so it can be captured in a graph."""
+        return fused_moe(x, w13, w2, topk_weights, topk_ids, **self.moe_launch)
 
     @staticmethod
     def _rows(x: torch.Tensor) -> int:
