@@ -5,14 +5,11 @@ when it does not; RMSNorm (with and without the residual add) and SiLU-and-mul t
 from __future__ import annotations
 
 import logging
-import os
 import sys
 
-# The Triton layer ops that AiterLayerOps extends run through Triton's interpreter here; as in
-# test_triton_kernels.py, that holds only if this process set TRITON_INTERPRET before importing triton.
-IN_THIS_PROCESS = "triton" not in sys.modules or os.environ.get("TRITON_INTERPRET") == "1"
-if IN_THIS_PROCESS:
-    os.environ["TRITON_INTERPRET"] = "1"
+# The Triton layer ops that AiterLayerOps extends run through Triton's interpreter here, which
+# holds only if this process set TRITON_INTERPRET before importing triton (triton_interpret.py).
+from triton_interpret import IN_THIS_PROCESS
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

@@ -4,15 +4,7 @@ loop over tokens, on fresh random routings; and the device-side alignment of (to
 to expert blocks alone. Shapes are tiny; tests/gpu/test_fused_moe_gpu.py runs real ones."""
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
-# triton reads TRITON_INTERPRET when a kernel is defined: see tests/test_triton_kernels.py
-IN_THIS_PROCESS = "triton" not in sys.modules or os.environ.get("TRITON_INTERPRET") == "1"
-if IN_THIS_PROCESS:
-    os.environ["TRITON_INTERPRET"] = "1"
+from triton_interpret import fresh_process_tests  # first: sets TRITON_INTERPRET
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -32,20 +24,7 @@ from hal.layer_ops import LayerOps  # noqa: E402
 SMALL = dict(block_m=64, block_n=16, block_k=16)
 
 
-@pytest.fixture(autouse=True)
-def _interpreter_process(request):
-    if not IN_THIS_PROCESS and request.node.name != "test_fused_moe_in_a_fresh_process":
-        pytest.skip("triton was imported before TRITON_INTERPRET was set; runs in test_fused_moe_in_a_fresh_process")
-
-
-def test_fused_moe_in_a_fresh_process():
-    if IN_THIS_PROCESS:
-        pytest.skip("the kernel tests run in this process")
-    root = Path(__file__).resolve().parents[1]
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__],
-                          cwd=root, env=dict(os.environ, TRITON_INTERPRET="1"), capture_output=True,
-                          text=True, timeout=900)
-    assert proc.returncode == 0, proc.stdout[-8000:] + proc.stderr[-2000:]
+_interpreter_process, test_fused_moe_in_a_fresh_process = fresh_process_tests(__file__, "test_fused_moe_in_a_fresh_process")
 
 
 def route(num_tokens, num_experts, top_k, g, id_dtype=torch.int64, among=None):

@@ -3,17 +3,7 @@ through Triton's interpreter: paged extend and decode attention, the KV store, a
 layer ops. Shapes are small; the same kernels run at real shapes in tests/gpu."""
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
-# triton.jit (and triton's own library of jit functions) reads TRITON_INTERPRET when a function is
-# defined. If another test module imported triton first, this process cannot interpret kernels:
-# the tests then run in a fresh process with the variable set (test_triton_in_a_fresh_process).
-IN_THIS_PROCESS = "triton" not in sys.modules or os.environ.get("TRITON_INTERPRET") == "1"
-if IN_THIS_PROCESS:
-    os.environ["TRITON_INTERPRET"] = "1"
+from triton_interpret import fresh_process_tests  # first: sets TRITON_INTERPRET
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -37,20 +27,7 @@ SMALL = KernelConfig(decode_block_n=16, extend_block_m=16, extend_block_n=16, mi
                      max_kv_splits=8, num_compute_units=16)
 
 
-@pytest.fixture(autouse=True)
-def _interpreter_process(request):
-    if not IN_THIS_PROCESS and request.node.name != "test_triton_in_a_fresh_process":
-        pytest.skip("triton was imported before TRITON_INTERPRET was set; runs in test_triton_in_a_fresh_process")
-
-
-def test_triton_in_a_fresh_process():
-    if IN_THIS_PROCESS:
-        pytest.skip("the kernel tests run in this process")
-    root = Path(__file__).resolve().parents[1]
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__],
-                          cwd=root, env=dict(os.environ, TRITON_INTERPRET="1"), capture_output=True,
-                          text=True, timeout=900)
-    assert proc.returncode == 0, proc.stdout[-8000:] + proc.stderr[-2000:]
+_interpreter_process, test_triton_in_a_fresh_process = fresh_process_tests(__file__, "test_triton_in_a_fresh_process")
 
 
 def test_kernels_run_in_the_interpreter():
