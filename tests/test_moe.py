@@ -14,18 +14,17 @@ from safetensors.torch import save_file
 
 from backends.cpu.torch_layer_ops import TorchLayerOps
 from engine import Engine
-from engine.layers import parallel_state
 from engine.layers.moe import FusedMoE, select_experts
 from engine.models.config import ModelConfig, UnsupportedModelError
 from engine.models.make_model import MOE_ARCHS, make_model
 from engine.models.moe import SparseMoeBlock
 from engine.runner.model_loader import dummy_tensor, load_model
-from hal.collectives import SingleProcessCollectives
 from hf_reference import hf_greedy, hf_model
 from model_harness import ModelHarness
 from test_graph_runner import GraphCpuPlatform, fake_graphs, make_runner  # noqa: F401  (fixture)
 from test_make_model import _greedy
 from test_models_vs_hf import assert_logits_close, hf_logits, prompts
+from test_tp import dummy_rank_models
 
 GREEDY = {"temperature": 0.0, "ignore_eos": True}
 HF_ARCH = {"mixtral": "MixtralForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM"}
@@ -253,13 +252,7 @@ def test_dummy_weights_have_checkpoint_shapes_and_split_over_ranks(make_tiny):
     assert {n: p.shape for n, p in one.named_parameters()} == {n: p.shape for n, p in real.named_parameters()}
     w1 = dummy_tensor("model.layers.0.mlp.experts.w13_weight", (3, "w1"), (32, 64), torch.float32, "cpu")
     assert torch.equal(one.model.layers[0].mlp.experts.w13_weight[3, :32], w1) and w1.std() > 0.01
-    two = []
-    try:
-        for rank in range(2):
-            parallel_state.set_tp(rank, 2, SingleProcessCollectives())
-            two.append(load_model(cfg, "dummy", "cpu"))
-    finally:
-        parallel_state.set_tp(0, 1)
+    two = dummy_rank_models(cfg, 2)
     for name in ("w13_weight", "w2_weight"):
         full = one.model.layers[1].mlp.experts.get_parameter(name)
         shards = [m.model.layers[1].mlp.experts.get_parameter(name) for m in two]

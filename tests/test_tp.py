@@ -182,16 +182,22 @@ def test_dummy_fused_shards_split_like_a_checkpoint():
     assert not torch.equal(q[:8], k) and not torch.equal(gate, up)
 
 
+def dummy_rank_models(cfg: ModelConfig, tp_size: int) -> list:
+    """The dummy-weight model of each of ``tp_size`` ranks, built in this process one after another."""
+    models = []
+    try:
+        for rank in range(tp_size):
+            parallel_state.set_tp(rank, tp_size, SingleProcessCollectives())
+            models.append(load_model(cfg, "dummy", "cpu"))
+    finally:
+        parallel_state.set_tp(0, 1)
+    return models
+
+
 def test_dummy_llama_tp2_shards_concatenate_to_tp1(llama_tiny):
     cfg = ModelConfig.from_pretrained(str(llama_tiny), dtype="float32")
     one = load_model(cfg, "dummy", "cpu")
-    two = []
-    try:
-        for rank in range(2):
-            parallel_state.set_tp(rank, 2, SingleProcessCollectives())
-            two.append(load_model(cfg, "dummy", "cpu"))
-    finally:
-        parallel_state.set_tp(0, 1)
+    two = dummy_rank_models(cfg, 2)
     row_parallel = ("o_proj", "down_proj")
     for name, p in one.named_parameters():
         shards = [m.get_parameter(name) for m in two]
