@@ -230,3 +230,31 @@ def test_block_rows_follow_the_mean_pairs_per_expert():
     assert choose_block_m(40 * 2, 3) == 32
     assert max_blocks(8, 128, 16) == 8            # T = 1, k = 8: the grid is 8 blocks, not 128
     assert max_blocks(2048 * 2, 8, 64) == (4096 + 8 * 63 + 63) // 64
+
+
+@pytest.mark.parametrize("arch", ["qwen2_moe", "mixtral"])
+def test_moe_models_on_the_triton_layer_ops_give_the_torch_tokens(arch, make_tiny):
+    """A whole tiny MoE model with every layer op on Triton (the fused MoE, norms, rotary, the
+    linears' kernels) in the interpreter, against the torch layer ops: prefill logits and greedy
+    tokens (decode steps of 2 rows: the alignment kernel's path) in float32."""
+    from engine.layers.ops import using_layer_ops
+    from engine.models.config import ModelConfig
+    from engine.runner.model_loader import load_model
+    from model_harness import ModelHarness
+
+    cfg = ModelConfig.from_pretrained(str(make_tiny(arch)), dtype="float32")
+    torch_model = load_model(cfg, "auto", "cpu")
+    ops = TritonLayerOps(kernel_config=KernelConfig(moe_block_m=16, moe_block_n=16, moe_block_k=16))
+    with using_layer_ops(ops):
+        triton_model = load_model(cfg, "auto", "cpu")
+    calls = []
+    real = ops.fused_moe
+    ops.fused_moe = lambda *a, **kw: calls.append(a[0].shape[0]) or real(*a, **kw)
+    g = torch.Generator().manual_seed(5)
+    prompts = [torch.randint(3, 1000, (n,), generator=g).tolist() for n in (13, 6)]
+    logits = ModelHarness(triton_model, page_size=4).extend([0, 1], prompts)
+    torch.testing.assert_close(logits, ModelHarness(torch_model, page_size=4).extend([0, 1], prompts),
+                               atol=1e-4, rtol=1e-4)
+    ref = ModelHarness(torch_model, page_size=4).generate_greedy(prompts, 5)
+    assert ModelHarness(triton_model, page_size=4).generate_greedy(prompts, 5) == ref
+    assert 19 in calls and 2 in calls        # the prefill's rows and the decode steps' rows
