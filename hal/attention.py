@@ -24,7 +24,7 @@ if TYPE_CHECKING:
 class AttentionBackend(ABC):
     def __init__(self, *, num_q_heads: int, num_kv_heads: int, head_dim: int, kv_pool: "KVPool",
                  req_to_token: torch.Tensor, page_size: int, dtype: torch.dtype,
-                 device: torch.device, sliding_windows: tuple[int, ...] = ()) -> None:
+                 device: torch.device, sliding_windows: tuple[Optional[int], ...] = (None,)) -> None:
         self.num_q_heads = num_q_heads
         self.num_kv_heads = num_kv_heads
         self.head_dim = head_dim
@@ -33,9 +33,9 @@ class AttentionBackend(ABC):
         self.page_size = page_size
         self.dtype = dtype
         self.device = device
-        # the distinct sliding windows the model's layers will pass to forward (for backends that
-        # plan each step per window, e.g. FlashInfer); empty: every layer attends to all positions
-        self.sliding_windows = tuple(sliding_windows)
+        # every sliding_window the model's layers pass to forward, None for those without one (for
+        # backends that plan each step per window, as FlashInfer does)
+        self.sliding_windows = tuple(sliding_windows) or (None,)
 
     @abstractmethod
     def init_forward_metadata(self, batch: "ForwardBatch") -> None:
