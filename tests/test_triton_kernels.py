@@ -643,3 +643,26 @@ def test_triton_tiny_llama_greedy_tokens_equal_torch_backend(llama_tiny):
     assert ours == ref
     assert len(set(ours[0])) > 1
     assert ModelHarness(gemv_model, page_size=4, backend="triton").generate_greedy(prompts, 10, first_chunk=3) == ref
+
+
+def test_triton_tiny_mistral_with_a_sliding_window_equals_torch_backend(make_tiny, tmp_path):
+    """The tiny Mistral with a window of 8: prompts of 5 to 30 tokens extended in two chunks, and 16
+    decode steps, all past the window, through the Triton kernels (rotary in the decode kernel)."""
+    import json
+    import shutil
+
+    from engine.models.config import ModelConfig
+    from engine.runner.model_loader import load_model
+    from model_harness import ModelHarness
+
+    shutil.copytree(make_tiny("mistral"), tmp_path, dirs_exist_ok=True)
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, "sliding_window": 8}))
+    cfg = ModelConfig.from_pretrained(str(tmp_path), dtype="float32")
+    assert cfg.layer_sliding_windows == (8, 8)
+    model = load_model(cfg, "auto", "cpu")
+    g = torch.Generator().manual_seed(9)
+    prompts = [torch.randint(3, 1000, (n,), generator=g).tolist() for n in (20, 5, 30)]
+    ref = ModelHarness(model, page_size=4).generate_greedy(prompts, 16, first_chunk=3)
+    assert ModelHarness(model, page_size=4, backend="triton").generate_greedy(prompts, 16, first_chunk=3) == ref
+    assert len(set(ref[0])) > 1
