@@ -7,7 +7,7 @@ k and v ``[num_tokens, num_kv_heads, head_dim]``; output like q.
 Sliding windows: a layer with window W passes ``sliding_window=W`` to ``forward``, and each query
 at position p then attends to the keys at positions p - W < j <= p only (transformers' mask).
 The pool keeps every position; a backend may skip reading those before the window. Backends that
-do this register the feature "sliding_window".
+apply windows register the feature "sliding_window"; the model runner asks for it.
 """
 from __future__ import annotations
 

@@ -60,11 +60,15 @@ def test_config_gives_each_layer_its_window_and_the_full_context(windowed):
 
 def test_greedy_past_the_window_matches_transformers_alone_and_batched(windowed):
     """Prompts of 3 to 40 tokens (most past the window of 8) and 24 new tokens each."""
-    _, path, hf = windowed
+    name, path, hf = windowed
     ps = prompts(5, 3, 40, seed=11)
     expected = [hf_greedy(hf, p, 24) for p in ps]
     params = {**GREEDY, "max_new_tokens": 24}
     with Engine(model_path=str(path), device="cpu", dtype="float32", page_size=4) as eng:
+        runner = eng.scheduler.runner
+        layers = sum(w is not None for w in EXPECTED_WINDOWS[name])
+        assert f"sliding_window={WINDOW} on {layers} of 2 layers" in runner.describe()
+        assert set(runner.attn_backend.sliding_windows) == set(EXPECTED_WINDOWS[name])
         assert eng.generate(input_ids=ps[0], sampling_params=params)["output_ids"] == expected[0]
         assert [o["output_ids"] for o in eng.generate(input_ids=ps, sampling_params=params)] == expected
         eng.scheduler.check_memory_whole()

@@ -152,11 +152,12 @@ class ModelRunner:
             needs["sliding_window"] = f"the model's sliding-window layers ({_windows(cfg)})"
         entry, why = hal.select("attention", self.platform, args.attention_backend, needs=needs)
         self.attention_backend_name = entry.name
+        layer_windows = [cfg.sliding_window_of(i) for i in range(cfg.num_hidden_layers)]
         self.attn_backend = entry.factory(
             num_q_heads=self.num_q_heads, num_kv_heads=self.num_kv_heads,
             head_dim=cfg.head_dim, kv_pool=self.kv_pool, req_to_token=self.req_to_token_pool.req_to_token,
             page_size=args.page_size, dtype=self.dtype, device=self.device,
-            sliding_windows=tuple(dict.fromkeys(cfg.sliding_window_of(i) for i in range(cfg.num_hidden_layers))))
+            sliding_windows=tuple(dict.fromkeys(layer_windows)))        # distinct; None: a full-attention layer
         self.attention_reason = why
         entry, why = hal.select("sampling", self.platform, args.sampling_backend)
         self.sampling_backend_name = entry.name
