@@ -3,11 +3,16 @@
 One instance per model runner. ``init_forward_metadata`` runs once per step, before the
 layers; ``forward`` runs once per layer. Shapes: q ``[num_tokens, num_q_heads, head_dim]``,
 k and v ``[num_tokens, num_kv_heads, head_dim]``; output like q.
+
+Sliding windows: a layer with window W passes ``sliding_window=W`` to ``forward``, and each query
+at position p then attends to the keys at positions p - W < j <= p only (transformers' mask).
+The pool keeps every position; a backend may skip reading those before the window. Backends that
+apply windows register the feature "sliding_window"; the model runner asks for it.
 """
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Optional
 
 import torch
 
@@ -19,7 +24,7 @@ if TYPE_CHECKING:
 class AttentionBackend(ABC):
     def __init__(self, *, num_q_heads: int, num_kv_heads: int, head_dim: int, kv_pool: "KVPool",
                  req_to_token: torch.Tensor, page_size: int, dtype: torch.dtype,
-                 device: torch.device) -> None:
+                 device: torch.device, sliding_windows: tuple[Optional[int], ...] = (None,)) -> None:
         self.num_q_heads = num_q_heads
         self.num_kv_heads = num_kv_heads
         self.head_dim = head_dim
@@ -28,6 +33,9 @@ class AttentionBackend(ABC):
         self.page_size = page_size
         self.dtype = dtype
         self.device = device
+        # every sliding_window the model's layers pass to forward, None for those without one (for
+        # backends that plan each step per window, as FlashInfer does)
+        self.sliding_windows = tuple(sliding_windows) or (None,)
 
     @abstractmethod
     def init_forward_metadata(self, batch: "ForwardBatch") -> None:
@@ -35,12 +43,13 @@ class AttentionBackend(ABC):
 
     @abstractmethod
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer_id: int,
-                scaling: float, batch: "ForwardBatch") -> torch.Tensor:
+                scaling: float, batch: "ForwardBatch", *, sliding_window: Optional[int] = None) -> torch.Tensor:
         """Store k, v at ``batch.out_cache_loc`` in layer ``layer_id``, then attend.
 
         Extend: request i's new tokens attend to its ``extend_prefix_lens[i]`` cached tokens
         and causally to each other. Decode: one new token per request attends to all of its
-        ``seq_lens[i]`` tokens (the new one included).
+        ``seq_lens[i]`` tokens (the new one included). With ``sliding_window`` W, a token at
+        position p attends only to those at positions > p - W.
         """
 
     def fuses_rotary(self, batch: "ForwardBatch") -> bool:

@@ -229,3 +229,18 @@ def test_uneven_heads_are_a_clear_error(aiter):
     ref_backend, *_ = make_setup(1, 4, 64, torch.bfloat16)
     with pytest.raises(ValueError, match=re.escape("num_q_heads (5) must be a multiple of num_kv_heads (2)")):
         aiter_like(ref_backend, num_q_heads=5)
+
+
+def test_sliding_window_models_take_triton_on_rocm_and_asking_for_aiter_is_a_clear_error(registries, aiter):
+    """aiter does not register the "sliding_window" feature: a model with windowed layers is served
+    by Triton on the hip platform, and aiter asked for by name refuses at startup."""
+    assert rocm_backends.register_aiter() is True
+    needs = {"sliding_window": "the model's sliding-window layers (4096 on 32 of 32 layers)"}
+    entry, why = hal.select("attention", RocmPlatform(), needs=needs)
+    assert entry.name == "triton" and "aiter cannot do sliding_window" in why
+    with pytest.raises(BackendSelectionError, match=re.escape("--attention-backend aiter: cannot do sliding_window "
+                                                              "(asked for by the model's sliding-window layers")):
+        hal.select("attention", RocmPlatform(), "aiter", needs=needs)
+    ref_backend, *_ = make_setup(1, 4, 64, torch.bfloat16)
+    with pytest.raises(ValueError, match="--attention-backend aiter does not run sliding-window layers"):
+        aiter_like(ref_backend, sliding_windows=(None, 4096))

@@ -93,9 +93,16 @@ class FakeWrapper:
         self.graph = use_cuda_graph
         self.buffers = (paged_kv_indptr_buffer, paged_kv_indices_buffer, paged_kv_last_page_len_buffer)
         self.plans: list[tuple] = []
+        self.window_lefts: list[int] = []
+        self.runs = 0
 
     def plan(self, indptr, indices, last_page_len, *args, **kw):
         self.plans.append((indptr.tolist(), indices.tolist(), last_page_len.tolist()))
+        self.window_lefts.append(kw.get("window_left", -1))
+
+    def run(self, q, kv_cache, q_scale=None, out=None):
+        self.runs += 1
+        return out
 
 
 class FakeEvent:
@@ -148,19 +155,64 @@ def test_captured_decode_has_one_wrapper_per_size_over_fixed_buffers(fake_flashi
         backend.begin_graph_capture(static)
         backend.init_forward_metadata(static)                  # inside the capture: no plan
         backend.end_graph_capture()
-        w = backend._graph_wrappers[bs]
+        w = backend._graph_wrappers[bs, None]
         assert w.graph and w.plans == [([*range(bs + 1)], [0] * bs, [1] * bs)]
         indptr, indices, last = w.buffers
         assert indptr.numel() == bs + 1 and last.numel() == bs and indices is backend._graph_indices
-    assert all(not s.decode.plans for s in backend._sets)
+    assert all(not s.decode[None].plans for s in backend._sets)
 
     replay = batch([3, 1, 0, 0], [9, 4, 1, 1])                 # two real rows, two padded rows
     backend.prepare_graph_replay(replay)
-    assert backend._graph_wrappers[4].plans[-1] == ([0, 3, 4, 5, 6], [24, 25, 26, 8, 0, 0], [1, 4, 1, 1])
+    assert backend._graph_wrappers[4, None].plans[-1] == ([0, 3, 4, 5, 6], [24, 25, 26, 8, 0, 0], [1, 4, 1, 1])
     assert FakeEvent.log == ["record", "record", "synchronize", "record"]
     assert backend.fits_graph(replay) and not backend.fits_graph(batch([1] * 4, [17] * 4))
     backend.init_forward_metadata(replay)                      # eager decode: the same page table
-    assert backend._sets[0].decode.plans == [backend._graph_wrappers[4].plans[-1]]
+    assert backend._sets[0].decode[None].plans == [backend._graph_wrappers[4, None].plans[-1]]
+
+
+def test_each_sliding_window_has_its_wrappers_planned_with_window_left(fake_flashinfer):
+    """A model with full layers and layers of window 8: every step plans a wrapper per window,
+    window 8 as window_left 7 (FlashInfer counts the keys left of the query), and each layer runs
+    its window's wrapper, eager and captured."""
+    from engine.runner.forward_batch import ForwardBatch, ForwardMode
+
+    class Pool:
+        capacity = 64
+        k_buffers = v_buffers = [torch.zeros(64, 8, 128, dtype=torch.bfloat16)]
+
+        def set_kv(self, *args):
+            pass
+
+    req_to_token = torch.arange(8 * 32, dtype=torch.int32).view(8, 32)
+    backend = FlashInferAttentionBackend(**backend_kwargs(kv_pool=Pool(), req_to_token=req_to_token, page_size=4,
+                                                          sliding_windows=(None, 8)))
+    backend.reserve(2)
+    batch = ForwardBatch(mode=ForwardMode.DECODE, batch_size=2, input_ids=torch.zeros(2), positions=torch.zeros(2),
+                         req_pool_indices=torch.tensor([3, 1]), seq_lens=torch.tensor([9, 4]),
+                         out_cache_loc=torch.zeros(2), seq_lens_cpu=[9, 4])
+    extend = ForwardBatch(mode=ForwardMode.EXTEND, batch_size=1, input_ids=torch.zeros(3), positions=torch.zeros(3),
+                          req_pool_indices=torch.tensor([0]), seq_lens=torch.tensor([3]),
+                          out_cache_loc=torch.zeros(3), seq_lens_cpu=[3], extend_prefix_lens_cpu=[0],
+                          extend_seq_lens_cpu=[3])
+    q, kv = torch.zeros(2, 32, 128, dtype=torch.bfloat16), torch.zeros(2, 8, 128, dtype=torch.bfloat16)
+    for step in (batch, extend):
+        backend.init_forward_metadata(step)
+        kind = "decode" if step.mode.is_decode else "extend"
+        full, windowed = (getattr(backend._sets[0 if kind == "decode" else 1], kind)[w] for w in (None, 8))
+        assert full.window_lefts == [-1] and windowed.window_lefts == [7]
+        assert full.plans == windowed.plans                     # the same page table
+        t = step.num_tokens
+        backend.forward(q[:1].expand(t, -1, -1), kv[:1].expand(t, -1, -1), kv[:1].expand(t, -1, -1), 0, 0.088,
+                        step, sliding_window=8)
+        assert (full.runs, windowed.runs) == (0, 1)
+    with pytest.raises(ValueError, match="sliding window 16, which the backend was not built for"):
+        backend.forward(q, kv, kv, 0, 0.088, batch, sliding_window=16)
+
+    backend.begin_graph_capture(batch)
+    backend.end_graph_capture()
+    assert [backend._graph_wrappers[2, w].window_lefts for w in (None, 8)] == [[-1], [7]]
+    backend.prepare_graph_replay(batch)
+    assert [backend._graph_wrappers[2, w].window_lefts for w in (None, 8)] == [[-1, -1], [7, 7]]
 
 
 def backend_kwargs(**over):

@@ -262,18 +262,44 @@ def test_eos_ids_from_generation_config_list_or_int(tmp_path):
     assert ModelConfig.from_pretrained(str(tmp_path)).eos_token_ids == [11]
 
 
-def test_mistral_sliding_window_caps_context(tmp_path, caplog):
+def test_mistral_sliding_window_on_every_layer_at_full_context(tmp_path):
     make_checkpoint(tmp_path, "mistral", sliding_window=64)
-    with caplog.at_level("INFO"):
-        cfg = ModelConfig.from_pretrained(str(tmp_path))
-    assert cfg.context_len == 64 and "sliding window" in caplog.text
+    cfg = ModelConfig.from_pretrained(str(tmp_path))
+    assert cfg.layer_sliding_windows == (64, 64) and cfg.sliding_windows == (64,)
+    assert cfg.sliding_window_of(1) == 64 and cfg.context_len == 512      # not capped to the window
     assert ModelConfig.from_pretrained(str(tmp_path), context_length=32).context_len == 32
 
 
 def test_qwen2_window_ignored_without_use_sliding_window(tmp_path):
     make_checkpoint(tmp_path, "qwen2", sliding_window=64, use_sliding_window=False)
     cfg = ModelConfig.from_pretrained(str(tmp_path))
-    assert cfg.sliding_window is None and cfg.context_len == 512
+    assert cfg.sliding_windows == () and cfg.sliding_window_of(0) is None and cfg.context_len == 512
+
+
+def rewrite_config(path, **edits):
+    """config.json with ``edits`` (None: the key removed)."""
+    config = {**json.loads((path / "config.json").read_text()), **edits}
+    (path / "config.json").write_text(json.dumps({k: v for k, v in config.items() if v is not None}))
+
+
+def test_qwen2_windows_follow_max_window_layers_or_layer_types(tmp_path):
+    """As transformers reads them: with use_sliding_window, layers >= max_window_layers slide unless
+    layer_types names each layer's kind; a Llama config's window is never used."""
+    make_checkpoint(tmp_path, "qwen2")
+    rewrite_config(tmp_path, use_sliding_window=True, sliding_window=16, max_window_layers=1, layer_types=None)
+    assert ModelConfig.from_pretrained(str(tmp_path)).layer_sliding_windows == (None, 16)
+    rewrite_config(tmp_path, max_window_layers=0)
+    assert ModelConfig.from_pretrained(str(tmp_path)).layer_sliding_windows == (16, 16)
+    rewrite_config(tmp_path, layer_types=["sliding_attention", "full_attention"])
+    assert ModelConfig.from_pretrained(str(tmp_path)).layer_sliding_windows == (16, None)
+    rewrite_config(tmp_path, layer_types=["full_attention"] * 2)
+    assert ModelConfig.from_pretrained(str(tmp_path)).sliding_windows == ()
+    rewrite_config(tmp_path, layer_types=["sliding_attention"])
+    with pytest.raises(UnsupportedModelError, match="layer_types names 1 layers, the model has 2"):
+        ModelConfig.from_pretrained(str(tmp_path))
+    make_checkpoint(tmp_path, "llama")
+    rewrite_config(tmp_path, sliding_window=16, use_sliding_window=True)
+    assert ModelConfig.from_pretrained(str(tmp_path)).sliding_windows == ()
 
 
 def test_dtype_auto_follows_checkpoint_if_platform_supports_it(tmp_path):

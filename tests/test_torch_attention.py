@@ -13,9 +13,10 @@ NUM_KV_HEADS = 2
 MAX_CONTEXT = 64
 
 
-def reference_attention(q, k_all, v_all, prefix_lens, ext_lens, scaling):
+def reference_attention(q, k_all, v_all, prefix_lens, ext_lens, scaling, sliding_window=None):
     """Loops over requests and query tokens in fp64. q: [T, Hq, D] packed; k_all[i], v_all[i]:
-    [seq_len_i, Hkv, D] every key of request i (prefix then new)."""
+    [seq_len_i, Hkv, D] every key of request i (prefix then new). With ``sliding_window`` the keys
+    a query sees are those transformers' sliding-window causal mask lets through."""
     outs = []
     t0 = 0
     for i, (p, n) in enumerate(zip(prefix_lens, ext_lens)):
@@ -24,11 +25,21 @@ def reference_attention(q, k_all, v_all, prefix_lens, ext_lens, scaling):
         v = v_all[i].double().repeat_interleave(group, dim=1)
         for j in range(n):
             qi = q[t0 + j].double()                            # [Hq, D]
-            keys, vals = k[: p + j + 1], v[: p + j + 1]        # causal: positions 0 .. p + j
+            seen = visible_keys(p + j, p + n, sliding_window)  # causal: positions 0 .. p + j
+            keys, vals = k[seen], v[seen]
             scores = torch.einsum("hd,shd->hs", qi, keys) * scaling
             outs.append(torch.einsum("hs,shd->hd", scores.softmax(-1), vals))
         t0 += n
     return torch.stack(outs)
+
+
+def visible_keys(q_pos: int, kv_len: int, sliding_window=None) -> torch.Tensor:
+    """[kv_len] bool: the key positions a query at ``q_pos`` attends to, by transformers' own mask
+    functions (masking_utils), so the reference is its semantics and not a re-derivation."""
+    from transformers.masking_utils import causal_mask_function, sliding_window_causal_mask_function
+
+    fn = causal_mask_function if sliding_window is None else sliding_window_causal_mask_function(sliding_window)
+    return fn(0, 0, torch.tensor(q_pos), torch.arange(kv_len))
 
 
 def make_setup(page_size, num_q_heads, head_dim, dtype, batch_size=3, seed=0, kv_dtype=None):
@@ -53,7 +64,8 @@ def make_setup(page_size, num_q_heads, head_dim, dtype, batch_size=3, seed=0, kv
     return backend, pool, req_to_token, rows, g
 
 
-def run_step(mode, prefix_lens, ext_lens, page_size, num_q_heads, head_dim, dtype, layer_id=1, kv_dtype=None):
+def run_step(mode, prefix_lens, ext_lens, page_size, num_q_heads, head_dim, dtype, layer_id=1, kv_dtype=None,
+             sliding_window=None):
     backend, pool, req_to_token, rows, g = make_setup(page_size, num_q_heads, head_dim, dtype,
                                                       batch_size=len(prefix_lens), kv_dtype=kv_dtype)
     seq_lens = [p + n for p, n in zip(prefix_lens, ext_lens)]
@@ -62,14 +74,15 @@ def run_step(mode, prefix_lens, ext_lens, page_size, num_q_heads, head_dim, dtyp
     batch.attn_backend, loc = backend, batch.out_cache_loc
     scaling = head_dim ** -0.5
     backend.init_forward_metadata(batch)
-    out = backend.forward(q, k, v, layer_id, scaling, batch)
+    kw = {} if sliding_window is None else dict(sliding_window=sliding_window)
+    out = backend.forward(q, k, v, layer_id, scaling, batch, **kw)
 
     # the new K/V landed at out_cache_loc (rounded into an fp8 pool as torch casts, saturating)
     assert torch.equal(pool.k_buffers[layer_id][loc], to_kv_dtype(k, pool.dtype))
     assert torch.equal(pool.v_buffers[layer_id][loc], to_kv_dtype(v, pool.dtype))
     k_all = [pool.k_buffers[layer_id][req_to_token[r, :s].long()] for r, s in zip(rows, seq_lens)]
     v_all = [pool.v_buffers[layer_id][req_to_token[r, :s].long()] for r, s in zip(rows, seq_lens)]
-    ref = reference_attention(q, k_all, v_all, prefix_lens, ext_lens, scaling)
+    ref = reference_attention(q, k_all, v_all, prefix_lens, ext_lens, scaling, sliding_window)
     return out, ref
 
 
@@ -161,3 +174,55 @@ def test_single_request_extend_and_decode_in_sequence():
     check_steps_in_sequence(backend, req_to_token, rows, g, [
         (ForwardMode.EXTEND, 0, 6), (ForwardMode.EXTEND, 6, 5), (ForwardMode.DECODE, 11, 1),
         (ForwardMode.DECODE, 12, 1)])
+
+
+# ---- sliding window -----------------------------------------------------------------------------
+# windows of 1 (a token sees only itself), smaller than most contexts, and larger than all of them
+WINDOW_CASES = {
+    **CASES,
+    "extend_long_prefix_short_new": (ForwardMode.EXTEND, [40, 25, 3], [3, 2, 30]),
+    "decode_long_and_short": (ForwardMode.DECODE, [50, 2, 0], [1, 1, 1]),
+    "decode_all_past_the_window": (ForwardMode.DECODE, [30, 45, 50], [1, 1, 1]),
+}
+
+
+@pytest.mark.parametrize("case", list(WINDOW_CASES))
+@pytest.mark.parametrize("window", [1, 5, 16, 100])
+@pytest.mark.parametrize("page_size, gqa", [(1, 2), (4, 1), (16, 4)])
+def test_sliding_window_matches_masked_reference(case, window, page_size, gqa):
+    mode, prefix_lens, ext_lens = WINDOW_CASES[case]
+    out, ref = run_step(mode, prefix_lens, ext_lens, page_size, NUM_KV_HEADS * gqa, 64, torch.float32,
+                        sliding_window=window)
+    torch.testing.assert_close(out.double(), ref, **tolerance(torch.float32))
+
+
+def test_sliding_window_bf16_over_an_fp8_pool():
+    for mode, prefix_lens, ext_lens in (WINDOW_CASES["extend_with_prefix"], WINDOW_CASES["decode_long_and_short"]):
+        out, ref = run_step(mode, prefix_lens, ext_lens, 4, NUM_KV_HEADS * 2, 64, torch.bfloat16,
+                            kv_dtype=torch.float8_e4m3fn, sliding_window=6)
+        torch.testing.assert_close(out.double(), ref, **tolerance(torch.bfloat16))
+
+
+def test_visible_keys_are_the_last_window_positions():
+    """The reference's rule (transformers' mask): a query at p sees p - W < j <= p."""
+    assert visible_keys(5, 8, 3).nonzero().flatten().tolist() == [3, 4, 5]
+    assert visible_keys(1, 8, 3).nonzero().flatten().tolist() == [0, 1]
+    assert visible_keys(5, 8, 1).nonzero().flatten().tolist() == [5]
+    assert visible_keys(5, 8).nonzero().flatten().tolist() == list(range(6))
+
+
+def test_layers_of_different_windows_in_one_step():
+    """One step, three layers: full, window 4, full again; each gets its own masks."""
+    backend, pool, req_to_token, rows, g = make_setup(4, 4, 64, torch.float32)
+    prefix_lens, ext_lens = [5, 17, 0], [9, 1, 4]
+    batch, (q, k, v) = step_inputs(ForwardMode.EXTEND, req_to_token, rows, prefix_lens, ext_lens, 4,
+                                   NUM_KV_HEADS, 64, torch.float32, g)
+    backend.init_forward_metadata(batch)
+    seq = [p + n for p, n in zip(prefix_lens, ext_lens)]
+    for layer_id, window in ((0, None), (1, 4), (0, None)):
+        kw = {} if window is None else dict(sliding_window=window)
+        out = backend.forward(q, k, v, layer_id, 0.125, batch, **kw)
+        k_all = [pool.k_buffers[layer_id][req_to_token[r, :s].long()] for r, s in zip(rows, seq)]
+        v_all = [pool.v_buffers[layer_id][req_to_token[r, :s].long()] for r, s in zip(rows, seq)]
+        ref = reference_attention(q, k_all, v_all, prefix_lens, ext_lens, 0.125, window)
+        torch.testing.assert_close(out.double(), ref, **tolerance(torch.float32))

@@ -86,11 +86,13 @@ def assert_stored(stored, values):
 
 
 def run_step(mode, prefix_lens, ext_lens, page_size, num_q_heads, head_dim, dtype, config=SMALL, layer_id=1,
-             rotary=False, kv_dtype=None, mixed_decodes=0):
+             rotary=False, kv_dtype=None, mixed_decodes=0, sliding_window=None):
     """One step against the fp64 reference over what the pool holds. rotary (decode): q and k go
     in unrotated with the requests' cos/sin and the backend rotates them (and stores k, v) inside
     its attention kernel. kv_dtype: the pool's (fp8), when not the model's. mixed_decodes (extend):
-    the last requests decode one token each in the step (--enable-mixed-chunk)."""
+    the last requests decode one token each in the step (--enable-mixed-chunk). sliding_window:
+    the layer's; the cached positions before the first new token's window are NaN in the pool,
+    so a kernel that reads them (instead of skipping them) gives NaN."""
     max_context = max(64, max(p + n for p, n in zip(prefix_lens, ext_lens)))
     backend, pool, req_to_token, rows, g = make_setup(page_size, num_q_heads, head_dim, dtype,
                                                       len(prefix_lens), max_context, config, kv_dtype=kv_dtype)
@@ -98,11 +100,17 @@ def run_step(mode, prefix_lens, ext_lens, page_size, num_q_heads, head_dim, dtyp
     batch, (q, k, v) = step_inputs(mode, req_to_token, rows, prefix_lens, ext_lens, num_q_heads, NUM_KV_HEADS,
                                    head_dim, dtype, g)
     batch.attn_backend, loc, batch.mixed_decodes = backend, batch.out_cache_loc, mixed_decodes
+    window = {} if sliding_window is None else dict(sliding_window=sliding_window)
+    if sliding_window is not None:
+        for r, p in zip(rows.tolist(), prefix_lens):
+            unseen = req_to_token[r, : max(0, p - sliding_window + 1)].long()
+            pool.k_buffers[layer_id][unseen] = float("nan")
+            pool.v_buffers[layer_id][unseen] = float("nan")
     backend.init_forward_metadata(batch)
     if rotary:
         assert backend.fuses_rotary(batch)
         cos, sin = RotaryEmbedding(head_dim, max_context, 10000.0).cos_sin(torch.tensor(seq_lens) - 1, dtype)
-        out = backend.forward(q, k, v, layer_id, head_dim ** -0.5, batch, cos_sin=(cos, sin))
+        out = backend.forward(q, k, v, layer_id, head_dim ** -0.5, batch, cos_sin=(cos, sin), **window)
         if kv_dtype is not None:   # k rotated in fp32 and rounded once, into fp8
             k_fp32 = TorchLayerOps().apply_rotary(q.float(), k.float(), cos.float(), sin.float())[1]
             assert_stored(pool.k_buffers[layer_id][loc], k_fp32)
@@ -111,12 +119,12 @@ def run_step(mode, prefix_lens, ext_lens, page_size, num_q_heads, head_dim, dtyp
             torch.testing.assert_close(pool.k_buffers[layer_id][loc], k, **ops_tolerance(dtype))
         assert_stored(pool.v_buffers[layer_id][loc], v)
     else:
-        out = backend.forward(q, k, v, layer_id, head_dim ** -0.5, batch)
+        out = backend.forward(q, k, v, layer_id, head_dim ** -0.5, batch, **window)
         assert_stored(pool.k_buffers[layer_id][loc], k)
         assert_stored(pool.v_buffers[layer_id][loc], v)
     k_all = [pool.k_buffers[layer_id][req_to_token[r, :s].long()] for r, s in zip(rows, seq_lens)]
     v_all = [pool.v_buffers[layer_id][req_to_token[r, :s].long()] for r, s in zip(rows, seq_lens)]
-    ref = reference_attention(q, k_all, v_all, prefix_lens, ext_lens, head_dim ** -0.5)
+    ref = reference_attention(q, k_all, v_all, prefix_lens, ext_lens, head_dim ** -0.5, sliding_window)
     assert out.dtype == dtype and out.shape == q.shape
     torch.testing.assert_close(out.double(), ref, **tolerance(dtype))
 
@@ -207,6 +215,45 @@ def test_triton_extend_then_decode_in_sequence_reads_what_was_written():
     check_steps_in_sequence(backend, req_to_token, rows, g, [
         (ForwardMode.EXTEND, 0, 6), (ForwardMode.EXTEND, 6, 21), (ForwardMode.DECODE, 27, 1),
         (ForwardMode.DECODE, 28, 1)])
+
+
+# ---- sliding window ----------------------------------------------------------------------------
+# contexts of up to 300 positions in pages of 16 and blocks of 16 (SMALL): a window of 5 or 40
+# leaves whole pages and blocks before it unread, and splits only what it covers; 1000 covers all
+@pytest.mark.parametrize("window", [1, 5, 40, 1000])
+@pytest.mark.parametrize("config", [SMALL, KernelConfig(max_kv_splits=1)], ids=["split", "no-split"])
+@pytest.mark.parametrize("rotary", [False, True], ids=["rotated", "rotary-in-kernel"])
+def test_triton_decode_sliding_window(window, config, rotary):
+    run_step(ForwardMode.DECODE, [300, 0, 129, 47], [1, 1, 1, 1], 16, 8, 64, torch.float32, config,
+             rotary=rotary, sliding_window=window)
+
+
+# blocks of 32 queries over blocks of 16 keys (as on GPUs: 128 x 64): with a small window, the last
+# rows of a query block see no key of its first key block
+TALL = KernelConfig(extend_block_m=32, extend_block_n=16, decode_block_n=16, min_split_tokens=16)
+
+
+@pytest.mark.parametrize("window", [1, 5, 23, 1000])
+@pytest.mark.parametrize("page_size, config", [(1, SMALL), (8, SMALL), (4, TALL)], ids=["p1", "p8", "p4-tall"])
+def test_triton_extend_sliding_window(window, page_size, config):
+    """Prompts over cached prefixes and without, longer and shorter than the window and than a
+    block of queries."""
+    run_step(ForwardMode.EXTEND, [70, 0, 9, 33], [45, 90, 3, 1], page_size, 4, 64, torch.float32, config,
+             sliding_window=window)
+
+
+@pytest.mark.parametrize("window", [3, 20])
+def test_triton_mixed_step_sliding_window(window):
+    """Prompts on the extend kernel and the decoding requests on the decode kernel, both windowed."""
+    run_step(ForwardMode.EXTEND, [5, 0, 300, 0, 47], [9, 40, 1, 1, 1], 16, 8, 64, torch.float32, SMALL,
+             mixed_decodes=3, sliding_window=window)
+
+
+@pytest.mark.parametrize("mode, prefix_lens, ext_lens", [
+    (ForwardMode.EXTEND, [5, 17, 0], [9, 1, 20]), (ForwardMode.DECODE, [0, 40, 130], [1, 1, 1])],
+    ids=["extend", "decode"])
+def test_triton_sliding_window_bf16(mode, prefix_lens, ext_lens):
+    run_step(mode, prefix_lens, ext_lens, 16, 8, 64, torch.bfloat16, sliding_window=12)
 
 
 # ---- KV store ----------------------------------------------------------------------------------
@@ -573,3 +620,26 @@ def test_triton_tiny_llama_greedy_tokens_equal_torch_backend(llama_tiny):
     assert ours == ref
     assert len(set(ours[0])) > 1
     assert ModelHarness(gemv_model, page_size=4, backend="triton").generate_greedy(prompts, 10, first_chunk=3) == ref
+
+
+def test_triton_tiny_mistral_with_a_sliding_window_equals_torch_backend(make_tiny, tmp_path):
+    """The tiny Mistral with a window of 8: prompts of 5 to 30 tokens extended in two chunks, and 16
+    decode steps, all past the window, through the Triton kernels (rotary in the decode kernel)."""
+    import json
+    import shutil
+
+    from engine.models.config import ModelConfig
+    from engine.runner.model_loader import load_model
+    from model_harness import ModelHarness
+
+    shutil.copytree(make_tiny("mistral"), tmp_path, dirs_exist_ok=True)
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, "sliding_window": 8}))
+    cfg = ModelConfig.from_pretrained(str(tmp_path), dtype="float32")
+    assert cfg.layer_sliding_windows == (8, 8)
+    model = load_model(cfg, "auto", "cpu")
+    g = torch.Generator().manual_seed(9)
+    prompts = [torch.randint(3, 1000, (n,), generator=g).tolist() for n in (20, 5, 30)]
+    ref = ModelHarness(model, page_size=4).generate_greedy(prompts, 16, first_chunk=3)
+    assert ModelHarness(model, page_size=4, backend="triton").generate_greedy(prompts, 16, first_chunk=3) == ref
+    assert len(set(ref[0])) > 1

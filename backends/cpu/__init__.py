@@ -28,7 +28,7 @@ def _layer_ops(**kw):
     return TorchLayerOps(**kw)
 
 
-register("attention", "torch", _attention, platforms=ALL_PLATFORMS, features=("fp8_kv_cache",))
+register("attention", "torch", _attention, platforms=ALL_PLATFORMS, features=("fp8_kv_cache", "sliding_window"))
 register("sampling", "torch", _sampler, platforms=ALL_PLATFORMS)
 register("layer_ops", "torch", _layer_ops, platforms=ALL_PLATFORMS)
 

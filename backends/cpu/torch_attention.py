@@ -5,7 +5,8 @@ K/V are gathered from the pool through ``req_to_token`` (so any page size works)
 call for the whole batch. Extend is one call when all requests have the same new and cached
 lengths, else one call per request: with mixed lengths, padding to the longest costs 2-8x
 more than the per-request calls (measured on the CPU with Qwen2-0.5B shapes). An fp8 pool's
-gathered K/V are converted to q's dtype through a 256-entry table.
+gathered K/V are converted to q's dtype through a 256-entry table. A layer with a sliding window
+gathers only the positions its new tokens can see, and masks the rest within them.
 """
 from __future__ import annotations
 
@@ -48,38 +49,68 @@ def from_fp8(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 class TorchAttentionBackend(AttentionBackend):
     def __init__(self, **kw) -> None:
         super().__init__(**kw)
-        self._segments: list[_Segment] = []
+        self._batch: Optional[ForwardBatch] = None
+        # this step's SDPA calls, per sliding window (None: full attention), built when a layer
+        # with that window first asks
+        self._segments: dict[Optional[int], list[_Segment]] = {}
 
     def init_forward_metadata(self, batch: ForwardBatch) -> None:
-        self._segments = self._extend_segments(batch) if batch.mode.is_extend else self._decode_segments(batch)
+        self._batch = batch
+        self._segments = {}
 
-    def _slots(self, batch: ForwardBatch, kv_len: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """[B, kv_len] int64 slots of each request's positions (padding -> 0), and validity."""
-        pos = torch.arange(kv_len, device=self.device)
-        valid = pos[None, :] < batch.seq_lens[:, None]
-        rows = self.req_to_token.index_select(0, batch.req_pool_indices)[:, :kv_len]
-        return torch.where(valid, rows, 0).long(), valid
+    def _segments_for(self, window: Optional[int]) -> list[_Segment]:
+        segments = self._segments.get(window)
+        if segments is None:
+            batch = self._batch
+            build = self._extend_segments if batch.mode.is_extend else self._decode_segments
+            segments = self._segments[window] = build(batch, window)
+        return segments
 
-    def _decode_segments(self, batch: ForwardBatch) -> list[_Segment]:
+    def _slots(self, batch: ForwardBatch, kv_len: int,
+               first: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """[B, kv_len] int64 slots of each request's positions first[b] + j (first: [B], default 0;
+        padding -> slot 0), and their validity (position < seq_len)."""
+        pos = torch.arange(kv_len, device=self.device)[None, :]                    # [1 or B, kv_len]
+        if first is not None:
+            pos = pos + first[:, None]
+        valid = pos < batch.seq_lens[:, None]
+        rows = self.req_to_token.index_select(0, batch.req_pool_indices)
+        slots = rows[:, :kv_len] if first is None else rows.gather(1, torch.where(valid, pos, 0))
+        return torch.where(valid, slots, 0).long(), valid
+
+    def _decode_segments(self, batch: ForwardBatch, window: Optional[int]) -> list[_Segment]:
+        """With a window W, request b reads only its last min(seq_len, W) positions."""
         lens = batch.seq_lens_cpu
-        slots, valid = self._slots(batch, max(lens))
-        mask = None if min(lens) == max(lens) else valid[:, None, None, :]
+        seen = [min(n, window) for n in lens] if window else lens              # keys each request attends
+        first = (batch.seq_lens - window).clamp(min=0) if window and max(lens) > window else None
+        slots, valid = self._slots(batch, max(seen), first)
+        mask = None if min(seen) == max(seen) else valid[:, None, None, :]
         return [_Segment(0, len(lens), len(lens), 1, slots.view(-1), mask)]
 
-    def _prefix_mask(self, prefix: int, q_len: int) -> torch.Tensor:
-        """[1, 1, q_len, prefix + q_len]: new token i sees positions 0 .. prefix + i."""
-        q_pos = prefix + torch.arange(q_len, device=self.device)
-        return (torch.arange(prefix + q_len, device=self.device)[None, :] <= q_pos[:, None])[None, None]
+    def _extend_mask(self, prefix: int, q_len: int, first: int, window: Optional[int]) -> torch.Tensor:
+        """[1, 1, q_len, prefix + q_len - first]: new token i (position prefix + i) sees the
+        positions first + j with prefix + i - window < first + j <= prefix + i."""
+        q_pos = prefix + torch.arange(q_len, device=self.device)[:, None]
+        k_pos = first + torch.arange(prefix + q_len - first, device=self.device)[None, :]
+        mask = k_pos <= q_pos
+        if window is not None:
+            mask &= k_pos > q_pos - window
+        return mask[None, None]
 
-    def _extend_segments(self, batch: ForwardBatch) -> list[_Segment]:
+    def _extend_segments(self, batch: ForwardBatch, window: Optional[int]) -> list[_Segment]:
         prefix, ext, seq = batch.extend_prefix_lens_cpu, batch.extend_seq_lens_cpu, batch.seq_lens_cpu
         slots, _ = self._slots(batch, max(seq))
 
         def segment(start: int, reqs: slice, p: int, n: int) -> _Segment:
             num = reqs.stop - reqs.start
-            kv = slots[reqs, : p + n].reshape(-1)
-            mask = self._prefix_mask(p, n) if p and n > 1 else None
-            return _Segment(start, start + num * n, num, n, kv, mask, causal=p == 0 and n > 1)
+            if window is None or p + n <= window:     # the window holds every position: causal
+                kv = slots[reqs, : p + n].reshape(-1)
+                mask = self._extend_mask(p, n, 0, None) if p and n > 1 else None
+                return _Segment(start, start + num * n, num, n, kv, mask, causal=p == 0 and n > 1)
+            first = max(0, p - window + 1)            # the first position any new token sees
+            kv = slots[reqs, first: p + n].reshape(-1)
+            mask = self._extend_mask(p, n, first, window) if n > 1 else None
+            return _Segment(start, start + num * n, num, n, kv, mask)
 
         if len(set(prefix)) == 1 and len(set(ext)) == 1:
             return [segment(0, slice(0, len(ext)), prefix[0], ext[0])]
@@ -90,11 +121,11 @@ class TorchAttentionBackend(AttentionBackend):
         return segments
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer_id: int, scaling: float,
-                batch: ForwardBatch) -> torch.Tensor:
+                batch: ForwardBatch, *, sliding_window: Optional[int] = None) -> torch.Tensor:
         """q: [T, Hq, D]; k, v: [T, Hkv, D] -> [T, Hq, D]."""
         self.kv_pool.set_kv(layer_id, batch.out_cache_loc, k, v)
         k_buf, v_buf = self.kv_pool.k_buffers[layer_id], self.kv_pool.v_buffers[layer_id]
-        outs = [self._attend(q, k_buf, v_buf, s, scaling) for s in self._segments]
+        outs = [self._attend(q, k_buf, v_buf, s, scaling) for s in self._segments_for(sliding_window)]
         return outs[0] if len(outs) == 1 else torch.cat(outs)
 
     @staticmethod

@@ -34,7 +34,8 @@ def register_flashinfer() -> bool:
     imported: importing it takes seconds). Returns whether it registered them."""
     if importlib.util.find_spec("flashinfer") is None:
         return False
-    register("attention", "flashinfer", _flashinfer_attention, platforms=(CudaPlatform.name,))
+    register("attention", "flashinfer", _flashinfer_attention, platforms=(CudaPlatform.name,),
+             features=("sliding_window",))
     register("sampling", "flashinfer", _flashinfer_sampler, platforms=(CudaPlatform.name,))
     return True
 

@@ -17,12 +17,18 @@ its capture and with the real ones before each replay (``prepare_graph_replay``)
 what the capture recorded and reads the new plan from the same buffers. The buffers hold one page
 per pool page plus one per padded row; a step whose requests reference more pages than that (a
 prefix shared by many requests counts once per request) runs eagerly.
+
+Sliding windows: FlashInfer fixes a window at ``plan`` (``window_left``, and the kernel it compiles
+depends on whether there is one), so every wrapper above exists once per window the model's layers
+use (``sliding_windows``; None: full attention), all planned each step over the same page table,
+and a layer runs the one of its window. ``window_left`` counts the keys left of the query that it
+sees (the query at p sees p - window_left .. p), so a window of W keys is ``window_left = W - 1``.
 """
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Optional
 
 import torch
 
@@ -55,9 +61,16 @@ def import_flashinfer() -> Any:
 
 @dataclass
 class _Wrappers:
-    """One decode and one extend wrapper; each keeps its own pinned host buffer for plan data."""
-    decode: Any
-    extend: Any
+    """A decode and an extend wrapper per sliding window (None: full attention); each keeps its own
+    pinned host buffer for plan data."""
+    decode: dict[Optional[int], Any]
+    extend: dict[Optional[int], Any]
+
+
+def window_left(sliding_window: Optional[int]) -> int:
+    """FlashInfer's ``window_left`` for a layer's sliding window W (its query sees the W positions
+    p - W < j <= p, i.e. W - 1 left of itself), -1 (no window) for None."""
+    return -1 if sliding_window is None else sliding_window - 1
 
 
 class FlashInferAttentionBackend(AttentionBackend):
@@ -81,28 +94,30 @@ class FlashInferAttentionBackend(AttentionBackend):
 
         def wrappers() -> _Wrappers:
             return _Wrappers(
-                decode=flashinfer.BatchDecodeWithPagedKVCacheWrapper(
-                    workspace, "NHD", use_tensor_cores=self.use_tensor_cores, backend="fa2"),
-                extend=flashinfer.BatchPrefillWithPagedKVCacheWrapper(
-                    workspace, "NHD", backend=prefill_backend))
+                decode={w: flashinfer.BatchDecodeWithPagedKVCacheWrapper(
+                    workspace, "NHD", use_tensor_cores=self.use_tensor_cores, backend="fa2")
+                    for w in self.sliding_windows},
+                extend={w: flashinfer.BatchPrefillWithPagedKVCacheWrapper(workspace, "NHD", backend=prefill_backend)
+                        for w in self.sliding_windows})
 
         # Two sets, used on alternate steps: plan() copies its host data to the device from the
         # wrapper's pinned buffer asynchronously, and with the overlap scheduler the host plans
         # step N+1 while step N may not have started. Step N+2 plans only after step N finished.
         self._sets = (wrappers(), wrappers())
         self._steps = 0
-        self._wrapper: Any = None
+        self._wrappers: dict[Optional[int], Any] = {}   # this step's, by sliding window
         self._planned_scaling = self.head_dim ** -0.5
         self._plan_types = dict(q_data_type=self.dtype, kv_data_type=self.dtype, sm_scale=self._planned_scaling)
         self._flashinfer = flashinfer
         self._workspace = workspace
-        # device graphs (reserve / begin_graph_capture / prepare_graph_replay)
-        self._graph_wrappers: dict[int, Any] = {}
-        self._graph_plan_copied: dict[int, torch.cuda.Event] = {}
+        # device graphs (reserve / begin_graph_capture / prepare_graph_replay), by (batch size, window)
+        self._graph_wrappers: dict[tuple[int, Optional[int]], Any] = {}
+        self._graph_plan_copied: dict[tuple[int, Optional[int]], torch.cuda.Event] = {}
         self._graph_indptr = self._graph_indices = self._graph_last_page_len = None
         self._capturing = False
-        logger.info("flashinfer %s attention: %s decode (group %d), %s extend kernels", flashinfer.__version__,
-                    "tensor-core" if self.use_tensor_cores else "CUDA-core", group, prefill_backend)
+        logger.info("flashinfer %s attention: %s decode (group %d), %s extend kernels%s", flashinfer.__version__,
+                    "tensor-core" if self.use_tensor_cores else "CUDA-core", group, prefill_backend,
+                    "" if self.sliding_windows == (None,) else f", windows {self.sliding_windows}")
 
     # -- metadata ------------------------------------------------------------------------------
     def init_forward_metadata(self, batch: ForwardBatch) -> None:
@@ -110,14 +125,17 @@ class FlashInferAttentionBackend(AttentionBackend):
             return
         wrappers = self._sets[self._steps % 2]
         self._steps += 1
+        kv_table = self._kv_table(batch)
         if batch.mode.is_decode:
-            self._plan_decode(wrappers.decode, batch)
-            self._wrapper = wrappers.decode
+            for w, wrapper in wrappers.decode.items():
+                self._plan_decode(wrapper, kv_table, w)
+            self._wrappers = wrappers.decode
         else:
             qo_indptr = _indptr(torch.tensor(batch.extend_seq_lens_cpu, dtype=torch.int32))
-            wrappers.extend.plan(qo_indptr, *self._kv_table(batch), self.num_q_heads, self.num_kv_heads,
-                                 self.head_dim, self.page_size, causal=True, **self._plan_types)
-            self._wrapper = wrappers.extend
+            for w, wrapper in wrappers.extend.items():
+                wrapper.plan(qo_indptr, *kv_table, self.num_q_heads, self.num_kv_heads, self.head_dim,
+                             self.page_size, causal=True, window_left=window_left(w), **self._plan_types)
+            self._wrappers = wrappers.extend
 
     def _kv_table(self, batch: ForwardBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The batch's paged KV in FlashInfer's CSR form: kv_indptr (host), kv_indices (device),
@@ -127,9 +145,9 @@ class FlashInferAttentionBackend(AttentionBackend):
                                   int(kv_indptr[-1]), self.page_size)
         return kv_indptr, kv_indices, kv_last_page_len
 
-    def _plan_decode(self, wrapper: Any, batch: ForwardBatch) -> None:
-        wrapper.plan(*self._kv_table(batch), self.num_q_heads, self.num_kv_heads, self.head_dim,
-                     self.page_size, **self._plan_types)
+    def _plan_decode(self, wrapper: Any, kv_table: tuple[torch.Tensor, ...], window: Optional[int]) -> None:
+        wrapper.plan(*kv_table, self.num_q_heads, self.num_kv_heads, self.head_dim, self.page_size,
+                     window_left=window_left(window), **self._plan_types)
 
     # -- device graphs -------------------------------------------------------------------------
     def reserve(self, max_batch_size: int) -> None:
@@ -148,15 +166,17 @@ class FlashInferAttentionBackend(AttentionBackend):
         return self._graph_indices is not None and pages + batch.batch_size <= self._graph_indices.numel()
 
     def begin_graph_capture(self, batch: ForwardBatch) -> None:
+        """Every window's wrapper of this size plans the same page table into the same buffers."""
         bs = batch.batch_size
-        if bs not in self._graph_wrappers:
-            self._graph_wrappers[bs] = self._flashinfer.BatchDecodeWithPagedKVCacheWrapper(
-                self._workspace, "NHD", use_tensor_cores=self.use_tensor_cores, backend="fa2",
-                use_cuda_graph=True, paged_kv_indptr_buffer=self._graph_indptr[: bs + 1],
-                paged_kv_indices_buffer=self._graph_indices,
-                paged_kv_last_page_len_buffer=self._graph_last_page_len[:bs])
+        for w in self.sliding_windows:
+            if (bs, w) not in self._graph_wrappers:
+                self._graph_wrappers[bs, w] = self._flashinfer.BatchDecodeWithPagedKVCacheWrapper(
+                    self._workspace, "NHD", use_tensor_cores=self.use_tensor_cores, backend="fa2",
+                    use_cuda_graph=True, paged_kv_indptr_buffer=self._graph_indptr[: bs + 1],
+                    paged_kv_indices_buffer=self._graph_indices,
+                    paged_kv_last_page_len_buffer=self._graph_last_page_len[:bs])
         self._plan_graph(batch)
-        self._wrapper = self._graph_wrappers[bs]
+        self._wrappers = {w: self._graph_wrappers[bs, w] for w in self.sliding_windows}
         self._capturing = True
 
     def end_graph_capture(self) -> None:
@@ -166,30 +186,36 @@ class FlashInferAttentionBackend(AttentionBackend):
         self._plan_graph(batch)
 
     def _plan_graph(self, batch: ForwardBatch) -> None:
-        """Plan the captured wrapper of the batch's size with the batch's lengths. plan() stages its
+        """Plan the captured wrappers of the batch's size with the batch's lengths. plan() stages its
         work split in the wrapper's pinned buffer and copies it to the device in stream order;
         the previous plan's copy must have left that buffer first (it has, unless the device is
         still on the step before it: the wait is short)."""
         bs = batch.batch_size
-        copied = self._graph_plan_copied.get(bs)
-        if copied is not None:
-            copied.synchronize()
-        self._plan_decode(self._graph_wrappers[bs], batch)
-        if copied is None:
-            copied = self._graph_plan_copied[bs] = torch.cuda.Event()
-        copied.record()
+        kv_table = self._kv_table(batch)
+        for w in self.sliding_windows:
+            copied = self._graph_plan_copied.get((bs, w))
+            if copied is not None:
+                copied.synchronize()
+            self._plan_decode(self._graph_wrappers[bs, w], kv_table, w)
+            if copied is None:
+                copied = self._graph_plan_copied[bs, w] = torch.cuda.Event()
+            copied.record()
 
     # -- per layer -----------------------------------------------------------------------------
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer_id: int, scaling: float,
-                batch: ForwardBatch) -> torch.Tensor:
+                batch: ForwardBatch, *, sliding_window: Optional[int] = None) -> torch.Tensor:
         """q: [T, Hq, D]; k, v: [T, Hkv, D] -> [T, Hq, D]."""
+        wrapper = self._wrappers.get(sliding_window)
+        if wrapper is None:
+            raise ValueError(f"layer {layer_id} has sliding window {sliding_window}, which the backend was not "
+                             f"built for (sliding_windows={self.sliding_windows})")
         self.kv_pool.set_kv(layer_id, batch.out_cache_loc, k, v)
         shape = (-1, self.page_size, self.num_kv_heads, self.head_dim)             # NHD pages
         kv_cache = (self.kv_pool.k_buffers[layer_id].view(shape), self.kv_pool.v_buffers[layer_id].view(shape))
         q = q.contiguous()
         # plan() fixed the softmax scale at 1/sqrt(head_dim); FlashInfer folds q_scale into it
         q_scale = None if scaling == self._planned_scaling else scaling / self._planned_scaling
-        return self._wrapper.run(q, kv_cache, q_scale=q_scale, out=torch.empty_like(q))
+        return wrapper.run(q, kv_cache, q_scale=q_scale, out=torch.empty_like(q))
 
 
 def host_page_table(seq_lens: list[int], page_size: int) -> tuple[torch.Tensor, torch.Tensor]:

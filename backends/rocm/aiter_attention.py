@@ -28,6 +28,10 @@ What runs on the Triton backend instead (backends/triton), chosen once at constr
   whole context length, and its scratch with it: 512 captured rows x 32 heads x 512 partitions
   (128K context) x 264 bytes is 2.2 GB. Triton's decode bounds its splits instead; eager decode
   (``--disable-cuda-graph``) stays on aiter.
+
+Sliding windows: neither kernel is called with one, so this backend does not register the
+"sliding_window" feature; a model with sliding-window layers selects Triton on ROCm (or is a clear
+error with ``--attention-backend aiter``), and constructing this backend for one raises.
 """
 from __future__ import annotations
 
@@ -79,6 +83,8 @@ class AiterAttentionBackend(AttentionBackend):
         if self.num_q_heads % self.num_kv_heads:
             raise ValueError(f"num_q_heads ({self.num_q_heads}) must be a multiple of num_kv_heads "
                              f"({self.num_kv_heads})")
+        if any(w is not None for w in self.sliding_windows):
+            raise ValueError(f"{USER} does not run sliding-window layers (windows {self.sliding_windows}); {INSTEAD}")
         self._kw = kw
         self._aiter = import_aiter()
         self._fallback: Optional[AttentionBackend] = None

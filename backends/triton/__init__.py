@@ -42,6 +42,6 @@ def register_for(platform_name: str) -> None:
     _platforms.add(platform_name)
     platforms = tuple(sorted(_platforms))
     register("attention", "triton", _attention, platforms=platforms, available=triton_available,
-             requires=REQUIRES, features=("fp8_kv_cache",))
+             requires=REQUIRES, features=("fp8_kv_cache", "sliding_window"))
     register("layer_ops", "triton", _layer_ops, platforms=platforms, available=triton_available,
              requires=REQUIRES)

@@ -89,9 +89,11 @@ class TritonAttentionBackend(AttentionBackend):
 
     # -- per layer -----------------------------------------------------------------------------
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer_id: int, scaling: float,
-                batch: ForwardBatch, cos_sin: Optional[tuple[torch.Tensor, torch.Tensor]] = None) -> torch.Tensor:
+                batch: ForwardBatch, cos_sin: Optional[tuple[torch.Tensor, torch.Tensor]] = None, *,
+                sliding_window: Optional[int] = None) -> torch.Tensor:
         """q: [T, Hq, D]; k, v: [T, Hkv, D] -> [T, Hq, D]. With cos_sin (decode, see fuses_rotary)
-        q and k are not rotated yet."""
+        q and k are not rotated yet. sliding_window: the layer's (a kernel argument, so a captured
+        step replays it as it is)."""
         cfg = self.config
         k_buf, v_buf = self.kv_pool.k_buffers[layer_id], self.kv_pool.v_buffers[layer_id]
         if q.stride(-1) != 1:
@@ -108,22 +110,24 @@ class TritonAttentionBackend(AttentionBackend):
                      pdl=bool(cfg.pdl))
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)    # [T, Hq, D]
         if batch.mode.is_decode:
-            self._decode(q, k_buf, v_buf, out, batch.req_pool_indices, batch.seq_lens, scaling, rotary)
+            self._decode(q, k_buf, v_buf, out, batch.req_pool_indices, batch.seq_lens, scaling, rotary,
+                         sliding_window)
             return out
         # A mixed step's decoding requests (the last ones, a token each) take the decode kernel:
         # the extend kernel would read their whole context once per q head, and its grid spans
         # the longest prompt's blocks for every request.
         extend_attention(q, k_buf, v_buf, out, self.req_to_token, *self._extend_args, self._max_extend_len,
                          scaling, block_m=self.extend_block_m, block_n=self.extend_block_n,
-                         num_warps=cfg.extend_num_warps, num_stages=self.extend_stages, fp32_dot=self.fp32_dot)
+                         num_warps=cfg.extend_num_warps, num_stages=self.extend_stages, fp32_dot=self.fp32_dot,
+                         sliding_window=sliding_window)
         if self._mixed_args is not None:
             t = q.shape[0] - batch.mixed_decodes
-            self._decode(q[t:], k_buf, v_buf, out[t:], *self._mixed_args, scaling)
+            self._decode(q[t:], k_buf, v_buf, out[t:], *self._mixed_args, scaling, sliding_window=sliding_window)
         return out
 
     def _decode(self, q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, out: torch.Tensor,
                 req_pool_indices: torch.Tensor, seq_lens: torch.Tensor, scaling: float,
-                rotary: Optional[tuple] = None) -> None:
+                rotary: Optional[tuple] = None, sliding_window: Optional[int] = None) -> None:
         cfg = self.config
         b, s = q.shape[0], self._num_splits
         partial_o = self._partial_o[: b * self.num_q_heads * s * self.head_dim].view(
@@ -133,4 +137,4 @@ class TritonAttentionBackend(AttentionBackend):
                          partial_lse, scaling, num_splits=s, min_split_tokens=cfg.min_split_tokens,
                          block_n=self.decode_block_n, num_warps=cfg.decode_num_warps,
                          num_stages=self.decode_stages, fp32_dot=self.fp32_dot, pdl=bool(cfg.pdl),
-                         rotary=rotary)
+                         rotary=rotary, sliding_window=sliding_window)

@@ -7,8 +7,10 @@ the output itself and stage 2 is not launched. Stage 1 can also rotate q and the
 rotary) and write the new k and v to the pool (``rotary``), which saves two kernels a layer. A
 request's split count grows with its length (at least ``min_split_tokens`` positions per split)
 up to ``num_splits``, a host number fixed per batch size, so the launch grid never depends on
-device values. Position i of request b
-lives at KV slot ``req_to_token[req_pool_indices[b], i]``; page size plays no role here.
+device values. A sliding window W (a runtime argument, so one compiled kernel serves every layer)
+limits a request to its last W positions: the splits divide those, and nothing before them is
+read. Position i of request b lives at KV slot ``req_to_token[req_pool_indices[b], i]``; page size
+plays no role here.
 Softmax runs in base 2: scores are scaled by log2(e) once. K and V are converted to q's dtype
 as they are read (an fp8 pool: half the bytes, the same arithmetic).
 """
@@ -26,14 +28,28 @@ from backends.triton.tl_helpers import (kv_limit, mma, next_pow2, pdl_launch, pd
 from hal.kernel_config import KernelConfig
 
 LOG2E = 1.4426950408889634
+# the window argument of a layer without a sliding window: longer than any context
+FULL_WINDOW = 1 << 30
+
+
+def window_arg(sliding_window: Optional[int]) -> int:
+    """The kernels' ``window`` argument: a layer's sliding window, or FULL_WINDOW without one."""
+    if sliding_window is None:
+        return FULL_WINDOW
+    if not 1 <= sliding_window <= FULL_WINDOW:
+        raise ValueError(f"sliding_window must be in [1, {FULL_WINDOW}], got {sliding_window}")
+    return sliding_window
 
 
 @triton.jit
-def _split_range(seq_len, split, num_splits_cap, MIN_SPLIT: tl.constexpr, BLOCK_N: tl.constexpr):
-    """[start, end) of KV positions that split ``split`` of a seq_len-long request covers."""
-    n_splits = tl.minimum(tl.maximum(tl.cdiv(seq_len, MIN_SPLIT), 1), num_splits_cap)
-    split_len = tl.cdiv(tl.cdiv(seq_len, n_splits), BLOCK_N) * BLOCK_N
-    start = split * split_len
+def _split_range(seq_len, window, split, num_splits_cap, MIN_SPLIT: tl.constexpr, BLOCK_N: tl.constexpr):
+    """[start, end) of KV positions that split ``split`` of a seq_len-long request covers: the
+    splits share the positions the new token sees, [max(seq_len - window, 0), seq_len)."""
+    first = tl.maximum(seq_len - window, 0)
+    seen = seq_len - first
+    n_splits = tl.minimum(tl.maximum(tl.cdiv(seen, MIN_SPLIT), 1), num_splits_cap)
+    split_len = tl.cdiv(tl.cdiv(seen, n_splits), BLOCK_N) * BLOCK_N
+    start = first + split * split_len
     end = tl.minimum(start + split_len, seq_len)
     return start, end
 
@@ -49,7 +65,7 @@ def _rotate(x, x_partner, cos, signed_sin):
 @triton.jit
 def _decode_partial_kernel(
         Q, KBuf, VBuf, ReqToToken, ReqPoolIdx, SeqLens, PartialO, PartialLse, Out,
-        Cos, Sin, KNew, VNew, OutLoc, qk_scale, num_splits_cap,
+        Cos, Sin, KNew, VNew, OutLoc, qk_scale, num_splits_cap, window,
         stride_qt, stride_qh, stride_buf_t, stride_buf_h, stride_r2t,
         stride_po_b, stride_po_h, stride_po_s, stride_pl_b, stride_pl_h, stride_ot, stride_oh,
         stride_ct, stride_st, stride_knt, stride_knh, stride_vnt, stride_vnh,
@@ -65,7 +81,7 @@ def _decode_partial_kernel(
     pdl_launch_dependents(USE_PDL)
     pdl_wait(USE_PDL)
     seq_len = tl.load(SeqLens + b).to(tl.int32)
-    start, end = _split_range(seq_len, split, num_splits_cap, MIN_SPLIT, BLOCK_N)
+    start, end = _split_range(seq_len, window, split, num_splits_cap, MIN_SPLIT, BLOCK_N)
     row = tl.load(ReqPoolIdx + b).to(tl.int64)
     b64 = b.to(tl.int64)
 
@@ -154,7 +170,7 @@ def _decode_partial_kernel(
 
 @triton.jit
 def _decode_reduce_kernel(
-        PartialO, PartialLse, Out, SeqLens, num_splits_cap,
+        PartialO, PartialLse, Out, SeqLens, num_splits_cap, window,
         stride_po_b, stride_po_h, stride_po_s, stride_pl_b, stride_pl_h, stride_ot, stride_oh,
         HEAD_DIM: tl.constexpr, MIN_SPLIT: tl.constexpr, BLOCK_N: tl.constexpr,
         MAX_SPLITS: tl.constexpr, BLOCK_D: tl.constexpr, USE_PDL: tl.constexpr):
@@ -164,7 +180,7 @@ def _decode_reduce_kernel(
     pdl_wait(USE_PDL)
     seq_len = tl.load(SeqLens + b).to(tl.int32)
     splits = tl.arange(0, MAX_SPLITS)
-    start, end = _split_range(seq_len, splits, num_splits_cap, MIN_SPLIT, BLOCK_N)
+    start, end = _split_range(seq_len, window, splits, num_splits_cap, MIN_SPLIT, BLOCK_N)
     s_mask = (splits < num_splits_cap) & (start < end)
     offs_d = tl.arange(0, BLOCK_D)
     d_mask = offs_d < HEAD_DIM
@@ -184,14 +200,16 @@ def decode_attention(q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, 
                      partial_o: torch.Tensor, partial_lse: torch.Tensor, scaling: float, *,
                      num_splits: int, min_split_tokens: int, block_n: int, num_warps: int,
                      num_stages: int, fp32_dot: bool, pdl: bool = False,
-                     rotary: Optional[tuple[torch.Tensor, ...]] = None) -> None:
+                     rotary: Optional[tuple[torch.Tensor, ...]] = None,
+                     sliding_window: Optional[int] = None) -> None:
     """q, out: [B, Hq, D]; k_buf, v_buf: [capacity, Hkv, D]; req_to_token: [max_reqs, max_ctx];
     req_pool_indices, seq_lens: [B]; partial_o: [B, Hq, num_splits, D] fp32 and partial_lse:
     [B, Hq, num_splits] fp32 scratch. Writes out.
 
     rotary = (cos, sin, k, v, out_cache_loc): q and the new tokens' k [B, Hkv, D] are not rotated
     yet (cos, sin: [B, 1, D / 2], neox style) and the new k, v are not in the pool yet; the kernel
-    rotates both and writes k, v at out_cache_loc [B]."""
+    rotates both and writes k, v at out_cache_loc [B]. sliding_window W: each new token attends
+    to its request's last W positions only (itself included); None: to all of them."""
     batch, num_q_heads, head_dim = q.shape
     num_kv_heads = k_buf.shape[1]
     if batch == 0:
@@ -202,6 +220,7 @@ def decode_attention(q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, 
     min_split = max(block_n, min_split_tokens)
     qk_scale = scaling * LOG2E
     direct = num_splits == 1
+    window = window_arg(sliding_window)
     if rotary is not None:
         cos, sin, k_new, v_new, out_loc = rotary
         if head_dim % 2 or cos.shape[-1] != head_dim // 2 or k_new.stride(-1) != 1 or v_new.stride(-1) != 1:
@@ -213,7 +232,7 @@ def decode_attention(q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, 
         rot_args, rot_strides = (q, q, q, q, seq_lens), (0,) * 6
     _decode_partial_kernel[(batch, num_kv_heads, num_splits)](
         q, k_buf, v_buf, req_to_token, req_pool_indices, seq_lens, partial_o, partial_lse, out,
-        *rot_args, qk_scale, num_splits,
+        *rot_args, qk_scale, num_splits, window,
         q.stride(0), q.stride(1), k_buf.stride(0), k_buf.stride(1), req_to_token.stride(0),
         partial_o.stride(0), partial_o.stride(1), partial_o.stride(2), partial_lse.stride(0),
         partial_lse.stride(1), out.stride(0), out.stride(1), *rot_strides,
@@ -223,7 +242,7 @@ def decode_attention(q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, 
     if direct:
         return
     _decode_reduce_kernel[(batch, num_q_heads)](
-        partial_o, partial_lse, out, seq_lens, num_splits,
+        partial_o, partial_lse, out, seq_lens, num_splits, window,
         partial_o.stride(0), partial_o.stride(1), partial_o.stride(2), partial_lse.stride(0),
         partial_lse.stride(1), out.stride(0), out.stride(1),
         HEAD_DIM=head_dim, MIN_SPLIT=min_split, BLOCK_N=block_n, MAX_SPLITS=max_splits,

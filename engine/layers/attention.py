@@ -9,13 +9,20 @@ from torch import nn
 
 
 class Attention(nn.Module):
-    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scaling: float, layer_id: int) -> None:
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scaling: float, layer_id: int,
+                 sliding_window: Optional[int] = None) -> None:
+        """sliding_window W: a query at position p attends only to keys at p - W < j <= p (the
+        last W positions, itself included), as transformers' sliding-window mask; None: all of
+        them. The KV pool still holds every position."""
         super().__init__()
+        if sliding_window is not None and sliding_window < 1:
+            raise ValueError(f"sliding_window must be >= 1 or None, got {sliding_window}")
         self.num_heads = num_heads          # per tensor-parallel rank
         self.num_kv_heads = num_kv_heads
         self.head_dim = head_dim
         self.scaling = scaling
         self.layer_id = layer_id
+        self.sliding_window = sliding_window
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, forward_batch,
                 rotary: Optional[tuple[Callable, torch.Tensor, torch.Tensor]] = None) -> torch.Tensor:
@@ -38,8 +45,12 @@ class Attention(nn.Module):
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, forward_batch,
                rotary: Optional[tuple[Callable, torch.Tensor, torch.Tensor]] = None) -> torch.Tensor:
         """q: [T, num_heads, head_dim], k/v: [T, num_kv_heads, head_dim] -> [T, num_heads, head_dim]
-        from the backend (which stores k and v in the pool first)."""
+        from the backend (which stores k and v in the pool first). The window goes to the backend
+        only when the layer has one, so backends without sliding-window support keep working for
+        models without it."""
         backend, kw = forward_batch.attn_backend, {}
+        if self.sliding_window is not None:
+            kw["sliding_window"] = self.sliding_window
         if rotary is not None:
             rotate, cos, sin = rotary
             if backend.fuses_rotary(forward_batch):

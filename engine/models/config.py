@@ -1,7 +1,8 @@
 """ModelConfig: what the engine needs from a Hugging Face checkpoint's config.json.
 
 Reads ``config.json`` (and ``generation_config.json`` for EOS ids) once and resolves the
-dtype, the context length and the RoPE parameters, so nothing downstream parses HF dicts.
+dtype, the context length, the RoPE parameters and each layer's sliding window, so nothing
+downstream parses HF dicts.
 """
 from __future__ import annotations
 
@@ -23,6 +24,11 @@ _BY_MODEL_TYPE = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", 
                   "qwen3": "Qwen3ForCausalLM", "mixtral": "MixtralForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM",
                   "qwen3_moe": "Qwen3MoeForCausalLM"}
 _MOE_ARCHITECTURES = ("MixtralForCausalLM", "Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM")
+# sliding windows (_layer_sliding_windows): architectures whose every layer uses config.json's
+# sliding_window when it is set, and those that never use one; the others follow Qwen2's rule
+_WINDOW_EVERY_LAYER = ("MistralForCausalLM", "MixtralForCausalLM")
+_WINDOW_EVERY_LAYER_WHEN_USED = ("Qwen3MoeForCausalLM",)     # with use_sliding_window
+_NO_WINDOW = ("LlamaForCausalLM",)
 ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn")
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _ALL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -55,7 +61,9 @@ class ModelConfig:
     o_proj_bias: bool = False
     mlp_bias: bool = False
     qk_norm: bool = False                    # Qwen3: RMSNorm over head_dim of q and k
-    sliding_window: Optional[int] = None
+    # per layer: its sliding window W (a query at position p attends to keys p - W < j <= p), or
+    # None for full attention; empty: every layer full
+    layer_sliding_windows: tuple[Optional[int], ...] = ()
     # mixture of experts (0 experts: a dense model); see _moe_fields
     num_experts: int = 0                     # routed experts of a sparse layer (Mixtral: num_local_experts)
     num_experts_per_tok: int = 0             # top-k
@@ -81,6 +89,15 @@ class ModelConfig:
     @property
     def rope_type(self) -> str:
         return (self.rope_scaling or {}).get("rope_type", "default")
+
+    def sliding_window_of(self, layer_id: int) -> Optional[int]:
+        """Layer ``layer_id``'s sliding window, or None (full attention)."""
+        return self.layer_sliding_windows[layer_id] if self.layer_sliding_windows else None
+
+    @property
+    def sliding_windows(self) -> tuple[int, ...]:
+        """The distinct sliding windows of the model's layers, ascending (empty: none)."""
+        return tuple(sorted({w for w in self.layer_sliding_windows if w is not None}))
 
     def num_heads_per_rank(self, tp_size: int) -> int:
         if self.num_attention_heads % tp_size:
@@ -112,24 +129,25 @@ class ModelConfig:
             raise UnsupportedModelError(f"{path}: hidden_act {act!r} is not supported (only silu)")
         max_pos = int(hf.get("max_position_embeddings") or 2048)
         rope_theta, rope_scaling = _rope(hf, max_pos)
-        sliding = _sliding_window(hf, arch)
+        num_layers = int(hf["num_hidden_layers"])
+        windows = _layer_sliding_windows(hf, arch, num_layers)
         qwen2 = arch == "Qwen2ForCausalLM"
         qwen2_moe = arch == "Qwen2MoeForCausalLM"   # q/k/v bias unless config.json says qkv_bias: false
         attention_bias = bool(hf.get("attention_bias", False))
         cfg = cls(
             path=path, architecture=arch, model_type=hf.get("model_type", ""),
-            hidden_size=hidden, num_hidden_layers=int(hf["num_hidden_layers"]), num_attention_heads=heads,
+            hidden_size=hidden, num_hidden_layers=num_layers, num_attention_heads=heads,
             num_key_value_heads=int(hf.get("num_key_value_heads") or heads), head_dim=head_dim,
             intermediate_size=int(hf["intermediate_size"]), vocab_size=int(hf["vocab_size"]),
             rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)), rope_theta=rope_theta,
             rope_scaling=rope_scaling, max_position_embeddings=max_pos,
-            context_len=_context_len(context_length, max_pos, sliding, path),
+            context_len=_context_len(context_length, max_pos),
             dtype=_resolve_dtype(dtype, hf, platform_dtypes, platform_default),
             tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
             qkv_bias=True if qwen2 else bool(hf.get("qkv_bias", True)) if qwen2_moe else attention_bias,
             o_proj_bias=False if qwen2 or qwen2_moe else attention_bias,
             mlp_bias=bool(hf.get("mlp_bias", False)),
-            qk_norm=arch in ("Qwen3ForCausalLM", "Qwen3MoeForCausalLM"), sliding_window=sliding,
+            qk_norm=arch in ("Qwen3ForCausalLM", "Qwen3MoeForCausalLM"), layer_sliding_windows=windows,
             **_moe_fields(hf, arch, path),
             eos_token_ids=_eos_ids(path, hf), bos_token_id=hf.get("bos_token_id"), hf_config=hf)
         return cfg
@@ -205,27 +223,42 @@ def _rope(hf: dict, max_pos: int) -> tuple[float, Optional[dict]]:
     return theta, scaling
 
 
-def _sliding_window(hf: dict, arch: str) -> Optional[int]:
+def _layer_sliding_windows(hf: dict, arch: str, num_layers: int) -> tuple[Optional[int], ...]:
+    """Each layer's sliding window (None: full attention) as transformers reads the config:
+    Mistral and Mixtral window every layer with ``sliding_window`` (and ignore ``layer_types``);
+    the Qwen families only with ``use_sliding_window``, and then Qwen3-MoE every layer, the others
+    the layers that ``layer_types`` calls "sliding_attention" (without ``layer_types``: Qwen2 and
+    Qwen3 layers ``max_window_layers`` and up, Qwen2-MoE the even layers below it); Llama never."""
     window = hf.get("sliding_window")
-    if window is None:
-        return None
-    if arch in ("MistralForCausalLM", "MixtralForCausalLM") or hf.get("use_sliding_window", False):
-        return int(window)
-    return None  # Qwen configs carry a window they only use with use_sliding_window
+    if window is None or arch in _NO_WINDOW:
+        return ()
+    every_layer = arch in _WINDOW_EVERY_LAYER
+    if not every_layer and not hf.get("use_sliding_window", False):
+        return ()  # Qwen configs carry a window they only use with use_sliding_window
+    window = int(window)
+    if window < 1:
+        raise UnsupportedModelError(f"sliding_window must be >= 1, got {window}")
+    if every_layer or arch in _WINDOW_EVERY_LAYER_WHEN_USED:
+        return (window,) * num_layers
+    types = hf.get("layer_types")
+    if types is None:
+        first = int(hf.get("max_window_layers", 28))
+        if arch == "Qwen2MoeForCausalLM":
+            windowed = [i % 2 == 0 and i < first for i in range(num_layers)]
+        else:
+            windowed = [i >= first for i in range(num_layers)]
+        types = ["sliding_attention" if w else "full_attention" for w in windowed]
+    if len(types) != num_layers:
+        raise UnsupportedModelError(f"layer_types names {len(types)} layers, the model has {num_layers}")
+    windows = tuple(window if t == "sliding_attention" else None for t in types)
+    return windows if any(w is not None for w in windows) else ()
 
 
-def _context_len(requested: Optional[int], max_pos: int, sliding: Optional[int], path: str) -> int:
-    ctx = requested or max_pos
+def _context_len(requested: Optional[int], max_pos: int) -> int:
     if requested and requested > max_pos:
         logger.warning("context length %d exceeds the model's max_position_embeddings %d; outputs past "
                        "%d tokens may be poor", requested, max_pos, max_pos)
-    if sliding is not None and sliding < ctx:
-        # Every layer here attends to all cached tokens; within the window that equals the
-        # model's sliding-window attention, beyond it it would not.
-        logger.info("context length capped from %d to the model's sliding window %d: sliding-window "
-                    "attention is not implemented, full attention matches it up to the window", ctx, sliding)
-        ctx = sliding
-    return ctx
+    return requested or max_pos
 
 
 def _resolve_dtype(requested: str, hf: dict, platform_dtypes: tuple[torch.dtype, ...],

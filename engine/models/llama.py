@@ -59,7 +59,8 @@ class LlamaAttention(nn.Module):
             self.k_norm = RMSNorm(d, config.rms_norm_eps)
         else:
             self.q_norm = self.k_norm = None
-        self.attn = Attention(self.num_heads, self.num_kv_heads, d, d ** -0.5, layer_id)
+        self.attn = Attention(self.num_heads, self.num_kv_heads, d, d ** -0.5, layer_id,
+                              sliding_window=config.sliding_window_of(layer_id))
         self.rotary = QKRotary()
 
     def forward(self, x: torch.Tensor, norm: nn.Module, cos_sin: CosSin, forward_batch) -> torch.Tensor:

@@ -1,5 +1,5 @@
-"""Mistral: the Llama decoder. Its sliding window is handled by ModelConfig capping the context
-length to the window, where full attention equals sliding-window attention."""
+"""Mistral: the Llama decoder. Its sliding window (config.json's ``sliding_window``, on every
+layer) is attention's: ModelConfig gives each layer the window and the attention backend applies it."""
 from __future__ import annotations
 
 from engine.models.llama import LlamaForCausalLM

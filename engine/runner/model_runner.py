@@ -149,12 +149,16 @@ class ModelRunner:
     def _init_backends(self) -> None:
         args, cfg = self.server_args, self.model_config
         needs = {"fp8_kv_cache": f"--kv-cache-dtype {args.kv_cache_dtype}"} if is_fp8(self.kv_cache_dtype) else {}
+        if cfg.sliding_windows:
+            needs["sliding_window"] = f"the model's sliding-window layers ({_windows(cfg)})"
         entry, why = hal.select("attention", self.platform, args.attention_backend, needs=needs)
         self.attention_backend_name = entry.name
+        layer_windows = [cfg.sliding_window_of(i) for i in range(cfg.num_hidden_layers)]
         self.attn_backend = entry.factory(
             num_q_heads=self.num_q_heads, num_kv_heads=self.num_kv_heads,
             head_dim=cfg.head_dim, kv_pool=self.kv_pool, req_to_token=self.req_to_token_pool.req_to_token,
-            page_size=args.page_size, dtype=self.dtype, device=self.device)
+            page_size=args.page_size, dtype=self.dtype, device=self.device,
+            sliding_windows=tuple(dict.fromkeys(layer_windows)))        # distinct; None: a full-attention layer
         self.attention_reason = why
         entry, why = hal.select("sampling", self.platform, args.sampling_backend)
         self.sampling_backend_name = entry.name
@@ -330,4 +334,11 @@ class ModelRunner:
                 f"{str(self.kv_cache_dtype).replace('torch.', '')}, page_size="
                 f"{self.server_args.page_size}) max_running_requests={self.max_running_requests} "
                 f"context_len={self.context_len}"
+                + (f" sliding_window={_windows(self.model_config)}" if self.model_config.sliding_windows else "")
                 + (f" kernel_config={json.dumps(self.kernel_config_overrides)}" if self.kernel_config_overrides else ""))
+
+
+def _windows(cfg: ModelConfig) -> str:
+    """The model's sliding windows for the startup log, e.g. "4096 on 32 of 32 layers"."""
+    layers = sum(w is not None for w in cfg.layer_sliding_windows)
+    return f"{'/'.join(map(str, cfg.sliding_windows))} on {layers} of {cfg.num_hidden_layers} layers"

@@ -207,3 +207,26 @@ def test_mixed_chunk_greedy_tokens_identical_to_transformers(llama_tiny, disable
         eng.scheduler.check_memory_whole()
     hf = hf_model(llama_tiny, torch.float32)
     assert [o["output_ids"] for o in outs] == [hf_greedy(hf, p, 8 + 2 * i) for i, p in enumerate(batch)]
+
+
+@pytest.mark.parametrize("attention, disable_graph, piecewise", [
+    ("triton", False, False), ("triton", False, True), ("triton", True, False), ("torch", True, False)])
+def test_sliding_window_greedy_tokens_identical_to_transformers(make_tiny, tmp_path, attention, disable_graph,
+                                                                piecewise):
+    """The tiny Mistral with a window of 8 (every layer), prompts and outputs well past it, through
+    the compiled Triton kernels with decode graphs (and extend steps in pieces) on and off."""
+    import json
+    import shutil
+
+    from engine import Engine
+
+    shutil.copytree(make_tiny("mistral"), tmp_path, dirs_exist_ok=True)
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, "sliding_window": 8}))
+    hf = hf_model(tmp_path, torch.float32)
+    batch = prompts(8, seed=3)
+    with Engine(model_path=str(tmp_path), dtype="float32", attention_backend=attention,
+                disable_cuda_graph=disable_graph, enable_piecewise_cuda_graph=piecewise, chunked_prefill_size=32,
+                **ENGINE_KW) as eng:
+        outs = eng.generate(input_ids=batch, sampling_params={**GREEDY, "max_new_tokens": N_TOKENS})
+    assert [o["output_ids"] for o in outs] == [hf_greedy(hf, p, N_TOKENS) for p in batch]

@@ -40,15 +40,19 @@ def make_step(mode, prefix_lens, ext_lens, page_size, shapes=LLAMA_8B, **backend
     return backend, pool, req_to_token, rows, batch, (q, k, v)
 
 
-def check(mode, prefix_lens, ext_lens, page_size, shapes=LLAMA_8B, scaling=None, **backend_kw):
+def check(mode, prefix_lens, ext_lens, page_size, shapes=LLAMA_8B, scaling=None, sliding_window=None,
+          **backend_kw):
+    if sliding_window is not None:
+        backend_kw.setdefault("sliding_windows", (None, sliding_window))
     backend, pool, req_to_token, rows, batch, (q, k, v) = make_step(mode, prefix_lens, ext_lens, page_size,
                                                                     shapes, **backend_kw)
     scaling = scaling or shapes["head_dim"] ** -0.5
     backend.init_forward_metadata(batch)
-    out = backend.forward(q, k, v, 0, scaling, batch)
+    window = {} if sliding_window is None else dict(sliding_window=sliding_window)
+    out = backend.forward(q, k, v, 0, scaling, batch, **window)
     loc = batch.out_cache_loc
     assert torch.equal(pool.k_buffers[0][loc], k) and torch.equal(pool.v_buffers[0][loc], v)
-    ref = reference(q, pool, req_to_token, rows, prefix_lens, ext_lens, scaling)
+    ref = reference(q, pool, req_to_token, rows, prefix_lens, ext_lens, scaling, sliding_window)
     assert out.shape == q.shape and out.dtype == torch.bfloat16
     torch.testing.assert_close(out.float(), ref, atol=2e-2, rtol=2e-2)
 
@@ -71,6 +75,15 @@ def test_eight_query_heads_per_kv_head_take_the_tensor_core_decode(mode):
         check(mode, [2047, 99, 0], [1, 1, 1], 16, shapes=shapes)
     else:
         check(mode, [0, 1500, 33], [700, 64, 1], 16, shapes=shapes)
+
+
+@pytest.mark.parametrize("window", [1, 100, 4096])
+@pytest.mark.parametrize("page_size", [1, 16])
+def test_sliding_window_decode_and_extend(window, page_size):
+    """window_left = W - 1: the same keys as transformers' mask (the reference)."""
+    lens = [1, 17, 512, 1000, 4096, 8192, 3001, 64]
+    check(ForwardMode.DECODE, [n - 1 for n in lens], [1] * len(lens), page_size, sliding_window=window)
+    check(ForwardMode.EXTEND, [0, 4000, 7000, 15, 0], [1024, 96, 1192, 1, 333], page_size, sliding_window=window)
 
 
 def test_a_model_specific_softmax_scale():

@@ -46,8 +46,9 @@ def make_backend(pool, req_to_token, page_size, num_q_heads, num_kv_heads, head_
         req_to_token=req_to_token, page_size=page_size, dtype=dtype, device=DEVICE)
 
 
-def reference(q, pool, req_to_token, rows, prefix_lens, ext_lens, scaling):
-    """fp32 attention per request: new token j of request i sees positions 0 .. prefix_i + j."""
+def reference(q, pool, req_to_token, rows, prefix_lens, ext_lens, scaling, sliding_window=None):
+    """fp32 attention per request: new token j of request i sees positions 0 .. prefix_i + j (with
+    a sliding window W, only those > prefix_i + j - W)."""
     outs, t0 = [], 0
     for r, p, n in zip(rows.tolist(), prefix_lens, ext_lens):
         slots = req_to_token[r, : p + n].long()
@@ -56,7 +57,10 @@ def reference(q, pool, req_to_token, rows, prefix_lens, ext_lens, scaling):
         v = pool.v_buffers[0][slots].float().repeat_interleave(group, dim=1)
         qi = q[t0:t0 + n].float()                                                # [n, Hq, D]
         scores = torch.einsum("nhd,shd->hns", qi, k) * scaling                   # [Hq, n, S]
-        allowed = torch.arange(p + n, device=DEVICE)[None, :] <= (p + torch.arange(n, device=DEVICE))[:, None]
+        k_pos, q_pos = torch.arange(p + n, device=DEVICE)[None, :], (p + torch.arange(n, device=DEVICE))[:, None]
+        allowed = k_pos <= q_pos
+        if sliding_window is not None:
+            allowed &= k_pos > q_pos - sliding_window
         scores = scores.masked_fill(~allowed[None], float("-inf"))
         outs.append(torch.einsum("hns,shd->nhd", scores.softmax(-1), v))
         t0 += n
@@ -73,10 +77,10 @@ def make_case(mode, prefix_lens, ext_lens, page_size, dtype=torch.bfloat16, shap
 
 
 def run(mode, prefix_lens, ext_lens, page_size, dtype=torch.bfloat16, shapes=LLAMA_8B, rotary=False,
-        kv_dtype=None):
+        kv_dtype=None, sliding_window=None):
     """One step against the fp32 reference over what the pool holds; rotary (decode): q and k go
     in unrotated and the attention kernel rotates them and stores k, v itself. kv_dtype (fp8):
-    the stores round exactly as torch's saturating cast does."""
+    the stores round exactly as torch's saturating cast does. sliding_window: the layer's."""
     from engine.mem_cache.kv_pool import to_kv_dtype
 
     hq, hkv, d = shapes["num_q_heads"], shapes["num_kv_heads"], shapes["head_dim"]
@@ -85,6 +89,7 @@ def run(mode, prefix_lens, ext_lens, page_size, dtype=torch.bfloat16, shapes=LLA
     loc = batch.out_cache_loc
     backend = make_backend(pool, req_to_token, page_size, hq, hkv, d, dtype)
     backend.init_forward_metadata(batch)
+    window = {} if sliding_window is None else dict(sliding_window=sliding_window)
     tol = 2e-5 if dtype == torch.float32 else (4e-3 if dtype == torch.float16 else 2e-2)
     if rotary:
         from backends.cpu.torch_layer_ops import TorchLayerOps
@@ -93,7 +98,7 @@ def run(mode, prefix_lens, ext_lens, page_size, dtype=torch.bfloat16, shapes=LLA
         assert backend.fuses_rotary(batch)
         positions = torch.tensor([p + n - 1 for p, n in zip(prefix_lens, ext_lens)], device=DEVICE)
         cos, sin = RotaryEmbedding(d, 16384, 500000.0).to(DEVICE).cos_sin(positions, dtype)
-        out = backend.forward(q, k, v, 0, d ** -0.5, batch, cos_sin=(cos, sin))
+        out = backend.forward(q, k, v, 0, d ** -0.5, batch, cos_sin=(cos, sin), **window)
         if kv_dtype is not None:   # rotated in fp32, rounded once; fp32 sums may part at a rounding edge
             k32 = TorchLayerOps().apply_rotary(q.float(), k.float(), cos.float(), sin.float())[1]
             same = pool.k_buffers[0][loc].view(torch.uint8) == to_kv_dtype(k32, kv_dtype).view(torch.uint8)
@@ -103,10 +108,10 @@ def run(mode, prefix_lens, ext_lens, page_size, dtype=torch.bfloat16, shapes=LLA
             torch.testing.assert_close(pool.k_buffers[0][loc], k, atol=tol, rtol=tol)
         assert torch.equal(pool.v_buffers[0][loc], to_kv_dtype(v, pool.dtype))
     else:
-        out = backend.forward(q, k, v, 0, d ** -0.5, batch)
+        out = backend.forward(q, k, v, 0, d ** -0.5, batch, **window)
         assert torch.equal(pool.k_buffers[0][loc], to_kv_dtype(k, pool.dtype))
         assert torch.equal(pool.v_buffers[0][loc], to_kv_dtype(v, pool.dtype))
-    ref = reference(q, pool, req_to_token, rows, prefix_lens, ext_lens, d ** -0.5)
+    ref = reference(q, pool, req_to_token, rows, prefix_lens, ext_lens, d ** -0.5, sliding_window)
     torch.testing.assert_close(out.float(), ref, atol=tol, rtol=tol)
 
 
@@ -122,6 +127,16 @@ def test_decode_llama8b_shapes_up_to_8k(page_size, rotary):
 @pytest.mark.parametrize("page_size", [1, 16])
 def test_extend_llama8b_shapes_with_prefixes(page_size):
     run(ForwardMode.EXTEND, [0, 4000, 7000, 15, 0], [1024, 96, 1192, 1, 333], page_size)
+
+
+@pytest.mark.parametrize("window", [1, 100, 4096])
+@pytest.mark.parametrize("page_size", [1, 16])
+def test_sliding_window_llama8b_shapes(window, page_size):
+    """Compiled kernels (the interpreter tests cover the same paths at small shapes): decode with
+    rotary in the kernel and extend over long prefixes, windows of one token to Mistral's 4096."""
+    lens = [1, 17, 512, 1000, 4096, 8192, 3001, 64]
+    run(ForwardMode.DECODE, [n - 1 for n in lens], [1] * len(lens), page_size, rotary=True, sliding_window=window)
+    run(ForwardMode.EXTEND, [0, 4000, 7000, 15, 0], [1024, 96, 1192, 1, 333], page_size, sliding_window=window)
 
 
 @pytest.mark.parametrize("kv_dtype", [torch.float8_e4m3fn, torch.float8_e5m2], ids=["e4m3", "e5m2"])
