@@ -40,6 +40,16 @@ class LayerOps(ABC):
         """x: [..., 2 * d] = [gate | up] -> [..., d] = silu(gate) * up."""
 
     @abstractmethod
+    def gelu_tanh_and_mul(self, x: torch.Tensor) -> torch.Tensor:
+        """x: [..., 2 * d] = [gate | up] -> [..., d] = gelu_tanh(gate) * up (Gemma's GeGLU, the
+        tanh approximation of GELU), the activation rounded to x's dtype before the product."""
+
+    @abstractmethod
+    def gemma_rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        """x: [..., hidden]; weight: [hidden] -> norm(x) * (1 + weight) (Gemma's RMSNorm): unlike
+        ``rms_norm``, the whole product is taken in fp32 and rounded once to x's dtype."""
+
+    @abstractmethod
     def apply_rotary(self, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
                      ) -> tuple[torch.Tensor, torch.Tensor]:
         """Neox-style rotary embedding of q: [T, Hq, D] and k: [T, Hkv, D] with cos, sin:

@@ -26,14 +26,14 @@ def test_triton_kernels_compile_for(target, triton_backend):
     from backends.triton.compile_check import FP8_KV, _config, kernel_cases
 
     # 3 decode attention variants (rotary and the KV store inside or not, one split), the merge
-    # kernel, extend, 4 element-wise kernels, the one-row GEMV (norm folded in, residual added,
-    # SiLU-and-mul input with the residual), the tile GEMV (with and without the residual), the fused
-    # MoE (the alignment of int64 and int32 ids, the two passes at 16-row and the config's largest
-    # blocks, the weighted sum); then the 5 that touch the KV pool (3 decode, extend, store) again
-    # over each of its 2 fp8 formats
+    # kernel, extend, 6 element-wise kernels (Gemma's norm and GELU-and-mul among them), the
+    # one-row GEMV (norm folded in, residual added, SiLU-and-mul input with the residual), the
+    # tile GEMV (with and without the residual), the fused MoE (the alignment of int64 and int32
+    # ids, the two passes at 16-row and the config's largest blocks, the weighted sum); then the 5
+    # that touch the KV pool (3 decode, extend, store) again over each of its 2 fp8 formats
     backend = target.split(":")[0]
     fp8 = [kernel_cases(_config(backend), "bf16", 128, kv_dt=t, kv_limit=m) for t, m in FP8_KV[backend].items()]
-    assert len(kernel_cases(_config(backend), "bf16", 128)) == 21 and [len(c) for c in fp8] == [5, 5]
-    assert proc.stderr.count(": ok") == 31 and proc.stderr.count(" kv=fp8") == 10, proc.stderr[-3000:]
+    assert len(kernel_cases(_config(backend), "bf16", 128)) == 23 and [len(c) for c in fp8] == [5, 5]
+    assert proc.stderr.count(": ok") == 33 and proc.stderr.count(" kv=fp8") == 10, proc.stderr[-3000:]
     assert proc.stderr.count("_moe_gemm_kernel bf16") == 4 and proc.stderr.count("_align_kernel bf16") == 2
     assert "_moe_sum_kernel bf16" in proc.stderr

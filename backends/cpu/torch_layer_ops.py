@@ -6,8 +6,8 @@ from typing import Optional, Union
 
 import torch
 
-from engine.layers.activation import silu_and_mul
-from engine.layers.layernorm import rms_norm
+from engine.layers.activation import gelu_tanh_and_mul, silu_and_mul
+from engine.layers.layernorm import gemma_rms_norm, rms_norm
 from engine.layers.rotary import apply_rotary
 from hal.layer_ops import LayerOps
 
@@ -22,6 +22,12 @@ class TorchLayerOps(LayerOps):
 
     def silu_and_mul(self, x: torch.Tensor) -> torch.Tensor:
         return silu_and_mul(x)
+
+    def gelu_tanh_and_mul(self, x: torch.Tensor) -> torch.Tensor:
+        return gelu_tanh_and_mul(x)
+
+    def gemma_rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        return gemma_rms_norm(x, weight, eps)
 
     def apply_rotary(self, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
                      ) -> tuple[torch.Tensor, torch.Tensor]:

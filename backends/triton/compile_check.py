@@ -20,7 +20,8 @@ from backends.triton.extend_attention import _extend_kernel
 from backends.triton.fused_moe import ALIGN_BLOCK_P, _align_kernel, _moe_gemm_kernel, _moe_sum_kernel, gemm_tiles
 from backends.triton.gemv import _gemv_kernel, _gemv_tile_kernel
 from backends.triton.kv_store import _store_kv_kernel
-from backends.triton.layer_ops import _rms_norm_kernel, _rotary_kernel, _silu_and_mul_kernel
+from backends.triton.layer_ops import (_gelu_tanh_and_mul_kernel, _gemma_rms_norm_kernel, _rms_norm_kernel,
+                                      _rotary_kernel, _silu_and_mul_kernel)
 from backends.triton.tl_helpers import next_pow2
 from hal.kernel_config import KernelConfig
 
@@ -81,6 +82,8 @@ def kernel_cases(cfg: KernelConfig, dt: str, head_dim: int, num_q_heads: int = 3
                                             MAX_SPLITS=cfg.max_kv_splits, BLOCK_D=d, USE_PDL=pdl), 4, 1),
         (_rms_norm_kernel, types, dict(N=4096, HAS_RESIDUAL=True, BLOCK=4096, USE_PDL=pdl), ew, 1),
         (_silu_and_mul_kernel, types, dict(D=14336, BLOCK=2048, USE_PDL=pdl), ew, 1),
+        (_gemma_rms_norm_kernel, types, dict(N=256, BLOCK=256, USE_PDL=pdl), ew, 1),
+        (_gelu_tanh_and_mul_kernel, types, dict(D=6912, BLOCK=2048, USE_PDL=pdl), ew, 1),
         (_rotary_kernel, types, dict(HQ=num_q_heads, HKV=num_kv_heads, HALF=head_dim // 2, BLOCK_HQ=num_q_heads,
                                      BLOCK_HKV=num_kv_heads, BLOCK_HALF=next_pow2(head_dim // 2), USE_PDL=pdl),
          ew, 1),

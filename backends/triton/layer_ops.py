@@ -1,6 +1,7 @@
-"""The fused layer ops in Triton: RMSNorm (with the residual add), SiLU-and-mul and neox rotary,
-one kernel each, fp32 math, rounding where the torch reference rounds (engine/layers); the linears'
-GEMV and skinny GEMM, and the mixture-of-experts MLP (fused_moe.py), graph-capturable."""
+"""The fused layer ops in Triton: RMSNorm (with the residual add), Gemma's RMSNorm, SiLU-and-mul,
+GELU(tanh)-and-mul and neox rotary, one kernel each, fp32 math, rounding where the torch reference
+rounds (engine/layers); the linears' GEMV and skinny GEMM, and the mixture-of-experts MLP
+(fused_moe.py), graph-capturable."""
 from __future__ import annotations
 
 from typing import Optional, Union
@@ -51,6 +52,38 @@ def _silu_and_mul_kernel(X, Out, stride_x, stride_o, D: tl.constexpr, BLOCK: tl.
     up = tl.load(X + row * stride_x + D + cols, mask=mask, other=0.0)
     silu = (gate / (1.0 + tl.exp(-gate))).to(up.dtype).to(tl.float32)  # rounded, as F.silu's output is
     tl.store(Out + row * stride_o + cols, (silu * up.to(tl.float32)).to(Out.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _gemma_rms_norm_kernel(X, W, Out, stride_x, stride_o, eps, N: tl.constexpr, BLOCK: tl.constexpr,
+                           USE_PDL: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < N
+    pdl_launch_dependents(USE_PDL)
+    scale = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32) + 1.0     # a weight: before the wait
+    pdl_wait(USE_PDL)
+    x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+    rstd = tl.rsqrt(tl.sum(x * x, 0) / N + eps)
+    # one rounding, of the whole fp32 product (the reference's order)
+    tl.store(Out + row * stride_o + cols, (x * rstd * scale).to(Out.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _gelu_tanh_and_mul_kernel(X, Out, stride_x, stride_o, D: tl.constexpr, BLOCK: tl.constexpr,
+                              USE_PDL: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = cols < D
+    pdl_launch_dependents(USE_PDL)
+    pdl_wait(USE_PDL)
+    gate = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+    up = tl.load(X + row * stride_x + D + cols, mask=mask, other=0.0)
+    # 0.5 (1 + tanh(z)) = sigmoid(2z), z = sqrt(2 / pi) (g + 0.044715 g^3): no tanh needed, and
+    # exp overflowing to inf for very negative g still gives 0
+    z = 0.7978845608028654 * (gate + 0.044715 * gate * gate * gate)
+    gelu = (gate / (1.0 + tl.exp(-2.0 * z))).to(up.dtype).to(tl.float32)  # rounded, as F.gelu's output is
+    tl.store(Out + row * stride_o + cols, (gelu * up.to(tl.float32)).to(Out.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -184,6 +217,28 @@ class TritonLayerOps(LayerOps):
         if x2.shape[0]:
             block = min(next_pow2(d), 2048)
             _silu_and_mul_kernel[(x2.shape[0], triton.cdiv(d, block))](
+                x2, out, x2.stride(0), d, D=d, BLOCK=block, num_warps=_warps(block, self.num_warps),
+                **self._pdl_kw)
+        return out
+
+    def gemma_rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        n = x.shape[-1]
+        x2 = _rows(x, n)                                                     # [rows, n]
+        out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+        if x2.shape[0]:
+            block = next_pow2(n)
+            _gemma_rms_norm_kernel[(x2.shape[0],)](
+                x2, weight, out, x2.stride(0), n, float(eps), N=n, BLOCK=block,
+                num_warps=_warps(block, self.num_warps), **self._pdl_kw)
+        return out
+
+    def gelu_tanh_and_mul(self, x: torch.Tensor) -> torch.Tensor:
+        d = x.shape[-1] // 2
+        x2 = _rows(x, 2 * d)                                                 # [rows, 2d]
+        out = torch.empty((*x.shape[:-1], d), dtype=x.dtype, device=x.device)
+        if x2.shape[0]:
+            block = min(next_pow2(d), 2048)
+            _gelu_tanh_and_mul_kernel[(x2.shape[0], triton.cdiv(d, block))](
                 x2, out, x2.stride(0), d, D=d, BLOCK=block, num_warps=_warps(block, self.num_warps),
                 **self._pdl_kw)
         return out

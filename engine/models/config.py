@@ -19,16 +19,28 @@ logger = logging.getLogger(__name__)
 # config.json "architectures" names served; the registry maps them to classes.
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM",
                            "Qwen3ForCausalLM", "MixtralForCausalLM", "Qwen2MoeForCausalLM",
-                           "Qwen3MoeForCausalLM")
+                           "Qwen3MoeForCausalLM", "Gemma3ForCausalLM")
 _BY_MODEL_TYPE = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
                   "qwen3": "Qwen3ForCausalLM", "mixtral": "MixtralForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM",
-                  "qwen3_moe": "Qwen3MoeForCausalLM"}
+                  "qwen3_moe": "Qwen3MoeForCausalLM", "gemma3_text": "Gemma3ForCausalLM"}
+# architectures (or bare model types) that look close to a served one, with what to do instead
+_NOT_SERVED = {
+    "Gemma3ForConditionalGeneration": "the multimodal Gemma 3 (gemma-3-4b-it and larger) is not supported; "
+                                      "only its text-only form, Gemma3ForCausalLM (model_type gemma3_text, "
+                                      "e.g. gemma-3-1b-it), is",
+    "gemma3": "the multimodal Gemma 3 (model_type gemma3) is not supported; only Gemma3ForCausalLM "
+              "(model_type gemma3_text, e.g. gemma-3-1b-it) is",
+}
+_GEMMA3 = "Gemma3ForCausalLM"
+# each architecture's MLP activation (config.json hidden_act, or Gemma's hidden_activation); others: silu
+_ACTIVATION = {_GEMMA3: "gelu_pytorch_tanh"}
 _MOE_ARCHITECTURES = ("MixtralForCausalLM", "Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM")
 # sliding windows (_layer_sliding_windows): architectures whose every layer uses config.json's
 # sliding_window when it is set, and those that never use one; the others follow Qwen2's rule
 _WINDOW_EVERY_LAYER = ("MistralForCausalLM", "MixtralForCausalLM")
 _WINDOW_EVERY_LAYER_WHEN_USED = ("Qwen3MoeForCausalLM",)     # with use_sliding_window
 _NO_WINDOW = ("LlamaForCausalLM",)
+_WINDOW_BY_LAYER_TYPES = (_GEMMA3,)   # layer_types (or sliding_window_pattern), no use_sliding_window
 ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn")
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _ALL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -60,7 +72,14 @@ class ModelConfig:
     qkv_bias: bool = False
     o_proj_bias: bool = False
     mlp_bias: bool = False
-    qk_norm: bool = False                    # Qwen3: RMSNorm over head_dim of q and k
+    qk_norm: bool = False                    # Qwen3, Gemma 3: RMSNorm over head_dim of q and k
+    hidden_act: str = "silu"                 # the MLP's gate activation (Gemma 3: gelu_pytorch_tanh)
+    attention_scale: Optional[float] = None  # multiplies q.k; None: head_dim ** -0.5 (Gemma 3:
+                                             # query_pre_attn_scalar ** -0.5)
+    # Gemma 3: the sliding-window layers' own RoPE (rope_local_base_freq, no scaling), while the
+    # full layers use rope_theta and rope_scaling; None: every layer uses the latter
+    sliding_rope_theta: Optional[float] = None
+    sliding_rope_scaling: Optional[dict[str, Any]] = None
     # per layer: its sliding window W (a query at position p attends to keys p - W < j <= p), or
     # None for full attention; empty: every layer full
     layer_sliding_windows: tuple[Optional[int], ...] = ()
@@ -124,11 +143,9 @@ class ModelConfig:
         hidden = int(hf["hidden_size"])
         heads = int(hf["num_attention_heads"])
         head_dim = int(hf.get("head_dim") or hidden // heads)
-        act = hf.get("hidden_act", "silu")
-        if act != "silu":
-            raise UnsupportedModelError(f"{path}: hidden_act {act!r} is not supported (only silu)")
+        act = _activation(hf, arch, path)
         max_pos = int(hf.get("max_position_embeddings") or 2048)
-        rope_theta, rope_scaling = _rope(hf, max_pos)
+        rope_theta, rope_scaling = _rope(hf, max_pos, default_theta=1e6 if arch == _GEMMA3 else 10000.0)
         num_layers = int(hf["num_hidden_layers"])
         windows = _layer_sliding_windows(hf, arch, num_layers)
         qwen2 = arch == "Qwen2ForCausalLM"
@@ -143,12 +160,12 @@ class ModelConfig:
             rope_scaling=rope_scaling, max_position_embeddings=max_pos,
             context_len=_context_len(context_length, max_pos),
             dtype=_resolve_dtype(dtype, hf, platform_dtypes, platform_default),
-            tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+            tie_word_embeddings=bool(hf.get("tie_word_embeddings", arch == _GEMMA3)),  # Gemma's configs omit it
             qkv_bias=True if qwen2 else bool(hf.get("qkv_bias", True)) if qwen2_moe else attention_bias,
             o_proj_bias=False if qwen2 or qwen2_moe else attention_bias,
             mlp_bias=bool(hf.get("mlp_bias", False)),
-            qk_norm=arch in ("Qwen3ForCausalLM", "Qwen3MoeForCausalLM"), layer_sliding_windows=windows,
-            **_moe_fields(hf, arch, path),
+            qk_norm=arch in ("Qwen3ForCausalLM", "Qwen3MoeForCausalLM", _GEMMA3), layer_sliding_windows=windows,
+            hidden_act=act, **_moe_fields(hf, arch, path), **_gemma3_fields(hf, arch, path, max_pos),
             eos_token_ids=_eos_ids(path, hf), bos_token_id=hf.get("bos_token_id"), hf_config=hf)
         return cfg
 
@@ -171,9 +188,42 @@ def _architecture(hf: dict, path: str) -> str:
             return a
     if not archs and hf.get("model_type") in _BY_MODEL_TYPE:  # some configs name only the family
         return _BY_MODEL_TYPE[hf["model_type"]]
+    for name in [*archs, hf.get("model_type")]:
+        if name in _NOT_SERVED:
+            raise UnsupportedModelError(f"{path}: {_NOT_SERVED[name]}")
     raise UnsupportedModelError(
         f"{path}: architecture {archs or hf.get('model_type')!r} is not supported; "
         f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
+
+
+def _activation(hf: dict, arch: str, path: str) -> str:
+    """The MLP's activation, checked against the one the architecture's model implements."""
+    expected = _ACTIVATION.get(arch, "silu")
+    act = hf.get("hidden_activation") or hf.get("hidden_act") or expected
+    if act != expected:
+        raise UnsupportedModelError(f"{path}: hidden activation {act!r} is not supported for {arch} "
+                                    f"(only {expected})")
+    return act
+
+
+def _gemma3_fields(hf: dict, arch: str, path: str, max_pos: int) -> dict[str, Any]:
+    """Gemma 3's ModelConfig fields ({} for other architectures): the attention scale from
+    ``query_pre_attn_scalar`` and the sliding layers' RoPE. Gemma 2's logit soft-capping and
+    EmbeddingGemma's bidirectional attention are refused rather than ignored."""
+    if arch != _GEMMA3:
+        return {}
+    for key in ("attn_logit_softcapping", "final_logit_softcapping"):
+        if hf.get(key) is not None:
+            raise UnsupportedModelError(f"{path}: {key}={hf[key]} is not supported (Gemma 3 has no logit "
+                                        f"soft-capping; Gemma 2 is not served); set it to null")
+    if hf.get("use_bidirectional_attention"):
+        raise UnsupportedModelError(f"{path}: use_bidirectional_attention is not supported (decoder models "
+                                    f"attend causally)")
+    local = (hf.get("rope_parameters") or {}).get("sliding_attention")
+    theta, scaling = _rope({"rope_parameters": local or {}}, max_pos,
+                           default_theta=float(hf.get("rope_local_base_freq", 10000.0)))
+    return dict(attention_scale=float(hf.get("query_pre_attn_scalar", 256)) ** -0.5,
+                sliding_rope_theta=theta, sliding_rope_scaling=scaling)
 
 
 def _moe_fields(hf: dict, arch: str, path: str) -> dict[str, Any]:
@@ -203,12 +253,15 @@ def _moe_fields(hf: dict, arch: str, path: str) -> dict[str, Any]:
     return dict(fields, num_experts=experts, num_experts_per_tok=top_k)
 
 
-def _rope(hf: dict, max_pos: int) -> tuple[float, Optional[dict]]:
-    """(theta, scaling). transformers 5 writes ``rope_parameters`` (theta inside); 4.x wrote
-    ``rope_theta`` plus ``rope_scaling`` (with ``type`` or ``rope_type``)."""
+def _rope(hf: dict, max_pos: int, default_theta: float = 10000.0) -> tuple[float, Optional[dict]]:
+    """(theta, scaling). transformers 5 writes ``rope_parameters`` (theta inside; for Gemma 3 one
+    dict per layer type, of which the full layers' is read here); 4.x wrote ``rope_theta`` plus
+    ``rope_scaling`` (with ``type`` or ``rope_type``)."""
     params = dict(hf.get("rope_parameters") or {})
+    if "full_attention" in params:
+        params = dict(params["full_attention"] or {})
     legacy = dict(hf.get("rope_scaling") or {})
-    theta = float(params.get("rope_theta", hf.get("rope_theta", 10000.0)))
+    theta = float(params.get("rope_theta", hf.get("rope_theta", default_theta)))
     scaling = {**legacy, **params}
     scaling.pop("rope_theta", None)
     rope_type = scaling.pop("type", None)
@@ -228,12 +281,15 @@ def _layer_sliding_windows(hf: dict, arch: str, num_layers: int) -> tuple[Option
     Mistral and Mixtral window every layer with ``sliding_window`` (and ignore ``layer_types``);
     the Qwen families only with ``use_sliding_window``, and then Qwen3-MoE every layer, the others
     the layers that ``layer_types`` calls "sliding_attention" (without ``layer_types``: Qwen2 and
-    Qwen3 layers ``max_window_layers`` and up, Qwen2-MoE the even layers below it); Llama never."""
+    Qwen3 layers ``max_window_layers`` and up, Qwen2-MoE the even layers below it); Gemma 3 always
+    by ``layer_types`` (without it: every ``sliding_window_pattern``-th layer full, default 6);
+    Llama never."""
     window = hf.get("sliding_window")
     if window is None or arch in _NO_WINDOW:
         return ()
     every_layer = arch in _WINDOW_EVERY_LAYER
-    if not every_layer and not hf.get("use_sliding_window", False):
+    by_types = arch in _WINDOW_BY_LAYER_TYPES
+    if not every_layer and not by_types and not hf.get("use_sliding_window", False):
         return ()  # Qwen configs carry a window they only use with use_sliding_window
     window = int(window)
     if window < 1:
@@ -241,6 +297,9 @@ def _layer_sliding_windows(hf: dict, arch: str, num_layers: int) -> tuple[Option
     if every_layer or arch in _WINDOW_EVERY_LAYER_WHEN_USED:
         return (window,) * num_layers
     types = hf.get("layer_types")
+    if types is None and by_types:
+        pattern = int(hf.get("sliding_window_pattern") or 6)
+        types = ["full_attention" if (i + 1) % pattern == 0 else "sliding_attention" for i in range(num_layers)]
     if types is None:
         first = int(hf.get("max_window_layers", 28))
         if arch == "Qwen2MoeForCausalLM":
