@@ -26,7 +26,8 @@ logger = logging.getLogger(__name__)
 DATA_DIR = Path(__file__).parent / "data"
 DENSE_ARCHS = ("llama", "mistral", "qwen2", "qwen3")
 MOE_ARCHS = ("mixtral", "qwen2_moe", "qwen3_moe")
-ARCHS = DENSE_ARCHS + MOE_ARCHS
+GEMMA_ARCHS = ("gemma3",)   # dense, with a decoder of its own (sandwich norms, GeGLU, local/global layers)
+ARCHS = DENSE_ARCHS + MOE_ARCHS + GEMMA_ARCHS
 # a mixture-of-experts arch speaks the chat format of its dense family
 CHAT_OF_ARCH = {"mixtral": "mistral", "qwen2_moe": "qwen2", "qwen3_moe": "qwen3"}
 SIZES = ("tiny", "small")
@@ -94,6 +95,13 @@ FAMILIES: dict[str, ChatFamily] = {
         control_tokens_first=False, bos_token=None, eos_token="<|im_end|>",
         stop_tokens=("<|im_end|>", "<|endoftext|>"), config_bos_token="<|endoftext|>",
         pad_token="<|endoftext|>", normalize_nfc=True),
+    # gemma-3-*-it: <pad> <eos> <bos> <unk> <mask> are ids 0-4 as released; a turn ends with <end_of_turn>,
+    # which generation_config.json lists beside <eos>
+    "gemma3": ChatFamily(
+        template_file="gemma3.jinja",
+        control_tokens=("<pad>", "<eos>", "<bos>", "<unk>", "<mask>", "<start_of_turn>", "<end_of_turn>"),
+        text_tokens=(), control_tokens_first=True, bos_token="<bos>", eos_token="<eos>",
+        stop_tokens=("<eos>", "<end_of_turn>"), pad_token="<pad>", unk_token="<unk>"),
 }
 
 # tiny: 2 layers of hidden 64 with GQA (4 q heads, 2 kv heads). small: Qwen2.5-0.5B's shape for every arch.
@@ -112,6 +120,16 @@ _MOE_SHAPES = {
     "small": dict(hidden_size=512, intermediate_size=1408, num_hidden_layers=16, num_attention_heads=8,
                   num_key_value_heads=2, max_position_embeddings=32768, vocab_size=151936, num_experts=16,
                   num_experts_per_tok=4, moe_intermediate_size=352, shared_expert_intermediate_size=1408),
+}
+# Gemma 3. tiny: 4 layers (sliding, sliding, full, sliding: every 3rd full) with a window of 8, head_dim 32 and a
+# query_pre_attn_scalar of 24 (so the attention scale is not head_dim ** -0.5), linear rope scaling of the full
+# layers as gemma-3-4b and up have. small: gemma-3-1b's shape (1.0B params, 262144-token vocabulary).
+_GEMMA_SHAPES = {
+    "tiny": dict(_SHAPES["tiny"], num_hidden_layers=4, head_dim=32, query_pre_attn_scalar=24, sliding_window=8,
+                 sliding_window_pattern=3, rope_scaling={"rope_type": "linear", "factor": 8.0}),
+    "small": dict(hidden_size=1152, intermediate_size=6912, num_hidden_layers=26, num_attention_heads=4,
+                  num_key_value_heads=1, head_dim=256, query_pre_attn_scalar=256, sliding_window=512,
+                  sliding_window_pattern=6, max_position_embeddings=32768, vocab_size=262144, rope_scaling=None),
 }
 _TOKENIZER_VOCAB = {"tiny": 2048, "small": 8192}
 
@@ -197,8 +215,9 @@ def add_make_model_args(parser: argparse.ArgumentParser) -> None:
                         "previous make-model output).")
     parser.add_argument("--arch", choices=ARCHS, default="llama", help="Model family (default: llama).")
     parser.add_argument("--size", choices=SIZES, default="tiny",
-                        help="tiny: 2 layers, hidden 64. small: Qwen2.5-0.5B's shape (494M params); for the MoE "
-                        "archs 16 layers of hidden 512 with 8 or 16 experts (300-440M params).")
+                        help="tiny: 2 layers, hidden 64 (gemma3: 4 layers, sliding and full). small: Qwen2.5-0.5B's "
+                        "shape (494M params); for the MoE archs 16 layers of hidden 512 with 8 or 16 experts "
+                        "(300-440M params); for gemma3 gemma-3-1b's shape (1.0B params).")
     parser.add_argument("--dtype", choices=list(DTYPES), default="float32", help="Weight dtype on disk.")
     parser.add_argument("--seed", type=int, default=0, help="Seed of the random weights.")
     parser.add_argument("--num-shards", type=int, default=1, help="Number of *.safetensors files.")
@@ -328,6 +347,8 @@ def _model_config(arch: str, size: str, tokenizer_vocab: int, token_ids: dict):
 
     if arch in MOE_ARCHS:
         return _moe_model_config(arch, size, tokenizer_vocab, token_ids)
+    if arch in GEMMA_ARCHS:
+        return _gemma_model_config(size, tokenizer_vocab, token_ids)
     shape = dict(_SHAPES[size], **token_ids)
     shape.setdefault("vocab_size", -(-tokenizer_vocab // 64) * 64)
     max_pos = shape["max_position_embeddings"]
@@ -369,6 +390,22 @@ def _moe_model_config(arch: str, size: str, tokenizer_vocab: int, token_ids: dic
     return Qwen3MoeConfig(**common, head_dim=32 if size == "tiny" else 64, norm_topk_prob=True)
 
 
+def _gemma_model_config(size: str, tokenizer_vocab: int, token_ids: dict):
+    """Gemma 3 text: tied embeddings, the global rope (theta 1e6, scaled on tiny) on full layers and the local one
+    (theta 1e4) on sliding layers, no logit soft-capping."""
+    from transformers import Gemma3TextConfig
+
+    shape = dict(_GEMMA_SHAPES[size], **token_ids)
+    shape.setdefault("vocab_size", -(-tokenizer_vocab // 64) * 64)
+    scaling = shape.pop("rope_scaling")
+    rope = {"full_attention": {"rope_type": "default", **(scaling or {}), "rope_theta": 1e6},
+            "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}}
+    # sliding_window_pattern (in shape) makes every pattern-th layer full: transformers writes layer_types from it
+    return Gemma3TextConfig(**shape, rope_parameters=rope, rms_norm_eps=1e-6,
+                            hidden_activation="gelu_pytorch_tanh", tie_word_embeddings=True,
+                            final_logit_softcapping=None, attn_logit_softcapping=None)
+
+
 def _random_model(config, dtype: torch.dtype, seed: int, used_vocab: int) -> torch.nn.Module:
     """The model with every weight drawn from a generator seeded with `seed` (the global torch RNG is left
     alone). Built on the meta device first so that the 0.5B `small` never holds two copies. Embedding and
@@ -381,9 +418,15 @@ def _random_model(config, dtype: torch.dtype, seed: int, used_vocab: int) -> tor
     model = model.to(dtype).to_empty(device="cpu")
     model.tie_weights()  # to_empty gives tied parameters separate storage
     gen = torch.Generator().manual_seed(seed)
+    # Gemma's norms scale by 1 + weight: the same scales as the other families' are drawn, stored less 1
+    norm_offset = 1.0 if config.model_type == "gemma3_text" else 0.0
     with torch.no_grad():
         for name, param in model.named_parameters():  # a tied lm_head is listed once, as embed_tokens
             values = _random_values(name, tuple(param.shape), config.hidden_size, gen)
+            if norm_offset and name.endswith(("post_attention_layernorm.weight", "post_feedforward_layernorm.weight")):
+                values *= config.hidden_size ** 0.5  # sublayer outputs as large as the sqrt(hidden)-scaled embeddings
+            if name.endswith("norm.weight"):
+                values -= norm_offset
             if name.endswith(("embed_tokens.weight", "lm_head.weight")):
                 values[used_vocab:] *= 0.01
             param.copy_(values)
@@ -453,6 +496,9 @@ def _write_config(out: Path, dtype: str) -> None:
     data = json.loads(path.read_text())
     if "rope_parameters" in data:  # transformers 5
         rope = dict(data["rope_parameters"])
+        if "full_attention" in rope:  # Gemma 3: one per layer type; released configs name the local base apart
+            data["rope_local_base_freq"] = rope["sliding_attention"]["rope_theta"]
+            rope = dict(rope["full_attention"])
         data["rope_theta"] = rope.pop("rope_theta")
         data["rope_scaling"] = rope if rope.get("rope_type", "default") != "default" else None
     if data.get("model_type") == "qwen3_moe" and "num_local_experts" in data:  # transformers 5's name for it
