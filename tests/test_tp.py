@@ -71,7 +71,7 @@ def test_tp2_prompt_logprobs_equal_tp1(llama_tiny):
             [x for x in one[str(i)] if x is not None], abs=1e-4)
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3", "gemma3"])
 def test_tp2_greedy_tokens_equal_tp1(make_tiny, arch):
     # two safetensors shards: the index path and lazy (sliced) reads together
     path = make_tiny(arch, num_shards=2)
