@@ -11,10 +11,9 @@ from torch import nn
 from engine.layers.attention import Attention
 from engine.layers.layernorm import GemmaRMSNorm
 from engine.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
-from engine.layers.logits import LogitsProcessor
 from engine.layers.ops import get_layer_ops
 from engine.layers.rotary import QKRotary, RotaryEmbedding, get_rope
-from engine.layers.vocab_embedding import ParallelLMHead, VocabParallelEmbedding
+from engine.layers.vocab_embedding import VocabParallelEmbedding
 from engine.models.config import ModelConfig
 from engine.models.llama import CosSin, LlamaForCausalLM
 
@@ -123,12 +122,5 @@ class Gemma3ForCausalLM(LlamaForCausalLM):
     fused the same way; Gemma's norm weights load as they are, 1 + w applied by the norm), logits and
     embedding tying."""
 
-    def __init__(self, config: ModelConfig) -> None:
-        nn.Module.__init__(self)   # not LlamaForCausalLM's, which builds the Llama stack
-        self.config = config
-        self.model = Gemma3Model(config)
-        if config.tie_word_embeddings:
-            self.lm_head = self.model.embed_tokens
-        else:
-            self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size)
-        self.logits_processor = LogitsProcessor(config.vocab_size)
+    def make_model(self, config: ModelConfig) -> nn.Module:
+        return Gemma3Model(config)

@@ -135,12 +135,17 @@ class LlamaForCausalLM(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.config = config
-        self.model = LlamaModel(config, self.make_mlp)
+        self.model = self.make_model(config)
         if config.tie_word_embeddings:
             self.lm_head = self.model.embed_tokens
         else:
             self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size)
         self.logits_processor = LogitsProcessor(config.vocab_size)
+
+    def make_model(self, config: ModelConfig) -> nn.Module:
+        """The decoder stack (``self.model``: embeddings, layers, final norm); families with a
+        stack of their own (Gemma 3) override it and keep this class's loading and logits."""
+        return LlamaModel(config, self.make_mlp)
 
     def make_mlp(self, config: ModelConfig, layer_id: int) -> nn.Module:
         """The MLP of decoder layer ``layer_id``; mixture-of-experts families override it."""
