@@ -19,17 +19,17 @@ logger = logging.getLogger(__name__)
 # config.json "architectures" names served; the registry maps them to classes.
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM",
                            "Qwen3ForCausalLM", "MixtralForCausalLM", "Qwen2MoeForCausalLM",
-                           "Qwen3MoeForCausalLM")
+                           "Qwen3MoeForCausalLM", "Phi3ForCausalLM")
 _BY_MODEL_TYPE = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
                   "qwen3": "Qwen3ForCausalLM", "mixtral": "MixtralForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM",
-                  "qwen3_moe": "Qwen3MoeForCausalLM"}
+                  "qwen3_moe": "Qwen3MoeForCausalLM", "phi3": "Phi3ForCausalLM"}
 _MOE_ARCHITECTURES = ("MixtralForCausalLM", "Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM")
 # sliding windows (_layer_sliding_windows): architectures whose every layer uses config.json's
 # sliding_window when it is set, and those that never use one; the others follow Qwen2's rule
-_WINDOW_EVERY_LAYER = ("MistralForCausalLM", "MixtralForCausalLM")
+_WINDOW_EVERY_LAYER = ("MistralForCausalLM", "MixtralForCausalLM", "Phi3ForCausalLM")
 _WINDOW_EVERY_LAYER_WHEN_USED = ("Qwen3MoeForCausalLM",)     # with use_sliding_window
 _NO_WINDOW = ("LlamaForCausalLM",)
-ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn")
+ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn", "longrope")
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _ALL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -61,6 +61,7 @@ class ModelConfig:
     o_proj_bias: bool = False
     mlp_bias: bool = False
     qk_norm: bool = False                    # Qwen3: RMSNorm over head_dim of q and k
+    partial_rotary_factor: float = 1.0       # Phi-4-mini: 0.75, only the first rotary_dim of each head rotates
     # per layer: its sliding window W (a query at position p attends to keys p - W < j <= p), or
     # None for full attention; empty: every layer full
     layer_sliding_windows: tuple[Optional[int], ...] = ()
@@ -89,6 +90,11 @@ class ModelConfig:
     @property
     def rope_type(self) -> str:
         return (self.rope_scaling or {}).get("rope_type", "default")
+
+    @property
+    def rotary_dim(self) -> int:
+        """How many leading dims of each q/k head rotate (transformers: int(head_dim * factor))."""
+        return int(self.head_dim * self.partial_rotary_factor)
 
     def sliding_window_of(self, layer_id: int) -> Optional[int]:
         """Layer ``layer_id``'s sliding window, or None (full attention)."""
@@ -128,7 +134,7 @@ class ModelConfig:
         if act != "silu":
             raise UnsupportedModelError(f"{path}: hidden_act {act!r} is not supported (only silu)")
         max_pos = int(hf.get("max_position_embeddings") or 2048)
-        rope_theta, rope_scaling = _rope(hf, max_pos)
+        rope_theta, rope_scaling = _rope(_phi3_rope_view(hf) if arch == "Phi3ForCausalLM" else hf, max_pos)
         num_layers = int(hf["num_hidden_layers"])
         windows = _layer_sliding_windows(hf, arch, num_layers)
         qwen2 = arch == "Qwen2ForCausalLM"
@@ -148,6 +154,7 @@ class ModelConfig:
             o_proj_bias=False if qwen2 or qwen2_moe else attention_bias,
             mlp_bias=bool(hf.get("mlp_bias", False)),
             qk_norm=arch in ("Qwen3ForCausalLM", "Qwen3MoeForCausalLM"), layer_sliding_windows=windows,
+            partial_rotary_factor=_partial_rotary_factor(hf, arch, head_dim),
             **_moe_fields(hf, arch, path),
             eos_token_ids=_eos_ids(path, hf), bos_token_id=hf.get("bos_token_id"), hf_config=hf)
         return cfg
@@ -218,14 +225,54 @@ def _rope(hf: dict, max_pos: int) -> tuple[float, Optional[dict]]:
     if rope_type == "default":
         return theta, None
     scaling["rope_type"] = rope_type
-    if rope_type in ("llama3", "yarn"):
+    if rope_type in ("llama3", "yarn", "longrope"):
         scaling.setdefault("original_max_position_embeddings", max_pos)
+    if rope_type == "longrope":
+        _check_longrope(scaling)
     return theta, scaling
+
+
+def _phi3_rope_view(hf: dict) -> dict:
+    """config.json as transformers' Phi3Config reads its rope: the rope types "su" and "yarn" (early
+    Phi-3 configs) mean longrope, and the top-level ``original_max_position_embeddings`` (4096 when
+    absent) overrides any inside the rope dict."""
+    hf = dict(hf)
+    for key in ("rope_scaling", "rope_parameters"):
+        rope = dict(hf.get(key) or {})
+        if rope.get("rope_type", rope.get("type")) in ("su", "yarn", "longrope"):
+            rope.pop("type", None)
+            rope["rope_type"] = "longrope"
+            rope["original_max_position_embeddings"] = int(hf.get("original_max_position_embeddings") or 4096)
+            hf[key] = rope
+    return hf
+
+
+def _check_longrope(scaling: dict) -> None:
+    for key in ("short_factor", "long_factor"):
+        factors = scaling.get(key)
+        if not isinstance(factors, list) or not factors:
+            raise UnsupportedModelError(f"longrope needs rope_scaling {key} (a list of rotary_dim / 2 numbers), "
+                                        f"got {factors!r}")
+
+
+def _partial_rotary_factor(hf: dict, arch: str, head_dim: int) -> float:
+    """The fraction of each head that rotates: Phi-3's ``partial_rotary_factor`` (in the rope dict or
+    top-level, as transformers reads it); 1 for the other families, whose transformers models rotate
+    whole heads."""
+    if arch != "Phi3ForCausalLM":
+        return 1.0
+    rope = {**(hf.get("rope_scaling") or {}), **(hf.get("rope_parameters") or {})}
+    factor = float(rope.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0)))
+    dim = int(head_dim * factor)
+    if not 0.0 < factor <= 1.0 or dim < 2 or dim % 2:
+        raise UnsupportedModelError(f"partial_rotary_factor {factor} gives {dim} rotary dims of the head's "
+                                    f"{head_dim}; it must give an even number >= 2")
+    return factor
 
 
 def _layer_sliding_windows(hf: dict, arch: str, num_layers: int) -> tuple[Optional[int], ...]:
     """Each layer's sliding window (None: full attention) as transformers reads the config:
-    Mistral and Mixtral window every layer with ``sliding_window`` (and ignore ``layer_types``);
+    Mistral, Mixtral and Phi-3 window every layer with ``sliding_window`` (and ignore ``layer_types``);
     the Qwen families only with ``use_sliding_window``, and then Qwen3-MoE every layer, the others
     the layers that ``layer_types`` calls "sliding_attention" (without ``layer_types``: Qwen2 and
     Qwen3 layers ``max_window_layers`` and up, Qwen2-MoE the even layers below it); Llama never."""

@@ -15,6 +15,7 @@ _MODELS: dict[str, tuple[str, str]] = {
     "MixtralForCausalLM": ("engine.models.mixtral", "MixtralForCausalLM"),
     "Qwen2MoeForCausalLM": ("engine.models.qwen2_moe", "Qwen2MoeForCausalLM"),
     "Qwen3MoeForCausalLM": ("engine.models.qwen3_moe", "Qwen3MoeForCausalLM"),
+    "Phi3ForCausalLM": ("engine.models.phi3", "Phi3ForCausalLM"),
 }
 assert set(_MODELS) == set(SUPPORTED_ARCHITECTURES)
 
