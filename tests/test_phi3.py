@@ -283,3 +283,36 @@ def test_bad_partial_rotary_and_factor_lists_are_refused(make_tiny, tmp_path):
 def test_other_phi_architectures_stay_unsupported(make_tiny, tmp_path, arch):
     with pytest.raises(UnsupportedModelError, match=f"architecture \\['{arch}'\\] is not supported"):
         _config_with(make_tiny, tmp_path, lambda c: c.update(architectures=[arch]))
+
+
+# ---- make_model ---------------------------------------------------------------------------------
+def test_make_model_writes_the_hub_layout_and_phi35_chat_family(make_tiny):
+    from safetensors import safe_open
+    from transformers import AutoTokenizer
+
+    from test_make_model import _greedy
+
+    path = make_tiny("phi3")
+    raw = json.loads((path / "config.json").read_text())
+    assert raw["architectures"] == ["Phi3ForCausalLM"] and raw["rope_scaling"]["rope_type"] == "longrope"
+    with safe_open(str(path / "model.safetensors"), "pt") as f:
+        names = set(f.keys())
+    assert {QKV, GATE_UP} <= names and not any("q_proj" in n or ".gate_proj" in n for n in names)
+    tok = AutoTokenizer.from_pretrained(path)
+    messages = [{"role": "system", "content": "Be kind."}, {"role": "user", "content": "Hi there"}]
+    assert tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) == \
+        "<|system|>\nBe kind.<|end|>\n<|user|>\nHi there<|end|>\n<|assistant|>\n"
+    answered = messages + [{"role": "assistant", "content": "Hello."}]
+    assert tok.apply_chat_template(answered, tokenize=False).endswith("<|assistant|>\nHello.<|end|>\n<|endoftext|>")
+    for token in ("<|user|>", "<|assistant|>", "<|system|>", "<|end|>", "<|endoftext|>"):
+        assert len(tok(token, add_special_tokens=False).input_ids) == 1, token
+    stops = [tok.convert_tokens_to_ids(t) for t in ("<|end|>", "<|assistant|>", "<|endoftext|>")]
+    assert json.loads((path / "generation_config.json").read_text())["eos_token_id"] == stops
+    assert ModelConfig.from_pretrained(str(path)).eos_token_ids == stops
+    assert tok.eos_token == "<|endoftext|>" and tok("hi").input_ids == tok("hi", add_special_tokens=False).input_ids
+    gaps = []
+    for prompt in ["Dear Tomas,", "def fibonacci(n):"]:
+        _, logits = _greedy(hf_model(path), tok(prompt).input_ids, steps=12)
+        top2 = logits.topk(2, dim=-1).values
+        gaps.append(top2[:, 0] - top2[:, 1])
+    assert torch.cat(gaps).min() > 5e-4      # far from fp32 ties: token comparisons are stable
