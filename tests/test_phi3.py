@@ -6,6 +6,8 @@ slicing, dummy weights and errors; tp2 over gloo; how config.json is read."""
 from __future__ import annotations
 
 import json
+import math
+import re
 import shutil
 
 import pytest
@@ -84,7 +86,8 @@ def prompts(n: int, lo: int, hi: int, seed: int) -> list[list[int]]:
 # ---- numbers vs transformers --------------------------------------------------------------------
 def test_config_reads_each_variant_as_transformers_does(phi3):
     name, _, hf, cfg, _ = phi3
-    assert cfg.architecture == "Phi3ForCausalLM" and cfg.rope_type == ("default" if name == "default-rope" else "longrope")
+    assert cfg.architecture == "Phi3ForCausalLM"
+    assert cfg.rope_type == ("default" if name == "default-rope" else "longrope")
     assert cfg.rotary_dim == (12 if name == "partial-rotary" else HEAD_DIM)
     assert hf.model.rotary_emb.inv_freq.numel() == cfg.rotary_dim // 2
     assert cfg.layer_sliding_windows == ((8, 8) if name == "window" else ())
@@ -127,7 +130,7 @@ def test_longrope_table_is_short_below_the_original_context_and_long_from_it(mak
 
     short = torch.arange(512)
     ref_cos, ref_sin = hf_rope(x, short[None])
-    assert hf_rope.attention_scaling == pytest.approx((1 + torch.log(torch.tensor(4.0)) / torch.log(torch.tensor(512.0))).sqrt().item())
+    assert hf_rope.attention_scaling == pytest.approx(math.sqrt(1 + math.log(4) / math.log(512)))
     torch.testing.assert_close(ours(short), (ref_cos[0], ref_sin[0]), atol=0, rtol=0)
     longer = torch.arange(600)
     ref_cos, ref_sin = hf_rope(x, longer[None])
@@ -177,7 +180,8 @@ def test_each_rank_takes_its_heads_and_rows_of_the_fused_tensors(make_tiny, tp):
         assert torch.equal(rk, k[kv * 16:(kv + 1) * 16]) and torch.equal(rv, v[kv * 16:(kv + 1) * 16])
         rows = 128 // tp
         rg, ru = m.get_parameter(GATE_UP).chunk(2)
-        assert torch.equal(rg, gate[rank * rows:(rank + 1) * rows]) and torch.equal(ru, up[rank * rows:(rank + 1) * rows])
+        mine = slice(rank * rows, (rank + 1) * rows)
+        assert torch.equal(rg, gate[mine]) and torch.equal(ru, up[mine])
 
 
 def test_split_q_k_v_and_gate_up_tensors_load_like_the_fused_ones(make_tiny, tmp_path):
@@ -207,7 +211,8 @@ def test_a_fused_tensor_of_the_wrong_shape_is_named(make_tiny, tmp_path, name, r
     tensors = load_file(str(file))
     tensors[name] = tensors[name][:rows].contiguous()
     save_file(tensors, str(file), metadata={"format": "pt"})
-    with pytest.raises(WeightLoadError, match=name.replace(".", r"\.") + ": " + expected.replace("(", r"\(").replace(")", r"\)")):
+    pattern = re.escape(name) + ": " + expected.replace("(", r"\(").replace(")", r"\)")
+    with pytest.raises(WeightLoadError, match=pattern):
         load_model(ModelConfig.from_pretrained(path), "auto", "cpu")
 
 
@@ -276,7 +281,44 @@ def test_bad_partial_rotary_and_factor_lists_are_refused(make_tiny, tmp_path):
     with pytest.raises(ValueError, match="longrope short_factor has 8 entries; the 8 rotary dims need 4"):
         load_model(cfg, "dummy", "cpu")
     with pytest.raises(UnsupportedModelError, match="longrope needs rope_scaling long_factor"):
-        _config_with(make_tiny, tmp_path / "c", lambda c: _set_rope(c, {"rope_type": "longrope", "short_factor": [1.0] * 8}))
+        _config_with(make_tiny, tmp_path / "c",
+                     lambda c: _set_rope(c, {"rope_type": "longrope", "short_factor": [1.0] * 8}))
+
+
+# the keys of released config.json files that matter here (factor lists abbreviated to a ramp)
+_RELEASED = {
+    "Phi-3-mini-4k": dict(max_position_embeddings=4096, rope_scaling=None, sliding_window=2047),
+    "Phi-3.5-mini": dict(max_position_embeddings=131072, sliding_window=262144, rope_scaling={
+        "type": "longrope", "short_factor": [1.0 + 0.02 * i for i in range(48)],
+        "long_factor": [1.0 + 1.5 * i for i in range(48)]}),
+    "Phi-4-mini": dict(max_position_embeddings=131072, sliding_window=262144, num_attention_heads=24,
+                       num_key_value_heads=8, partial_rotary_factor=0.75, vocab_size=200064,
+                       tie_word_embeddings=True, rope_scaling={
+                           "type": "longrope", "short_factor": [1.0 + 0.03 * i for i in range(48)],
+                           "long_factor": [1.0 + 1.2 * i for i in range(48)]}),
+}
+
+
+@pytest.mark.parametrize("name", list(_RELEASED))
+def test_released_configs_give_transformers_rope_and_windows(tmp_path, name):
+    """Rotary tables of Phi-3-mini-4k, Phi-3.5-mini and Phi-4-mini configs against transformers'
+    rotary embedding on the same config.json: short factors below position 4096, long ones after."""
+    raw = {**dict(architectures=["Phi3ForCausalLM"], model_type="phi3", hidden_size=3072, intermediate_size=8192,
+                  num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32, vocab_size=32064,
+                  original_max_position_embeddings=4096, rope_theta=10000.0, rms_norm_eps=1e-5, hidden_act="silu",
+                  bos_token_id=1, eos_token_id=32000, pad_token_id=32000), **_RELEASED[name]}
+    (tmp_path / "config.json").write_text(json.dumps(raw))
+    cfg = ModelConfig.from_pretrained(str(tmp_path), context_length=4200)
+    assert cfg.layer_sliding_windows == (raw["sliding_window"],) * 32
+    assert cfg.rotary_dim == 96 and cfg.head_dim == (128 if name == "Phi-4-mini" else 96)
+    hf_config = transformers.AutoConfig.from_pretrained(tmp_path)
+    hf_rope = transformers.models.phi3.modeling_phi3.Phi3RotaryEmbedding(hf_config)
+    x = torch.zeros(1)
+    cos, sin = get_rope(cfg.head_dim, cfg).cos_sin(torch.arange(4200), torch.float32)     # [4200, 1, 48]
+    for positions, rows in ((torch.arange(4096), slice(0, 4096)), (torch.arange(4200), slice(4096, 4200))):
+        ref_cos, ref_sin = hf_rope(x, positions[None])                                    # [1, n, 96]
+        torch.testing.assert_close(cos[rows, 0], ref_cos[0, rows, :48], atol=0, rtol=0)
+        torch.testing.assert_close(sin[rows, 0], ref_sin[0, rows, :48], atol=0, rtol=0)
 
 
 @pytest.mark.parametrize("arch", ["PhiMoEForCausalLM", "Phi3VForCausalLM"])
