@@ -102,31 +102,48 @@ class ColumnParallelLinear(LinearBase):
 
 
 class MergedColumnParallelLinear(ColumnParallelLinear):
-    """Several column-parallel matrices stacked on the output dim (gate_proj and up_proj)."""
+    """Several column-parallel matrices stacked on the output dim (gate_proj and up_proj).
+
+    Shard i is checkpoint matrix i; shard None is all of them stacked in one checkpoint tensor
+    (Phi-3's ``gate_up_proj`` [gate | up]), whose rows go to the same places. ``checkpoint_fused``:
+    the checkpoints hold that one tensor, so dummy weights draw it (see ``checkpoint_shapes``)."""
 
     def __init__(self, input_size: int, output_sizes: list[int], bias: bool = False, *,
                  tp_rank: Optional[int] = None, tp_size: Optional[int] = None) -> None:
         super().__init__(input_size, sum(output_sizes), bias, tp_rank=tp_rank, tp_size=tp_size)
         self.output_sizes = list(output_sizes)
         self.shard_ids: tuple[ShardId, ...] = tuple(range(len(output_sizes)))
+        self.checkpoint_fused = False
 
     def weight_loader(self, param, loaded, shard_id=None) -> None:
         if shard_id is None:
-            return super().weight_loader(param, loaded)
+            _check_shape(param, (self.output_size, *param.shape[1:]), loaded, "fused merged linear")
+            for i in self.shard_ids:
+                self._load_rows(param, loaded, i, sum(self.output_sizes[:i]))
+            return
         full = self.output_sizes[shard_id]
         _check_shape(param, (full, *param.shape[1:]), loaded, f"merged linear shard {shard_id}")
-        rows = full // self.tp_size
+        self._load_rows(param, loaded, shard_id, 0)
+
+    def _load_rows(self, param, loaded, shard_id: int, start: int) -> None:
+        """This rank's rows of shard ``shard_id``, which begins at row ``start`` of ``loaded``."""
+        rows = self.output_sizes[shard_id] // self.tp_size
         offset = sum(self.output_sizes[:shard_id]) // self.tp_size
-        param.data.narrow(0, offset, rows).copy_(loaded.narrow(0, self.tp_rank * rows, rows))
+        param.data.narrow(0, offset, rows).copy_(loaded.narrow(0, start + self.tp_rank * rows, rows))
 
     def checkpoint_shapes(self, param):
+        if self.checkpoint_fused:
+            return {None: (self.output_size, *param.shape[1:])}
         return {i: (size, *param.shape[1:]) for i, size in enumerate(self.output_sizes)}
 
 
 class QKVParallelLinear(ColumnParallelLinear):
     """q, k and v projections in one matrix: [q heads | k heads | v heads] of this rank.
 
-    With fewer KV heads than ranks, each rank keeps a copy of the KV head its q heads use.
+    With fewer KV heads than ranks, each rank keeps a copy of the KV head its q heads use. Shards
+    "q", "k", "v" are the three checkpoint matrices; shard None is one checkpoint tensor of all three
+    stacked [q | k | v] (Phi-3's ``qkv_proj``), from which each rank takes its q heads and its k and
+    v heads. ``checkpoint_fused``: the checkpoints hold that one tensor, so dummy weights draw it.
     """
 
     def __init__(self, hidden_size: int, head_dim: int, num_heads: int, num_kv_heads: int,
@@ -145,21 +162,37 @@ class QKVParallelLinear(ColumnParallelLinear):
         self.q_size = self.num_heads * head_dim    # per rank
         self.kv_size = self.num_kv_heads * head_dim
         self.shard_ids = ("q", "k", "v")
+        self.checkpoint_fused = False
+
+    def _full_rows(self, shard_id: Optional[ShardId]) -> int:
+        if shard_id is None:
+            return sum(self.total_heads.values()) * self.head_dim
+        return self.total_heads[shard_id] * self.head_dim
 
     def weight_loader(self, param, loaded, shard_id=None) -> None:
-        if shard_id is None:
-            raise ValueError("QKVParallelLinear loads q, k and v separately (shard_id 'q', 'k' or 'v')")
-        full = self.total_heads[shard_id] * self.head_dim
-        _check_shape(param, (full, *param.shape[1:]), loaded, f"qkv linear shard {shard_id}")
+        full = self._full_rows(shard_id)
+        what = "fused qkv linear" if shard_id is None else f"qkv linear shard {shard_id}"
+        _check_shape(param, (full, *param.shape[1:]), loaded, what)
+        if shard_id is not None:
+            return self._load_rows(param, loaded, shard_id, 0)
+        start = 0
+        for s in self.shard_ids:
+            self._load_rows(param, loaded, s, start)
+            start += self._full_rows(s)
+
+    def _load_rows(self, param, loaded, shard_id: str, start: int) -> None:
+        """This rank's heads of shard ``shard_id``, which begins at row ``start`` of ``loaded``."""
         if shard_id == "q":
             offset, rows, head_index = 0, self.q_size, self.tp_rank
         else:
             offset = self.q_size + (self.kv_size if shard_id == "v" else 0)
             rows, head_index = self.kv_size, self.tp_rank // self.kv_replicas
-        param.data.narrow(0, offset, rows).copy_(loaded.narrow(0, head_index * rows, rows))
+        param.data.narrow(0, offset, rows).copy_(loaded.narrow(0, start + head_index * rows, rows))
 
     def checkpoint_shapes(self, param):
-        return {s: (self.total_heads[s] * self.head_dim, *param.shape[1:]) for s in self.shard_ids}
+        if self.checkpoint_fused:
+            return {None: (self._full_rows(None), *param.shape[1:])}
+        return {s: (self._full_rows(s), *param.shape[1:]) for s in self.shard_ids}
 
 
 class RowParallelLinear(LinearBase):

@@ -1,5 +1,6 @@
-"""Rotary position embeddings (neox style, as Llama/Qwen/Mistral use) with the scalings real
-checkpoints use: default, linear, dynamic (NTK), llama3 and yarn.
+"""Rotary position embeddings (neox style, as Llama/Qwen/Mistral/Phi-3 use) with the scalings real
+checkpoints use: default, linear, dynamic (NTK), llama3, yarn and longrope, over whole heads or
+(partial rotary) their first rotary_dim dims.
 
 The cos/sin table is built once in fp32 for every position the server admits; a step looks up
 its positions once and every layer reuses the result. ``apply_rotary`` is the torch math (the
@@ -62,6 +63,26 @@ def _yarn(base: float, dim: int, s: dict[str, Any], max_pos: int) -> tuple[torch
     return inv_freq, float(attn_factor)
 
 
+def _longrope(base: float, dim: int, s: dict[str, Any], max_pos: int) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """LongRoPE (arXiv 2402.13753, Phi-3): (short inv_freq, long inv_freq, cos/sin multiplier). Each
+    frequency is divided by its own factor of ``short_factor`` or ``long_factor``; the multiplier is
+    ``attention_factor`` or sqrt(1 + ln(factor) / ln(original context)), factor defaulting to
+    max_position_embeddings / original_max_position_embeddings, and applies to both sets."""
+    orig = s["original_max_position_embeddings"]
+    factor = s.get("factor") or max_pos / orig
+    attn_factor = s.get("attention_factor")
+    if attn_factor is None:
+        attn_factor = 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(orig))
+    exponent = torch.arange(0, dim, 2, dtype=torch.int64).float() / dim                   # [dim / 2]
+    inv_freqs = []
+    for key in ("short_factor", "long_factor"):
+        ext = torch.tensor(s[key], dtype=torch.float32)
+        if ext.shape != exponent.shape:
+            raise ValueError(f"longrope {key} has {ext.numel()} entries; the {dim} rotary dims need {dim // 2}")
+        inv_freqs.append(1.0 / (ext * base ** exponent))
+    return inv_freqs[0], inv_freqs[1], float(attn_factor)
+
+
 def rope_inv_freq(head_dim: int, base: float, scaling: Optional[dict[str, Any]], max_position_embeddings: int,
                   max_len: int) -> tuple[torch.Tensor, float]:
     """(inv_freq [head_dim / 2] fp32, cos/sin multiplier) for a rope scaling dict (or None)."""
@@ -82,6 +103,9 @@ def rope_inv_freq(head_dim: int, base: float, scaling: Optional[dict[str, Any]],
         return _base_inv_freq(base, head_dim), 1.0
     if rope_type == "yarn":
         return _yarn(base, head_dim, scaling, max_position_embeddings)
+    if rope_type == "longrope":  # the short factors; RotaryEmbedding switches to the long ones
+        short, _, mult = _longrope(base, head_dim, scaling, max_position_embeddings)
+        return short, mult
     raise ValueError(f"rope type {rope_type!r} is not supported")
 
 
@@ -92,16 +116,24 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 
 
 class QKRotary(nn.Module):
-    """Rotates q and k together (one fused kernel where the layer ops have one)."""
+    """Rotates q and k together (one fused kernel where the layer ops have one). With ``rotary_dim``
+    (partial rotary) only the first rotary_dim dims of each head rotate, neox style among themselves,
+    and the rest pass through."""
 
-    def __init__(self) -> None:
+    def __init__(self, rotary_dim: Optional[int] = None) -> None:
         super().__init__()
+        self.rotary_dim = rotary_dim
         self.layer_ops = get_layer_ops()
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
                 ) -> tuple[torch.Tensor, torch.Tensor]:
-        """q: [T, Hq, D], k: [T, Hkv, D]; cos, sin: [T, 1, D / 2] -> rotated (q, k)."""
-        return self.layer_ops.apply_rotary(q, k, cos, sin)
+        """q: [T, Hq, D], k: [T, Hkv, D]; cos, sin: [T, 1, R / 2] for R = rotary_dim (default D) ->
+        rotated (q, k), new tensors."""
+        r = self.rotary_dim
+        if r is None or r == q.shape[-1]:
+            return self.layer_ops.apply_rotary(q, k, cos, sin)
+        q_rot, k_rot = self.layer_ops.apply_rotary(q[..., :r], k[..., :r], cos, sin)   # [T, H, R] each
+        return torch.cat((q_rot, q[..., r:]), dim=-1), torch.cat((k_rot, k[..., r:]), dim=-1)
 
 
 class RotaryEmbedding(nn.Module):
@@ -113,11 +145,26 @@ class RotaryEmbedding(nn.Module):
         with torch.device("cpu"):
             inv_freq, mult = rope_inv_freq(head_dim, base, scaling, max_position_embeddings or max_len, max_len)
         device = torch.empty(0).device  # the device the model is being built on
-        freqs = torch.arange(max_len, dtype=torch.float32, device=device)[:, None] * inv_freq.to(device)
+        positions = torch.arange(max_len, dtype=torch.float32, device=device)[:, None]   # [max_len, 1]
+        freqs = positions * inv_freq.to(device)                                          # [max_len, head_dim / 2]
+        if (scaling or {}).get("rope_type") == "longrope":
+            freqs = self._longrope_freqs(positions, freqs, base, scaling, max_position_embeddings or max_len)
         # [max_len, head_dim]: cos in the first half, sin in the second. A plain attribute, not a
         # buffer, so that model.to(dtype) leaves it fp32 (Hugging Face computes it in fp32 too).
         self.cos_sin_cache = torch.cat((freqs.cos() * mult, freqs.sin() * mult), dim=-1)
         self.layer_ops = get_layer_ops()
+
+    def _longrope_freqs(self, positions: torch.Tensor, short: torch.Tensor, base: float, scaling: dict[str, Any],
+                        max_pos: int) -> torch.Tensor:
+        """Positions from original_max_position_embeddings on take the long factors, those below the
+        short ones. transformers picks one set for the whole sequence from its length, which a KV
+        cache shared across steps and requests cannot follow; per position, a sequence that stays
+        within the original context is exactly transformers', and the long factors serve the
+        positions only long sequences reach (cached keys below keep their short-factor rotation)."""
+        with torch.device("cpu"):
+            _, long_inv_freq, _ = _longrope(base, self.head_dim, scaling, max_pos)
+        long = positions * long_inv_freq.to(positions.device)
+        return torch.where(positions >= scaling["original_max_position_embeddings"], long, short)
 
     def _apply(self, fn, recurse=True):
         target = fn(torch.empty(0, device=self.cos_sin_cache.device)).device
@@ -135,6 +182,8 @@ class RotaryEmbedding(nn.Module):
 
 
 def get_rope(head_dim: int, config) -> RotaryEmbedding:
-    """The rotary embedding a ModelConfig describes, with a table for its whole context."""
-    return RotaryEmbedding(head_dim, max(config.context_len, 1), config.rope_theta, config.rope_scaling,
+    """The rotary embedding a ModelConfig describes, with a table for its whole context, over the
+    first int(head_dim * partial_rotary_factor) dims of each head (all of them for most families)."""
+    rotary_dim = int(head_dim * getattr(config, "partial_rotary_factor", 1.0))
+    return RotaryEmbedding(rotary_dim, max(config.context_len, 1), config.rope_theta, config.rope_scaling,
                            config.max_position_embeddings)

@@ -19,10 +19,12 @@ logger = logging.getLogger(__name__)
 # config.json "architectures" names served; the registry maps them to classes.
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM",
                            "Qwen3ForCausalLM", "MixtralForCausalLM", "Qwen2MoeForCausalLM",
-                           "Qwen3MoeForCausalLM", "Gemma3ForCausalLM")
+                           "Qwen3MoeForCausalLM", "Gemma3ForCausalLM",
+                           "Phi3ForCausalLM")
 _BY_MODEL_TYPE = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
                   "qwen3": "Qwen3ForCausalLM", "mixtral": "MixtralForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM",
-                  "qwen3_moe": "Qwen3MoeForCausalLM", "gemma3_text": "Gemma3ForCausalLM"}
+                  "qwen3_moe": "Qwen3MoeForCausalLM", "gemma3_text": "Gemma3ForCausalLM",
+                  "phi3": "Phi3ForCausalLM"}
 # architectures (or bare model types) that look close to a served one, with what to do instead
 _NOT_SERVED = {
     "Gemma3ForConditionalGeneration": "the multimodal Gemma 3 (gemma-3-4b-it and larger) is not supported; "
@@ -37,11 +39,11 @@ _ACTIVATION = {_GEMMA3: "gelu_pytorch_tanh"}
 _MOE_ARCHITECTURES = ("MixtralForCausalLM", "Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM")
 # sliding windows (_layer_sliding_windows): architectures whose every layer uses config.json's
 # sliding_window when it is set, and those that never use one; the others follow Qwen2's rule
-_WINDOW_EVERY_LAYER = ("MistralForCausalLM", "MixtralForCausalLM")
+_WINDOW_EVERY_LAYER = ("MistralForCausalLM", "MixtralForCausalLM", "Phi3ForCausalLM")
 _WINDOW_EVERY_LAYER_WHEN_USED = ("Qwen3MoeForCausalLM",)     # with use_sliding_window
 _NO_WINDOW = ("LlamaForCausalLM",)
 _WINDOW_BY_LAYER_TYPES = (_GEMMA3,)   # layer_types (or sliding_window_pattern), no use_sliding_window
-ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn")
+ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn", "longrope")
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _ALL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -80,6 +82,7 @@ class ModelConfig:
     # full layers use rope_theta and rope_scaling; None: every layer uses the latter
     sliding_rope_theta: Optional[float] = None
     sliding_rope_scaling: Optional[dict[str, Any]] = None
+    partial_rotary_factor: float = 1.0       # Phi-4-mini: 0.75, only the first rotary_dim of each head rotates
     # per layer: its sliding window W (a query at position p attends to keys p - W < j <= p), or
     # None for full attention; empty: every layer full
     layer_sliding_windows: tuple[Optional[int], ...] = ()
@@ -108,6 +111,11 @@ class ModelConfig:
     @property
     def rope_type(self) -> str:
         return (self.rope_scaling or {}).get("rope_type", "default")
+
+    @property
+    def rotary_dim(self) -> int:
+        """How many leading dims of each q/k head rotate (transformers: int(head_dim * factor))."""
+        return int(self.head_dim * self.partial_rotary_factor)
 
     def sliding_window_of(self, layer_id: int) -> Optional[int]:
         """Layer ``layer_id``'s sliding window, or None (full attention)."""
@@ -145,7 +153,8 @@ class ModelConfig:
         head_dim = int(hf.get("head_dim") or hidden // heads)
         act = _activation(hf, arch, path)
         max_pos = int(hf.get("max_position_embeddings") or 2048)
-        rope_theta, rope_scaling = _rope(hf, max_pos, default_theta=1e6 if arch == _GEMMA3 else 10000.0)
+        rope_theta, rope_scaling = _rope(_phi3_rope_view(hf) if arch == "Phi3ForCausalLM" else hf, max_pos,
+                                         default_theta=1e6 if arch == _GEMMA3 else 10000.0)
         num_layers = int(hf["num_hidden_layers"])
         windows = _layer_sliding_windows(hf, arch, num_layers)
         qwen2 = arch == "Qwen2ForCausalLM"
@@ -165,8 +174,12 @@ class ModelConfig:
             o_proj_bias=False if qwen2 or qwen2_moe else attention_bias,
             mlp_bias=bool(hf.get("mlp_bias", False)),
             qk_norm=arch in ("Qwen3ForCausalLM", "Qwen3MoeForCausalLM", _GEMMA3), layer_sliding_windows=windows,
-            hidden_act=act, **_moe_fields(hf, arch, path), **_gemma3_fields(hf, arch, path, max_pos),
+            partial_rotary_factor=_partial_rotary_factor(hf, arch, head_dim), hidden_act=act, **_moe_fields(hf, arch, path), **_gemma3_fields(hf, arch, path, max_pos),
             eos_token_ids=_eos_ids(path, hf), bos_token_id=hf.get("bos_token_id"), hf_config=hf)
+        # a window at least as long as the context masks nothing (Phi-3.5-mini's 262,144): full
+        # attention, so those layers keep the plain kernels
+        windows = tuple(w if w is not None and w < cfg.context_len else None for w in cfg.layer_sliding_windows)
+        cfg.layer_sliding_windows = windows if any(w is not None for w in windows) else ()
         return cfg
 
 
@@ -271,14 +284,54 @@ def _rope(hf: dict, max_pos: int, default_theta: float = 10000.0) -> tuple[float
     if rope_type == "default":
         return theta, None
     scaling["rope_type"] = rope_type
-    if rope_type in ("llama3", "yarn"):
+    if rope_type in ("llama3", "yarn", "longrope"):
         scaling.setdefault("original_max_position_embeddings", max_pos)
+    if rope_type == "longrope":
+        _check_longrope(scaling)
     return theta, scaling
+
+
+def _phi3_rope_view(hf: dict) -> dict:
+    """config.json as transformers' Phi3Config reads its rope: the rope types "su" and "yarn" (early
+    Phi-3 configs) mean longrope, and the top-level ``original_max_position_embeddings`` (4096 when
+    absent) overrides any inside the rope dict."""
+    hf = dict(hf)
+    for key in ("rope_scaling", "rope_parameters"):
+        rope = dict(hf.get(key) or {})
+        if rope.get("rope_type", rope.get("type")) in ("su", "yarn", "longrope"):
+            rope.pop("type", None)
+            rope["rope_type"] = "longrope"
+            rope["original_max_position_embeddings"] = int(hf.get("original_max_position_embeddings") or 4096)
+            hf[key] = rope
+    return hf
+
+
+def _check_longrope(scaling: dict) -> None:
+    for key in ("short_factor", "long_factor"):
+        factors = scaling.get(key)
+        if not isinstance(factors, list) or not factors:
+            raise UnsupportedModelError(f"longrope needs rope_scaling {key} (a list of rotary_dim / 2 numbers), "
+                                        f"got {factors!r}")
+
+
+def _partial_rotary_factor(hf: dict, arch: str, head_dim: int) -> float:
+    """The fraction of each head that rotates: Phi-3's ``partial_rotary_factor`` (in the rope dict or
+    top-level, as transformers reads it); 1 for the other families, whose transformers models rotate
+    whole heads."""
+    if arch != "Phi3ForCausalLM":
+        return 1.0
+    rope = {**(hf.get("rope_scaling") or {}), **(hf.get("rope_parameters") or {})}
+    factor = float(rope.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0)))
+    dim = int(head_dim * factor)
+    if not 0.0 < factor <= 1.0 or dim < 2 or dim % 2:
+        raise UnsupportedModelError(f"partial_rotary_factor {factor} gives {dim} rotary dims of the head's "
+                                    f"{head_dim}; it must give an even number >= 2")
+    return factor
 
 
 def _layer_sliding_windows(hf: dict, arch: str, num_layers: int) -> tuple[Optional[int], ...]:
     """Each layer's sliding window (None: full attention) as transformers reads the config:
-    Mistral and Mixtral window every layer with ``sliding_window`` (and ignore ``layer_types``);
+    Mistral, Mixtral and Phi-3 window every layer with ``sliding_window`` (and ignore ``layer_types``);
     the Qwen families only with ``use_sliding_window``, and then Qwen3-MoE every layer, the others
     the layers that ``layer_types`` calls "sliding_attention" (without ``layer_types``: Qwen2 and
     Qwen3 layers ``max_window_layers`` and up, Qwen2-MoE the even layers below it); Gemma 3 always

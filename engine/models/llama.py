@@ -61,7 +61,9 @@ class LlamaAttention(nn.Module):
             self.q_norm = self.k_norm = None
         self.attn = Attention(self.num_heads, self.num_kv_heads, d, d ** -0.5, layer_id,
                               sliding_window=config.sliding_window_of(layer_id))
-        self.rotary = QKRotary()
+        self.rotary = QKRotary(config.rotary_dim)
+        # the backends' fused rotary turns whole heads: with partial rotary the layer rotates first
+        self.rotate_before_attention = config.rotary_dim != d
 
     def forward(self, x: torch.Tensor, norm: nn.Module, cos_sin: CosSin, forward_batch) -> torch.Tensor:
         """x + attention(norm(x)) for the residual stream x: the norm inside the q/k/v projection
@@ -73,7 +75,11 @@ class LlamaAttention(nn.Module):
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         # rotated inside the attention backend's kernels where it can, else by self.rotary first
-        return self.o_proj(self.attn(q, k, v, forward_batch, rotary=(self.rotary, *cos_sin)), residual=x)
+        rotary = (self.rotary, *cos_sin)
+        if self.rotate_before_attention:
+            q, k = self.rotary(q, k, *cos_sin)
+            rotary = None
+        return self.o_proj(self.attn(q, k, v, forward_batch, rotary=rotary), residual=x)
 
 
 MLPFactory = Callable[[ModelConfig, int], nn.Module]
@@ -203,7 +209,8 @@ class LlamaForCausalLM(nn.Module):
         if unknown:
             logger.warning("ignored %d checkpoint tensor(s) this model has no parameter for, e.g. %s",
                            len(unknown), ", ".join(unknown[:3]))
-        return {t for t, done in shards_done.items() if done >= self._shards_of(t)}
+        # shard None of a fused parameter is its checkpoint tensor with every shard stacked (Phi-3's qkv_proj)
+        return {t for t, done in shards_done.items() if None in done or done >= self._shards_of(t)}
 
     def _shards_of(self, param_name: str) -> set:
         module = self.get_submodule(param_name.rsplit(".", 1)[0])

@@ -27,7 +27,8 @@ DATA_DIR = Path(__file__).parent / "data"
 DENSE_ARCHS = ("llama", "mistral", "qwen2", "qwen3")
 MOE_ARCHS = ("mixtral", "qwen2_moe", "qwen3_moe")
 GEMMA_ARCHS = ("gemma3",)   # dense, with a decoder of its own (sandwich norms, GeGLU, local/global layers)
-ARCHS = DENSE_ARCHS + MOE_ARCHS + GEMMA_ARCHS
+PHI_ARCHS = ("phi3",)       # dense, but swept by tests/test_phi3.py rather than the suite's tiny_model
+ARCHS = DENSE_ARCHS + MOE_ARCHS + GEMMA_ARCHS + PHI_ARCHS
 # a mixture-of-experts arch speaks the chat format of its dense family
 CHAT_OF_ARCH = {"mixtral": "mistral", "qwen2_moe": "qwen2", "qwen3_moe": "qwen3"}
 SIZES = ("tiny", "small")
@@ -102,6 +103,15 @@ FAMILIES: dict[str, ChatFamily] = {
         control_tokens=("<pad>", "<eos>", "<bos>", "<unk>", "<mask>", "<start_of_turn>", "<end_of_turn>"),
         text_tokens=(), control_tokens_first=True, bos_token="<bos>", eos_token="<eos>",
         stop_tokens=("<eos>", "<end_of_turn>"), pad_token="<pad>", unk_token="<unk>"),
+    # Phi-3.5-mini-instruct's: <unk>, <s>, </s> numbered first as in its Llama-2 vocabulary (the others follow them
+    # here, not the BPE vocab); <s> is the config's bos but not added; generation stops at <|end|>, <|assistant|>
+    # or <|endoftext|>
+    "phi3": ChatFamily(
+        template_file="phi3.jinja",
+        control_tokens=("<unk>", "<s>", "</s>", "<|endoftext|>", "<|assistant|>", "<|system|>", "<|end|>", "<|user|>"),
+        text_tokens=(), control_tokens_first=True, bos_token=None, eos_token="<|endoftext|>",
+        stop_tokens=("<|end|>", "<|assistant|>", "<|endoftext|>"), config_bos_token="<s>",
+        pad_token="<|endoftext|>", unk_token="<unk>"),
 }
 
 # tiny: 2 layers of hidden 64 with GQA (4 q heads, 2 kv heads). small: Qwen2.5-0.5B's shape for every arch.
@@ -342,7 +352,7 @@ def _token_ids(family: ChatFamily, ids: dict[str, int]) -> dict:
 def _model_config(arch: str, size: str, tokenizer_vocab: int, token_ids: dict):
     """The transformers config object. Each arch keeps its distinguishing feature: llama3 rope scaling and tied
     embeddings (llama), no sliding window (mistral), qkv bias (qwen2), explicit head_dim and q/k norm (qwen3);
-    the MoE archs are built on their dense family's choices."""
+    the MoE archs are built on their dense family's choices; phi3 has longrope (_phi3_model_config)."""
     from transformers import LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
 
     if arch in MOE_ARCHS:
@@ -352,6 +362,8 @@ def _model_config(arch: str, size: str, tokenizer_vocab: int, token_ids: dict):
     shape = dict(_SHAPES[size], **token_ids)
     shape.setdefault("vocab_size", -(-tokenizer_vocab // 64) * 64)
     max_pos = shape["max_position_embeddings"]
+    if arch == "phi3":
+        return _phi3_model_config(shape)
     if arch == "llama":
         return LlamaConfig(**shape, rms_norm_eps=1e-5, rope_theta=500000.0, tie_word_embeddings=True,
                            rope_scaling={"rope_type": "llama3", "factor": 4.0, "low_freq_factor": 1.0,
@@ -364,6 +376,22 @@ def _model_config(arch: str, size: str, tokenizer_vocab: int, token_ids: dict):
                            use_sliding_window=False)
     return Qwen3Config(**shape, rms_norm_eps=1e-6, rope_theta=1e6, tie_word_embeddings=True,
                        head_dim=32 if size == "tiny" else 64, use_sliding_window=False)
+
+
+def _phi3_model_config(shape: dict):
+    """Phi-3.5-mini's choices: longrope over a context 4x the original one (short and long factors per frequency,
+    rising to 1.25 and to 4), no sliding window, untied head. The checkpoint holds the fused qkv_proj and
+    gate_up_proj tensors, as the Hub's do. Partial rotary (Phi-4-mini) and Phi-3-mini-4k's window are config.json
+    edits away (partial_rotary_factor with factor lists of rotary_dim / 2; sliding_window)."""
+    from transformers import Phi3Config
+
+    half = shape["hidden_size"] // shape["num_attention_heads"] // 2
+    ramp = [i / (half - 1) for i in range(half)]
+    rope = {"rope_type": "longrope", "rope_theta": 10000.0,
+            "short_factor": [round(1.0 + 0.25 * r, 4) for r in ramp],
+            "long_factor": [round(1.0 + 3.0 * r * r, 4) for r in ramp]}
+    return Phi3Config(**shape, rms_norm_eps=1e-5, rope_parameters=rope, sliding_window=None,
+                      original_max_position_embeddings=shape["max_position_embeddings"] // 4, tie_word_embeddings=False)
 
 
 def _moe_model_config(arch: str, size: str, tokenizer_vocab: int, token_ids: dict):
