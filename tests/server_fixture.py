@@ -256,3 +256,16 @@ def wait_idle(client: httpx.Client, timeout: float = 5.0) -> dict[str, float]:
             assert all(v == 0 for v in gauges.values()), f"not idle after {timeout}s: {gauges}"
             return gauges
         time.sleep(0.1)
+
+
+def chat_once(model_path: str | Path, messages: list[dict], max_tokens: int = 8, **body) -> dict:
+    """Serve ``model_path`` (CPU, small KV), send one greedy /v1/chat/completions request, and
+    return the answer's JSON (the status must be 200)."""
+    import httpx
+
+    with running_server(model_path, "--max-total-tokens", "2048", "--grpc-port", "0") as srv:
+        model = httpx.get(srv.base_url + "/v1/models", timeout=10).json()["data"][0]["id"]
+        r = httpx.post(srv.base_url + "/v1/chat/completions", timeout=60,
+                       json={"model": model, "messages": messages, "max_tokens": max_tokens, "temperature": 0, **body})
+        assert r.status_code == 200, r.text
+        return r.json()

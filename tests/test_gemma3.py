@@ -218,3 +218,19 @@ def test_make_model_gemma3_tokenizer_and_chat_template(make_tiny):
     raw = json.loads((path / "config.json").read_text())
     assert raw["rope_local_base_freq"] == 1e4 and raw["rope_theta"] == 1e6 and raw["model_type"] == "gemma3_text"
 
+
+
+def test_a_system_prompt_and_several_turns_through_the_openai_chat_route(make_tiny):
+    """The chat template renders a system prompt and alternating turns inside the server, and the
+    answer's prompt_tokens are the template's tokens."""
+    from server_fixture import chat_once
+
+    path = make_tiny("gemma3")
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi there"},
+                {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "Why is the sky blue?"}]
+    answer = chat_once(path, messages)
+    tok = AutoTokenizer.from_pretrained(path)
+    ids = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    ids = ids["input_ids"] if hasattr(ids, "keys") else ids      # a BatchEncoding in transformers 5
+    assert answer["usage"]["prompt_tokens"] == len(ids)
+    assert answer["usage"]["completion_tokens"] <= 8 and answer["choices"][0]["message"]["role"] == "assistant"

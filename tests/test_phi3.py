@@ -359,3 +359,19 @@ def test_make_model_writes_the_hub_layout_and_phi35_chat_family(make_tiny):
         top2 = logits.topk(2, dim=-1).values
         gaps.append(top2[:, 0] - top2[:, 1])
     assert torch.cat(gaps).min() > 5e-4      # far from fp32 ties: token comparisons are stable
+
+
+def test_a_system_prompt_and_several_turns_through_the_openai_chat_route(make_tiny):
+    """The chat template renders a system prompt and alternating turns inside the server, and the
+    answer's prompt_tokens are the template's tokens."""
+    from server_fixture import chat_once
+
+    path = make_tiny("phi3")
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi there"},
+                {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "Why is the sky blue?"}]
+    answer = chat_once(path, messages)
+    tok = transformers.AutoTokenizer.from_pretrained(path)
+    ids = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    ids = ids["input_ids"] if hasattr(ids, "keys") else ids      # a BatchEncoding in transformers 5
+    assert answer["usage"]["prompt_tokens"] == len(ids)
+    assert answer["usage"]["completion_tokens"] <= 8 and answer["choices"][0]["message"]["role"] == "assistant"
